@@ -1,0 +1,33 @@
+"""infercept_hf: serve tool-calling LLMs on transformers without recomputing paused contexts.
+
+An implementation of INFERCEPT (Abhyankar et al., ICML 2024): while a sequence waits for a
+tool, its KV cache is preserved, swapped to host memory, or discarded and recomputed in
+chunks, whichever wastes the least memory-time.
+"""
+from .api import custom_generate, generate
+from .cache import InterceptPagedCache
+from .engine import InterceptEngine
+from .outputs import InterceptionRecord, RequestResult
+from .policy import CostModel
+from .runner import UnsupportedModelError
+from .sampling import Sampler
+from .scheduler import POLICIES
+from .tools import Scripted, Tool, ToolCall
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "POLICIES",
+    "CostModel",
+    "InterceptEngine",
+    "InterceptPagedCache",
+    "InterceptionRecord",
+    "RequestResult",
+    "Sampler",
+    "Scripted",
+    "Tool",
+    "ToolCall",
+    "UnsupportedModelError",
+    "custom_generate",
+    "generate",
+]

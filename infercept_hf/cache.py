@@ -1,0 +1,283 @@
+r"""InterceptPagedCache: transformers' paged KV cache plus a host pool, swap and discard.
+
+Device memory is transformers' `PagedAttentionCache` (one flat tensor cut into blocks of
+`block_size` tokens x every layer). We add a host pool with the same block geometry, so a
+block moves between the two with one row copy of the allocator's `_copy_view`
+(`[num_blocks, bytes_per_block]`)::
+
+    device  [ blk 7 | blk 2 | blk 9 ]          request 3: tokens 0..47, block_size 16
+                \       \       \
+    swap out the tail 1 block  ->  host [ hblk 0 ]
+    afterwards: device table [7, 2], host table [0]; tokens 0..31 on device, 32..47 on host
+
+A request's KV is always `device head + host tail`, in token order; moves take whole
+blocks off the tail, so the layout survives any sequence of swap-out, swap-in and discard.
+Models with sliding-window layers keep ring-ordered block tables, so only whole-request
+moves are allowed there (`supports_partial` is False).
+
+Accounting is exact and checked by `check_integrity()`: every device block is free or
+owned by exactly one request, every host block likewise.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from patches.transformers_cb import (
+    FULL_ATTENTION,
+    PagedAttentionCache,
+    cb_config,
+    single_process_helper,
+)
+
+
+@dataclass
+class _Len:
+    """The two fields of a transformers RequestState that allocation reads."""
+
+    request_id: str
+    length: int
+
+    def current_len(self) -> int:
+        return self.length
+
+
+class HostPool:
+    """Host-memory blocks for one allocator; pinned when CUDA is present (faster, async copies)."""
+
+    def __init__(self, num_blocks: int, bytes_per_block: int, device: torch.device | str) -> None:
+        pin = torch.cuda.is_available() and torch.device(device).type == "cuda"
+        host_device = "meta" if torch.device(device).type == "meta" else "cpu"
+        self.storage = torch.empty((num_blocks, bytes_per_block), dtype=torch.uint8, device=host_device, pin_memory=pin)
+        self.num_blocks = num_blocks
+        self.free: list[int] = list(range(num_blocks - 1, -1, -1))  # pop() hands out the lowest id first
+        self.tables: dict[str, list[int]] = {}
+
+    def take(self, n: int) -> list[int]:
+        if n > len(self.free):
+            raise MemoryError(f"host pool has {len(self.free)} free blocks, {n} requested")
+        return [self.free.pop() for _ in range(n)]
+
+    def give_back(self, ids: list[int]) -> None:
+        self.free.extend(sorted(ids, reverse=True))
+        self.free.sort(reverse=True)
+
+
+class InterceptPagedCache(PagedAttentionCache):
+    """The paged KV cache of transformers with interception moves and exact accounting."""
+
+    def __init__(
+        self,
+        config,
+        *,
+        num_blocks: int,
+        block_size: int,
+        num_host_blocks: int,
+        max_batch_tokens: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        distributed_helper=None,
+    ) -> None:
+        if num_blocks < 1 or block_size < 1 or num_host_blocks < 0:
+            raise ValueError(
+                f"need num_blocks >= 1, block_size >= 1, num_host_blocks >= 0; got {num_blocks}, {block_size}, {num_host_blocks}"
+            )
+        super().__init__(
+            config,
+            cb_config(num_blocks, block_size, max_batch_tokens),
+            device,
+            distributed_helper or single_process_helper(),
+            dtype=dtype,
+        )
+        self.block_size = block_size
+        self.supports_partial = list(self.cache_allocators) == [FULL_ATTENTION]
+        # The host pool mirrors the device pool's split between allocators (one per attention type).
+        self.host = {
+            name: HostPool(num_host_blocks, alloc.bytes_per_block, device) for name, alloc in self.cache_allocators.items()
+        }
+        self.bytes_per_token = sum(a.bytes_per_block // a.tokens_per_page for a in self.cache_allocators.values())
+        self.swapped_out_bytes = 0
+        self.swapped_in_bytes = 0
+        self.swap_seconds = 0.0  # wall time of copies issued outside the forward pass
+
+    # ------------------------------------------------------------------ capacity
+    @property
+    def capacity_tokens(self) -> int:
+        """The most tokens one request can hold on device (full-attention models: the whole pool)."""
+        return self.num_blocks * self.block_size
+
+    def device_blocks(self, rid: str) -> int:
+        return max((len(a.block_table.get(rid, ())) for a in self.cache_allocators.values()), default=0)
+
+    def host_blocks(self, rid: str) -> int:
+        return max((len(h.tables.get(rid, ())) for h in self.host.values()), default=0)
+
+    def free_device_blocks(self) -> int:
+        """Free whole-model blocks (the smallest over allocators, counting unclaimed sectors)."""
+        return min(
+            self.pool.count_free_blocks(a.index) + self.pool.num_free_sectors * a.blocks_per_sector
+            for a in self.cache_allocators.values()
+        )
+
+    def free_host_blocks(self) -> int:
+        return min(len(h.free) for h in self.host.values())
+
+    @property
+    def num_host_blocks(self) -> int:
+        return next(iter(self.host.values())).num_blocks
+
+    def used_device_blocks(self) -> int:
+        return sum(self.device_blocks(rid) for rid in self.request_ids())
+
+    def used_host_blocks(self) -> int:
+        return sum(self.host_blocks(rid) for rid in self.request_ids())
+
+    def request_ids(self) -> set[str]:
+        ids: set[str] = set()
+        for a in self.cache_allocators.values():
+            ids.update(a.block_table)
+        for h in self.host.values():
+            ids.update(h.tables)
+        return ids
+
+    # ------------------------------------------------------------------ allocation
+    def allocate(self, rid: str, past_len: int, new_tokens: int) -> bool:
+        """Reserve device blocks so `new_tokens` can be written after `past_len`; False if full."""
+        state = _Len(rid, past_len)
+        if self.can_store_request_tokens(state, new_tokens):
+            return True
+        self.pool.try_to_free_sectors()
+        return self.can_store_request_tokens(state, new_tokens)
+
+    def blocks_needed(self, rid: str, past_len: int, new_tokens: int) -> int:
+        return max(a.needs_new_blocks(rid, past_len, new_tokens) for a in self.cache_allocators.values())
+
+    def free(self, rid: str) -> None:
+        """Release every block the request holds, on device and host."""
+        self.free_blocks(rid, no_cache=True)
+        for h in self.host.values():
+            h.give_back(h.tables.pop(rid, []))
+
+    # ------------------------------------------------------------------ moves
+    def _tail_count(self, rid: str, num_blocks: int | None, have: int) -> int:
+        n = have if num_blocks is None else num_blocks
+        if not 0 <= n <= have:
+            raise ValueError(f"request {rid}: cannot move {n} of its {have} blocks")
+        if n != have and not self.supports_partial:
+            raise ValueError("partial moves need a model with full-attention layers only")
+        return n
+
+    def swap_out(self, rid: str, num_blocks: int | None = None) -> int:
+        """Copy the request's last `num_blocks` device blocks (all by default) to host, free them.
+
+        Refuses (returns 0) when the host pool lacks room, or when the request already has a host
+        tail and this would leave it split device/host/device.
+        """
+        n = self._tail_count(rid, num_blocks, self.device_blocks(rid))
+        if n == 0 or self.free_host_blocks() < n:
+            return 0
+        for name, alloc in self.cache_allocators.items():
+            table = alloc.block_table[rid]
+            host = self.host[name]
+            dev_ids, table[:] = table[len(table) - n :], table[: len(table) - n]
+            host_ids = host.take(len(dev_ids))
+            self._copy(alloc, dev_ids, host, host_ids, to_host=True)
+            # the moved blocks precede any host tail already present
+            host.tables[rid] = host_ids + host.tables.get(rid, [])
+            self.pool.free_blocks(alloc.index, dev_ids)
+            self.swapped_out_bytes += len(dev_ids) * alloc.bytes_per_block
+        return n
+
+    def swap_in(self, rid: str) -> bool:
+        """Bring the request's whole host tail back to device; False (nothing moved) if full."""
+        n = self.host_blocks(rid)
+        if n == 0:
+            return True
+        if self.free_device_blocks() < n:
+            self.pool.try_to_free_sectors()
+            if self.free_device_blocks() < n:
+                return False
+        for name, alloc in self.cache_allocators.items():
+            host = self.host[name]
+            host_ids = host.tables.pop(rid)
+            dev_ids = self._take_device_blocks(alloc, len(host_ids))
+            self._copy(alloc, dev_ids, host, host_ids, to_host=False)
+            alloc.block_table.setdefault(rid, []).extend(dev_ids)
+            host.give_back(host_ids)
+            self.swapped_in_bytes += len(dev_ids) * alloc.bytes_per_block
+        return True
+
+    def discard_device(self, rid: str, num_blocks: int | None = None) -> int:
+        """Free the request's last `num_blocks` device blocks (all by default) without saving them."""
+        if self.host_blocks(rid):
+            raise ValueError(f"request {rid}: drop its host tail before discarding device blocks")
+        n = self._tail_count(rid, num_blocks, self.device_blocks(rid))
+        for alloc in self.cache_allocators.values():
+            table = alloc.block_table.get(rid, [])
+            dropped, table[:] = table[len(table) - n :], table[: len(table) - n]
+            self.pool.free_blocks(alloc.index, dropped)
+            if not table:
+                alloc.block_table.pop(rid, None)
+        return n
+
+    def discard_host(self, rid: str, num_blocks: int | None = None) -> int:
+        """Drop the request's last `num_blocks` host blocks (all by default)."""
+        n = self._tail_count(rid, num_blocks, self.host_blocks(rid))
+        for host in self.host.values():
+            table = host.tables.get(rid, [])
+            dropped, table[:] = table[len(table) - n :], table[: len(table) - n]
+            host.give_back(dropped)
+            if not table:
+                host.tables.pop(rid, None)
+        return n
+
+    def _take_device_blocks(self, alloc, n: int) -> list[int]:
+        while self.pool.count_free_blocks(alloc.index) < n:
+            self.pool.allocate_sector(alloc.index)
+        return self.pool.get_free_blocks(alloc.index, n)
+
+    def _copy(self, alloc, dev_ids: list[int], host: HostPool, host_ids: list[int], to_host: bool) -> None:
+        if not dev_ids:
+            return
+        t0 = time.perf_counter()
+        view = alloc._copy_view
+        d = torch.tensor(dev_ids, dtype=torch.long, device=view.device)
+        h = torch.tensor(host_ids, dtype=torch.long, device=host.storage.device)
+        if to_host:
+            host.storage.index_copy_(0, h, view.index_select(0, d).to(host.storage.device))
+        else:
+            view.index_copy_(0, d, host.storage.index_select(0, h).to(view.device, non_blocking=True))
+        self.swap_seconds += time.perf_counter() - t0
+
+    # ------------------------------------------------------------------ integrity
+    def check_integrity(self) -> None:
+        """Raise AssertionError unless free + owned = total with no block owned twice, on device and host."""
+        for alloc in self.cache_allocators.values():
+            owned = [b for table in alloc.block_table.values() for b in table]
+            assert len(owned) == len(set(owned)), f"device block owned twice: {sorted(owned)}"
+            free_leaves = [b for tree in self.pool._free_blocks[alloc.index].trees.values() for b in tree]
+            assert not set(owned) & set(free_leaves), "device block both free and owned"
+            bps = alloc.blocks_per_sector
+            sectors = {b // bps for b in owned} | {b // bps for b in free_leaves}
+            assert not sectors & set(self.pool.free_sectors), "block inside a free sector"
+        claimed = set()
+        for alloc in self.cache_allocators.values():
+            bps = alloc.blocks_per_sector
+            tables = [b for t in alloc.block_table.values() for b in t]
+            leaves = [b for tree in self.pool._free_blocks[alloc.index].trees.values() for b in tree]
+            mine = {b // bps for b in tables + leaves}
+            assert not mine & claimed, "sector claimed by two allocators"
+            claimed |= mine
+            # every block of every claimed sector is either owned or free
+            assert len(tables) + len(leaves) == len(mine) * bps, "device blocks leaked inside a sector"
+        assert len(claimed) + len(self.pool.free_sectors) == self.pool.num_sectors, "device sector leaked"
+        for name, host in self.host.items():
+            owned = [b for t in host.tables.values() for b in t]
+            assert len(owned) == len(set(owned)), f"host block owned twice ({name})"
+            assert not set(owned) & set(host.free), f"host block both free and owned ({name})"
+            assert len(owned) + len(host.free) == host.num_blocks, f"host block leaked ({name})"
+
+    def is_empty(self) -> bool:
+        return not self.request_ids()

@@ -1,0 +1,57 @@
+"""What the engine hands back: small immutable records, cheap to copy across threads."""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+
+class InterceptionRecord(NamedTuple):
+    """One pause of one request, as it happened.
+
+    Times are `time.monotonic()` seconds (or the simulator's virtual clock). `waste` holds the
+    figures the policy compared when it chose `strategy` (bytes x seconds, keyed by strategy name).
+    """
+
+    tool: str
+    call: str
+    paused_at: float
+    returned_at: float | None
+    resumed_at: float | None
+    strategy: str
+    answer_len: int
+    waste: dict[str, float]
+    error: str | None = None
+
+    @property
+    def tool_seconds(self) -> float:
+        """Time spent inside the tool (excluded from the paper's normalized latency)."""
+        return 0.0 if self.returned_at is None else self.returned_at - self.paused_at
+
+
+class RequestResult(NamedTuple):
+    """A finished request.
+
+    `token_ids` holds what came after the prompt: generated tokens and appended tool answers,
+    in order. `token_times[i]` is when the i-th *generated* token came out.
+    """
+
+    request_id: int
+    prompt_len: int
+    token_ids: list[int]
+    num_generated: int
+    finish_reason: str  # "length" | "stop" | "cancelled" | "error"
+    error: str | None
+    arrival_time: float
+    first_token_time: float | None
+    finish_time: float
+    token_times: list[float]
+    interceptions: list[InterceptionRecord]
+
+    @property
+    def tool_seconds(self) -> float:
+        return sum(i.tool_seconds for i in self.interceptions)
+
+    @property
+    def normalized_latency(self) -> float:
+        """(end-to-end latency - time inside tools) / generated tokens, as the INFERCEPT paper defines it."""
+        e2e = self.finish_time - self.arrival_time - self.tool_seconds
+        return e2e / max(1, self.num_generated)

@@ -1,0 +1,97 @@
+"""A request and its state machine.
+
+    WAITING --admit--> RUNNING --trigger--> PAUSED --answer--> WAITING (to resume) --> RUNNING
+       ^                  |                  (KV preserved | swapped | discarded,          |
+       +---preempted------+                   or a mix: device head + host tail)           v
+                                                                                       FINISHED
+
+`tokens` is the one token log: prompt, generated tokens and appended answers, in order.
+`num_cached` tokens at its front have KV in the cache (device head + host tail); whatever
+lies past it, `tokens[num_cached:]`, is what the next forward passes over: a resumed
+answer, a recomputed context, or the last sampled token.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+from .outputs import InterceptionRecord, RequestResult
+from .tools import PendingCall, Scripted, Tool
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    PAUSED = "paused"
+    FINISHED = "finished"
+
+
+@dataclass
+class Request:
+    request_id: int
+    tokens: list[int]
+    prompt_len: int
+    max_new_tokens: int
+    arrival_time: float
+    tools: tuple[Tool, ...] = ()
+    scripted: Scripted | None = None
+    eos_token_ids: frozenset[int] = frozenset()
+    sampler: Any = None
+    status: Status = Status.WAITING
+    num_cached: int = 0
+    num_generated: int = 0
+    segment_start: int = 0  # index into tokens where the current tool-free stretch began
+    queue_key: float = 0.0  # ordering among waiting requests: arrival time, or re-queue time (vLLM-style)
+    pending: PendingCall | None = None
+    paused_at: float = 0.0
+    strategy: str = ""
+    waste: dict[str, float] = field(default_factory=dict)
+    resume_pending_since: float | None = None  # answer arrived, next token not out yet
+    finish_reason: str | None = None
+    error: str | None = None
+    first_token_time: float | None = None
+    finish_time: float | None = None
+    token_times: list[float] = field(default_factory=list)
+    interceptions: list[InterceptionRecord] = field(default_factory=list)
+    high_water: int = 0  # most tokens ever cached: anything below it computed again is recomputation
+    num_pauses: int = 0
+
+    def __post_init__(self) -> None:
+        self.queue_key = self.arrival_time
+        self.segment_start = len(self.tokens)
+
+    @property
+    def rid(self) -> str:
+        """The key of this request in the paged cache's block tables."""
+        return str(self.request_id)
+
+    @property
+    def uncached(self) -> int:
+        return len(self.tokens) - self.num_cached
+
+    @property
+    def next_segment(self):
+        """The next scripted interception, if any is left."""
+        if self.scripted is None or self.num_pauses >= len(self.scripted):
+            return None
+        return self.scripted.segments[self.num_pauses]
+
+    def generated_since_resume(self) -> list[int]:
+        return self.tokens[self.segment_start :]
+
+    def result(self) -> RequestResult:
+        assert self.finish_reason is not None and self.finish_time is not None
+        return RequestResult(
+            request_id=self.request_id,
+            prompt_len=self.prompt_len,
+            token_ids=self.tokens[self.prompt_len :],
+            num_generated=self.num_generated,
+            finish_reason=self.finish_reason,
+            error=self.error,
+            arrival_time=self.arrival_time,
+            first_token_time=self.first_token_time,
+            finish_time=self.finish_time,
+            token_times=list(self.token_times),
+            interceptions=list(self.interceptions),
+        )

@@ -1,0 +1,113 @@
+"""One forward pass over the paged cache: many requests' chunks packed into one row.
+
+Each chunk is `length` tokens of one request starting at position `start` (its cached
+length): a decode step is a chunk of 1, a prompt, a resumed answer or a recompute is a
+longer one. Chunks are packed into `input_ids [1, T]`; the model reads and writes the paged
+cache through `PagedKVView` and attends under a block-diagonal causal mask, so sequences
+never see each other.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+
+from patches.transformers_cb import SLIDING_ATTENTION, PagedKVView, build_packed_mask
+
+from .cache import InterceptPagedCache
+from .request import Request
+
+
+@dataclass
+class Chunk:
+    request: Request
+    start: int
+    length: int
+
+    @property
+    def sample(self) -> bool:
+        """A chunk that reaches the end of the token log yields the request's next token."""
+        return self.start + self.length == len(self.request.tokens)
+
+
+class UnsupportedModelError(NotImplementedError):
+    pass
+
+
+class ModelRunner:
+    def __init__(self, model: torch.nn.Module, cache: InterceptPagedCache) -> None:
+        self.model = model
+        self.cache = cache
+        self.device = model.device
+        self.mask_dtype = next(model.parameters()).dtype
+        if not self.mask_dtype.is_floating_point:
+            self.mask_dtype = torch.float32
+        self.sliding_window = getattr(model.config, "sliding_window", None) or 1
+        self.takes_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self._checked = False
+
+    @torch.inference_mode()
+    def forward(self, chunks: list[Chunk]) -> torch.Tensor:
+        """Run the chunks; return float32 logits [n, vocab] for the chunks whose `sample` is set."""
+        cache = self.cache
+        ids: list[int] = []
+        pos: list[int] = []
+        cu_q = [0]
+        cu_k = {name: [0] for name in cache.cache_allocators}
+        read: list[list[int]] = [[] for _ in cache.cache_allocators]
+        write: list[list[int]] = [[] for _ in cache.cache_allocators]
+        keep: list[int] = []
+        for c in chunks:
+            req = c.request
+            ids.extend(req.tokens[c.start : c.start + c.length])
+            pos.extend(range(c.start, c.start + c.length))
+            cu_q.append(cu_q[-1] + c.length)
+            for name, alloc in cache.cache_allocators.items():
+                cu_k[name].append(cu_k[name][-1] + alloc.get_seqlen_k(c.start, c.length))
+            cache.extend_read_and_write_indices(req.rid, c.start, c.length, read, write)
+            if c.sample:
+                keep.append(cu_q[-1] - 1)
+        dev = self.device
+        masks = {
+            name: build_packed_mask(
+                cu_q, k, self.sliding_window if name == SLIDING_ATTENTION else 1, self.mask_dtype, dev
+            )
+            for name, k in cu_k.items()
+        }
+        paged_kwargs = {
+            "read_index": [torch.tensor(r, dtype=torch.long, device=dev) for r in read],
+            "write_index": [torch.tensor(w, dtype=torch.long, device=dev) for w in write],
+            "cu_seq_lens_k": {n: torch.tensor(k, dtype=torch.int32, device=dev) for n, k in cu_k.items()},
+            "max_length_k": {n: max(b - a for a, b in zip(k, k[1:])) for n, k in cu_k.items()},
+        }
+        view = PagedKVView(cache, paged_kwargs)
+        extra = {}
+        if self.takes_logits_to_keep:
+            extra["logits_to_keep"] = torch.tensor(keep, dtype=torch.long, device=dev)
+        out = self.model(
+            input_ids=torch.tensor([ids], dtype=torch.long, device=dev),
+            position_ids=torch.tensor([pos], dtype=torch.long, device=dev),
+            attention_mask=masks if len(masks) > 1 else next(iter(masks.values())),
+            past_key_values=view,
+            use_cache=True,
+            **extra,
+        )
+        if not self._checked:
+            self._check_routing(view)
+        logits = out.logits[0]
+        if not self.takes_logits_to_keep:
+            logits = logits[keep]
+        return logits.float()
+
+    def _check_routing(self, view: PagedKVView) -> None:
+        """Refuse models that never wrote through `past_key_values`: their tokens would be wrong."""
+        num_layers = self.model.config.get_text_config().num_hidden_layers
+        if len(view.updated_layers) != num_layers:
+            arch = type(self.model).__name__
+            raise UnsupportedModelError(
+                f"{arch} is not supported by infercept_hf: only {len(view.updated_layers)} of its {num_layers} "
+                "layers wrote their keys/values through `past_key_values.update`, so the paged cache would be "
+                "bypassed and the tokens would be wrong"
+            )
+        self._checked = True

@@ -1,0 +1,271 @@
+"""Who runs this iteration, and where paused requests keep their KV.
+
+Every iteration, in this order:
+1. paused requests: the policy decides preserve / swap / discard (min-waste re-decides every
+   iteration within a swap budget, see `policy.py`);
+2. running requests get their next chunk (a decode is 1 token), in queue order;
+3. waiting requests (new, preempted, or resuming after a tool) are admitted in queue order
+   while tokens and blocks last; strict FIFO, so nobody starves.
+When blocks run out, paused requests give theirs up first (longest expected pause first),
+then the youngest running request is preempted.
+
+`queue_key` orders everybody: the original arrival time, except under `discard`, where a
+resumed request re-enters at the back like a new vLLM request.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .cache import InterceptPagedCache
+from .estimator import DurationEstimator
+from .policy import CostModel, PausedView, choose_preserve_or_discard, rank_by_waste, swap_budget_tokens
+from .request import Request, Status
+from .runner import Chunk
+
+POLICIES = ("discard", "discard-head", "preserve", "swap", "min-waste")
+
+
+def check_policy(policy: str) -> str:
+    if policy not in POLICIES:
+        raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
+    return policy
+
+
+@dataclass
+class StepPlan:
+    chunks: list[Chunk] = field(default_factory=list)
+    swap_tokens: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.length for c in self.chunks)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        cache: InterceptPagedCache,
+        policy: str,
+        max_batch_tokens: int,
+        cost: CostModel,
+        estimator: DurationEstimator,
+    ) -> None:
+        self.cache = cache
+        self.policy = check_policy(policy)
+        self.max_batch_tokens = max_batch_tokens
+        self.cost = cost
+        self.estimator = estimator
+        self.waiting: list[Request] = []
+        self.running: list[Request] = []
+        self.paused: list[Request] = []
+        self.swap_budget_used: list[int] = []  # tokens moved per iteration, for tests and stats
+        self.preemptions = 0
+
+    # ------------------------------------------------------------------ transitions
+    def add(self, req: Request) -> None:
+        self.waiting.append(req)
+
+    def pause(self, req: Request, now: float) -> None:
+        """A running request hit a tool call: apply the policy's first decision."""
+        self.running.remove(req)
+        req.status = Status.PAUSED
+        req.paused_at = now
+        self.paused.append(req)
+        req.waste = self._waste_figures(req, now)
+        if self.policy in ("discard", "discard-head"):
+            self._discard(req)
+        elif self.policy == "swap":
+            if not self._swap_out(req, None):
+                self._discard(req)
+        req.strategy = self._placement(req)
+
+    def resume(self, req: Request, now: float) -> None:
+        """The answer is in the token log: queue the request to continue."""
+        self.paused.remove(req)
+        req.status = Status.WAITING
+        if self.policy == "discard":
+            req.queue_key = now
+        self.waiting.append(req)
+
+    def remove(self, req: Request) -> None:
+        for queue in (self.waiting, self.running, self.paused):
+            if req in queue:
+                queue.remove(req)
+        self.cache.free(req.rid)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ------------------------------------------------------------------ the iteration
+    def schedule(self, now: float) -> StepPlan:
+        plan = StepPlan()
+        if self.policy == "min-waste":
+            plan.swap_tokens = self._min_waste(now)
+        budget = self.max_batch_tokens
+        self.running.sort(key=lambda r: r.queue_key)
+        scheduled: set[int] = set()
+        for req in list(self.running):
+            if req not in self.running:  # preempted while making room for an older one
+                continue
+            n = min(req.uncached, budget)
+            if n == 0:
+                break
+            if not self._reserve(req, n, now, protected=scheduled):
+                self._preempt(req)
+                continue
+            plan.chunks.append(Chunk(req, req.num_cached, n))
+            scheduled.add(req.request_id)
+            budget -= n
+        self.waiting.sort(key=lambda r: r.queue_key)
+        while self.waiting and budget > 0:
+            req = self.waiting[0]
+            if not self._swap_in(req, now):
+                break
+            n = min(req.uncached, budget)
+            if not self._reserve(req, n, now, protected=None):
+                break
+            self.waiting.pop(0)
+            req.status = Status.RUNNING
+            self.running.append(req)
+            plan.chunks.append(Chunk(req, req.num_cached, n))
+            budget -= n
+        return plan
+
+    # ------------------------------------------------------------------ memory
+    def _reserve(self, req: Request, n: int, now: float, protected: set[int] | None) -> bool:
+        """Blocks for `n` more tokens of `req`, taken from paused requests, then (when `protected` is
+        given) from running requests younger than `req` that hold no chunk in this step yet."""
+        while True:
+            if self.cache.allocate(req.rid, req.num_cached, n):
+                return True
+            need = self.cache.blocks_needed(req.rid, req.num_cached, n) - self.cache.free_device_blocks()
+            if self._evict_paused(max(1, need), now, exclude=req):
+                continue
+            if protected is None:
+                return False
+            victims = [r for r in self.running if r is not req and r.request_id not in protected]
+            if not victims:
+                return False
+            self._preempt(max(victims, key=lambda r: r.queue_key))
+
+    def _swap_in(self, req: Request, now: float) -> bool:
+        while self.cache.host_blocks(req.rid):
+            if self.cache.swap_in(req.rid):
+                return True
+            need = self.cache.host_blocks(req.rid) - self.cache.free_device_blocks()
+            if not self._evict_paused(max(1, need), now, exclude=req):
+                return False
+        return True
+
+    def _evict_paused(self, blocks: int, now: float, exclude: Request) -> bool:
+        """Free `blocks` device blocks held by paused requests, longest expected pause first."""
+        holders = [r for r in self.paused if r is not exclude and self.cache.device_blocks(r.rid)]
+        if not holders:
+            return False
+        holders.sort(key=lambda r: -self._remaining(r, now))
+        freed = 0
+        for r in holders:
+            have = self.cache.device_blocks(r.rid)
+            take = min(have, blocks - freed) if self.cache.supports_partial else have
+            moved = self._swap_out(r, take) if self.policy in ("swap", "min-waste") else 0
+            if not moved:
+                if self.cache.host_blocks(r.rid):
+                    self.cache.discard_host(r.rid)
+                    take = self.cache.device_blocks(r.rid) if not self.cache.supports_partial else take
+                self._discard(r, take)
+            freed += take
+            r.strategy = self._placement(r)
+            if freed >= blocks:
+                break
+        return freed > 0
+
+    def _preempt(self, victim: Request) -> None:
+        """Last resort: push a running request back to waiting, freeing its blocks."""
+        self.running.remove(victim)
+        if not (self.policy == "swap" and self._swap_out(victim, None)):
+            self._discard(victim)
+        victim.status = Status.WAITING
+        self.waiting.append(victim)
+        self.preemptions += 1
+
+    # ------------------------------------------------------------------ moves
+    def _swap_out(self, req: Request, num_blocks: int | None) -> int:
+        return self.cache.swap_out(req.rid, num_blocks)
+
+    def _discard(self, req: Request, num_blocks: int | None = None) -> None:
+        """Drop device blocks from the tail (all by default); the token log keeps what to recompute."""
+        if num_blocks is None or not self.cache.supports_partial:
+            self.cache.discard_host(req.rid)
+            self.cache.discard_device(req.rid)
+            req.num_cached = 0
+            return
+        self.cache.discard_device(req.rid, num_blocks)
+        req.num_cached = min(req.num_cached, self.cache.device_blocks(req.rid) * self.cache.block_size)
+
+    def _placement(self, req: Request) -> str:
+        dev, host = self.cache.device_blocks(req.rid), self.cache.host_blocks(req.rid)
+        if dev and host:
+            return "partial-swap"
+        if host:
+            return "swap"
+        if dev:
+            return "preserve" if req.num_cached else "discard"
+        return "discard"
+
+    # ------------------------------------------------------------------ min-waste
+    def _remaining(self, req: Request, now: float) -> float:
+        tool = req.pending.tool_name if req.pending else "unknown"
+        return self.estimator.remaining(tool, now - req.paused_at)
+
+    def _others_tokens(self, exclude: Request | None = None) -> int:
+        return sum(r.num_cached for r in self.running if r is not exclude)
+
+    def _view(self, req: Request, now: float) -> PausedView:
+        return PausedView(
+            request_id=req.request_id,
+            context_tokens=req.num_cached,
+            device_tokens=min(req.num_cached, self.cache.device_blocks(req.rid) * self.cache.block_size),
+            host_tokens=self.cache.host_blocks(req.rid) * self.cache.block_size,
+            paused_for_s=now - req.paused_at,
+            expected_remaining_s=self._remaining(req, now),
+            arrival_time=req.arrival_time,
+        )
+
+    def _waste_figures(self, req: Request, now: float) -> dict[str, float]:
+        ranked = rank_by_waste([self._view(req, now)], self._others_tokens(), self.cost, self._chunk_tokens())
+        figs = ranked[0][1]
+        return {"preserve": figs.preserve, "discard": figs.discard, "swap": figs.swap}
+
+    def _chunk_tokens(self) -> int:
+        return max(1, min(self.max_batch_tokens, self.cost.saturation_tokens) - len(self.running))
+
+    def _min_waste(self, now: float) -> int:
+        """Spend this iteration's swap budget on the most wasteful paused requests; preserve or
+        discard the rest, whichever wastes less. Returns the tokens moved."""
+        holders = [r for r in self.paused if self.cache.device_blocks(r.rid) and r.num_cached]
+        if not holders:
+            self.swap_budget_used.append(0)
+            return 0
+        batch_tokens = sum(min(r.uncached, self.max_batch_tokens) for r in self.running) or 1
+        budget = swap_budget_tokens(batch_tokens, self.cost)
+        others = self._others_tokens()
+        ranked = rank_by_waste([self._view(r, now) for r in holders], others, self.cost, self._chunk_tokens())
+        by_id = {r.request_id: r for r in holders}
+        moved = 0
+        bs = self.cache.block_size
+        for view, figs in ranked:
+            req = by_id[view.request_id]
+            req.waste = {"preserve": figs.preserve, "discard": figs.discard, "swap": figs.swap}
+            blocks_affordable = (budget - moved) // bs
+            if blocks_affordable > 0 and self.cache.free_host_blocks() > 0:
+                have = self.cache.device_blocks(req.rid)
+                n = min(have, blocks_affordable, self.cache.free_host_blocks())
+                if n == have or self.cache.supports_partial:
+                    moved += self._swap_out(req, n) * bs
+                    req.strategy = self._placement(req)
+                    continue
+            if choose_preserve_or_discard(view, others, self.cost, self._chunk_tokens()) == "discard":
+                self._discard(req)
+            req.strategy = self._placement(req)
+        self.swap_budget_used.append(moved)
+        return moved

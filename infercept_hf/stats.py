@@ -1,0 +1,101 @@
+"""Engine telemetry: where device memory went (waste by cause), recompute, swap traffic.
+
+Waste is device memory holding data nobody computes with, integrated over time
+(byte-seconds), split as INFERCEPT does:
+- preserve: KV kept on device by paused requests, for as long as they are paused;
+- discard: the forward time spent recomputing evicted context, times the KV resident meanwhile;
+- swap: the time copies took outside the forward, times the KV resident meanwhile
+  (on CPU copies are synchronous, so all of it; pipelined CUDA copies hide under compute).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from .cache import InterceptPagedCache
+from .request import Request
+
+
+class EngineStats:
+    def __init__(self, cache: InterceptPagedCache) -> None:
+        self.cache = cache
+        self.bytes_per_block = cache.bytes_per_token * cache.block_size
+        self.forward_s = 0.0
+        self.recompute_forward_s = 0.0
+        self.forward_tokens = 0
+        self.recomputed_tokens = 0
+        self.steps = 0
+        self.waste = {"preserve": 0.0, "swap": 0.0, "discard": 0.0}
+        self.swap_s = 0.0
+        self.strategies: dict[str, int] = {}
+        self.finished: dict[str, int] = {}
+        self._last_t: float | None = None
+        self.timeline: list[dict[str, float]] = []
+
+    def record_forward(self, plan: Any, seconds: float) -> None:
+        recompute = sum(max(0, min(c.start + c.length, c.request.high_water) - c.start) for c in plan.chunks)
+        tokens = plan.num_tokens
+        self.steps += 1
+        self.forward_s += seconds
+        self.forward_tokens += tokens
+        self.recomputed_tokens += recompute
+        if recompute:
+            share = seconds * recompute / tokens
+            self.recompute_forward_s += share
+            self.waste["discard"] += share * self.cache.used_device_blocks() * self.bytes_per_block
+
+    def record_step(self, scheduler: Any, now: float) -> None:
+        """Integrate paused requests' device memory over the time since the last step."""
+        paused_blocks = sum(self.cache.device_blocks(r.rid) for r in scheduler.paused)
+        if self._last_t is not None:
+            self.waste["preserve"] += (now - self._last_t) * paused_blocks * self.bytes_per_block
+        self._last_t = now
+        new_swap_s = self.cache.swap_seconds - self.swap_s
+        if new_swap_s > 0:
+            self.waste["swap"] += new_swap_s * self.cache.used_device_blocks() * self.bytes_per_block
+            self.swap_s = self.cache.swap_seconds
+        running = self.cache.used_device_blocks() - paused_blocks
+        self.timeline.append(
+            {
+                "t": now,
+                "running": running,
+                "preserved": paused_blocks,
+                "swapped_host": self.cache.used_host_blocks(),
+                "free": self.cache.free_device_blocks(),
+            }
+        )
+        if len(self.timeline) > 20000:  # keep memory bounded on long runs: thin to every other sample
+            self.timeline = self.timeline[::2]
+
+    def record_finish(self, req: Request) -> None:
+        self.finished[req.finish_reason] = self.finished.get(req.finish_reason, 0) + 1
+        for rec in req.interceptions:
+            self.strategies[rec.strategy] = self.strategies.get(rec.strategy, 0) + 1
+
+    def snapshot(self, scheduler: Any) -> dict[str, Any]:
+        c = self.cache
+        swapped = c.swapped_out_bytes + c.swapped_in_bytes
+        return {
+            "device_blocks_total": c.num_blocks,
+            "device_blocks_used": c.used_device_blocks(),
+            "device_blocks_free": c.free_device_blocks(),
+            "host_blocks_total": c.num_host_blocks,
+            "host_blocks_used": c.used_host_blocks(),
+            "block_size": c.block_size,
+            "running": len(scheduler.running),
+            "waiting": len(scheduler.waiting),
+            "paused": len(scheduler.paused),
+            "steps": self.steps,
+            "forward_s": self.forward_s,
+            "forward_tokens": self.forward_tokens,
+            "recomputed_tokens": self.recomputed_tokens,
+            "recompute_share": self.recompute_forward_s / self.forward_s if self.forward_s else 0.0,
+            "swapped_out_bytes": c.swapped_out_bytes,
+            "swapped_in_bytes": c.swapped_in_bytes,
+            "swapped_bytes": swapped,
+            "swap_s": self.swap_s,
+            "swap_gbps": swapped / self.swap_s / 1e9 if self.swap_s else 0.0,
+            "waste_by_cause": dict(self.waste),
+            "strategies": dict(self.strategies),
+            "finished": dict(self.finished),
+            "preemptions": scheduler.preemptions,
+        }

@@ -1,0 +1,123 @@
+"""Every touch of transformers' private continuous-batching internals, in one file.
+
+Tested against transformers 5.23 (see setup.py's pin). A transformers upgrade that moves
+these names breaks this file only.
+
+Why a `Cache` adapter rather than the attention-interface route: every causal LM in
+transformers writes its new keys and values through `past_key_values.update(k, v, layer)`,
+including GPT-J, whose attention bypasses the attention interface (transformers' own
+`generate_batch` silently returns wrong tokens for it). Handing the model a
+`PagedKVView` whose `update()` forwards to `PagedAttentionCache.update` puts every
+architecture on transformers' paged read/write path, with the model's own attention
+(eager or sdpa) doing the arithmetic under a packed block-diagonal mask. The model object
+is never mutated: a plain `model(...)` or `model.generate(...)` works at any time.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache
+from transformers.generation.configuration_utils import ContinuousBatchingConfig
+from transformers.generation.continuous_batching.cache import PagedAttentionCache, group_layers_by_attn_type
+from transformers.generation.continuous_batching.cache_allocators import FULL_ATTENTION, SLIDING_ATTENTION
+from transformers.generation.continuous_batching.distributed import DistributedHelper
+from transformers.generation.continuous_batching.utils import (
+    build_attention_mask,
+    find_head_dim,
+    find_num_key_value_heads,
+)
+
+__all__ = [
+    "FULL_ATTENTION",
+    "SLIDING_ATTENTION",
+    "PagedAttentionCache",
+    "PagedKVView",
+    "attention_layer_groups",
+    "build_packed_mask",
+    "cb_config",
+    "find_head_dim",
+    "find_num_key_value_heads",
+    "single_process_helper",
+]
+
+
+def cb_config(num_blocks: int, block_size: int, max_batch_tokens: int) -> ContinuousBatchingConfig:
+    """A continuous-batching config for a synchronous engine with an explicitly sized pool.
+
+    Prefix sharing is off: injected tool answers break its block hashes. Async batching is
+    off: our step loop is synchronous by design.
+    """
+    return ContinuousBatchingConfig(
+        num_blocks=num_blocks,
+        page_size=block_size,
+        max_batch_tokens=max_batch_tokens,
+        allow_block_sharing=False,
+        max_memory_percent=0.9,
+        max_blocks_per_request=0,
+        use_async_batching=False,
+        auto_switch_to_flash=False,
+    )
+
+
+def single_process_helper() -> DistributedHelper:
+    return DistributedHelper(None, None)
+
+
+def attention_layer_groups(config: Any) -> dict[str, list[int]]:
+    return group_layers_by_attn_type(config)
+
+
+def build_packed_mask(
+    cu_q: list[int], cu_k: list[int], sliding_window: int, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """Additive [1, 1, T, K] mask: block-diagonal per sequence, causal, optionally windowed."""
+    mask = torch.full((1, 1, cu_q[-1], cu_k[-1]), torch.finfo(dtype).min, dtype=dtype, device=device)
+    build_attention_mask(mask, cu_q, cu_k, sliding_window=sliding_window)
+    return mask
+
+
+class PagedKVView(Cache):
+    """`past_key_values` for one packed forward: routes each layer's update to the paged cache.
+
+    `kwargs` are the paged-attention arguments of this batch (read/write indices,
+    cumulative lengths); `update` consumes a fresh copy each call because transformers'
+    `PagedAttentionCache.update` narrows the per-layer-type entries in place.
+    """
+
+    def __init__(self, cache: PagedAttentionCache, kwargs: dict[str, Any]) -> None:
+        self.cache = cache
+        self.kwargs = kwargs
+        self.layers = []
+        self.layer_class_to_replicate = None
+        self.updated_layers: set[int] = set()
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self.updated_layers.add(layer_idx)
+        return self.cache.update(key_states, value_states, layer_idx, dict(self.kwargs))
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0
+
+    def get_mask_sizes(self, *args: Any, **kwargs: Any) -> tuple[int, int]:
+        raise RuntimeError("infercept_hf passes a prepared 4D mask; the model tried to build its own")
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+    @property
+    def is_sliding(self) -> list[bool]:
+        return []
+
+
+def logits_processors(model: Any, generation_config: Any, prompt_len: int) -> Any:
+    """transformers' own logits-processor list for a GenerationConfig (temperature, top-k/p, penalties...)."""
+    return model._get_logits_processor(generation_config, input_ids_seq_length=prompt_len, device=str(model.device))
+
+
+def resolve_generation_config(model: Any, generation_config: Any, **kwargs: Any) -> tuple[Any, dict]:
+    """The model's defaults merged with the caller's config and keyword overrides, as `generate` does it."""
+    return model._prepare_generation_config(generation_config, **kwargs)

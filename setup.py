@@ -1,0 +1,32 @@
+"""infercept_hf: INFERCEPT-style interception handling for HuggingFace transformers."""
+from setuptools import find_packages, setup
+
+setup(
+    name="infercept_hf",
+    version="0.1.0",
+    description="Serve augmented (tool-calling) LLMs on transformers without recomputing paused contexts (INFERCEPT, ICML 2024)",
+    long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["infercept_hf", "infercept_hf.*", "patches", "patches.*"]),
+    package_data={"infercept_hf": ["assets/**/*", "assets/*"]},
+    include_package_data=True,
+    install_requires=[
+        "torch>=2.4",
+        # transformers internals we patch live in patches/; this is the range the test suite passes on.
+        "transformers>=5.23,<5.24",
+        "accelerate>=1.0",
+        "safetensors",
+        "tokenizers>=0.20",
+        "tqdm",
+        "numpy",
+        "triton>=3.0; platform_system == 'Linux'",
+    ],
+    extras_require={
+        "demo": ["gradio>=6,<7", "matplotlib"],
+        "bench": ["matplotlib"],
+        "flash": ["flash-attn>=2.6"],
+        "test": ["pytest", "hypothesis", "matplotlib", "playwright", "gradio>=6,<7", "gradio_client"],
+    },
+    entry_points={"console_scripts": ["infercept-bench=infercept_hf.bench.__main__:main"]},
+)
