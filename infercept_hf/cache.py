@@ -29,6 +29,7 @@ from patches.transformers_cb import (
     FULL_ATTENTION,
     PagedAttentionCache,
     cb_config,
+    explicit_pool_sizing,
     single_process_helper,
 )
 
@@ -84,13 +85,14 @@ class InterceptPagedCache(PagedAttentionCache):
             raise ValueError(
                 f"need num_blocks >= 1, block_size >= 1, num_host_blocks >= 0; got {num_blocks}, {block_size}, {num_host_blocks}"
             )
-        super().__init__(
-            config,
-            cb_config(num_blocks, block_size, max_batch_tokens),
-            device,
-            distributed_helper or single_process_helper(),
-            dtype=dtype,
-        )
+        with explicit_pool_sizing():
+            super().__init__(
+                config,
+                cb_config(num_blocks, block_size, max_batch_tokens),
+                device,
+                distributed_helper or single_process_helper(),
+                dtype=dtype,
+            )
         self.block_size = block_size
         self.supports_partial = list(self.cache_allocators) == [FULL_ATTENTION]
         # The host pool mirrors the device pool's split between allocators (one per attention type).

@@ -49,7 +49,11 @@ class InterceptEngine:
         cost_model: CostModel | None = None,
         clock: Callable[[], float] = time.monotonic,
         max_tool_workers: int = 8,
+        executor: Callable[[torch.nn.Module, InterceptPagedCache], Any] | None = None,
     ) -> None:
+        """`executor(model, cache)` builds what runs each batch (`.forward(chunks) -> logits`): the
+        default `ModelRunner` runs the model; the simulator passes one that advances a virtual `clock`
+        by a cost model instead, so the same scheduler and policy code is measured at GPU scale."""
         self.model = model
         self.tokenizer = tokenizer
         self.policy = check_policy(policy)
@@ -71,7 +75,7 @@ class InterceptEngine:
         self.cost = cost_model or load_or_profile(model, dtype, model.device)
         self.estimator = DurationEstimator()
         self.scheduler = Scheduler(self.cache, policy, max_batch_tokens, self.cost, self.estimator)
-        self.runner = ModelRunner(model, self.cache)
+        self.runner = (executor or ModelRunner)(model, self.cache)
         self.executor = ToolExecutor(max_tool_workers)
         self.stats_ = EngineStats(self.cache)
         self.max_positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
@@ -189,11 +193,11 @@ class InterceptEngine:
             self._collect_answers(now, done)
             plan = self.scheduler.schedule(now)
             if plan.chunks:
-                t0 = time.perf_counter()
+                t0 = self.clock()
                 logits = self.runner.forward(plan.chunks)
                 sampled = [c for c in plan.chunks if c.sample]
                 tokens = sample_batch([c.request.sampler for c in sampled], [c.request.tokens for c in sampled], logits)
-                self.stats_.record_forward(plan, time.perf_counter() - t0)
+                self.stats_.record_forward(plan, self.clock() - t0)
                 for c in plan.chunks:
                     c.request.num_cached += c.length
                     c.request.high_water = max(c.request.high_water, c.request.num_cached)

@@ -19,7 +19,15 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
-from transformers.generation.continuous_batching.cache import PagedAttentionCache, group_layers_by_attn_type
+import threading
+from contextlib import contextmanager
+
+from transformers.generation.continuous_batching import cache as _cb_cache
+from transformers.generation.continuous_batching.cache import (
+    PagedAttentionCache,
+    PagedAttentionMemoryHandler,
+    group_layers_by_attn_type,
+)
 from transformers.generation.continuous_batching.cache_allocators import FULL_ATTENTION, SLIDING_ATTENTION
 from transformers.generation.continuous_batching.distributed import DistributedHelper
 from transformers.generation.continuous_batching.utils import (
@@ -39,7 +47,40 @@ __all__ = [
     "find_head_dim",
     "find_num_key_value_heads",
     "single_process_helper",
+    "explicit_pool_sizing",
 ]
+
+
+class _ExplicitSizing(PagedAttentionMemoryHandler):
+    """Sizing when the caller fixed num_blocks: no device-memory probe, no footprint check.
+
+    transformers' check counts [max_batch_tokens, whole-pool] attention masks that its own
+    manager preallocates; we build masks per step over the active tokens only, so the check
+    would refuse pools that fit, and on the meta device (the simulator) it cannot run at all.
+    """
+
+    def get_available_memory(self) -> int:
+        return 0
+
+    def _check_footprint(self, max_batch_tokens: int, num_sectors: int) -> tuple[int, int]:
+        if max_batch_tokens <= 0 or num_sectors <= 0:
+            raise ValueError(f"invalid pool: {max_batch_tokens = }, {num_sectors = }")
+        return max_batch_tokens, num_sectors
+
+
+_sizing_lock = threading.Lock()
+
+
+@contextmanager
+def explicit_pool_sizing():
+    """Within this block, PagedAttentionCache sizes itself from num_blocks alone."""
+    with _sizing_lock:
+        original = _cb_cache.PagedAttentionMemoryHandler
+        _cb_cache.PagedAttentionMemoryHandler = _ExplicitSizing
+        try:
+            yield
+        finally:
+            _cb_cache.PagedAttentionMemoryHandler = original
 
 
 def cb_config(num_blocks: int, block_size: int, max_batch_tokens: int) -> ContinuousBatchingConfig:
