@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .offload import SwapPipeline, Transfer
 from patches.transformers_cb import (
     FULL_ATTENTION,
     PagedAttentionCache,
@@ -80,6 +81,7 @@ class InterceptPagedCache(PagedAttentionCache):
         dtype: torch.dtype,
         device: torch.device | str,
         distributed_helper=None,
+        swap_mode: str | None = None,
     ) -> None:
         if num_blocks < 1 or block_size < 1 or num_host_blocks < 0:
             raise ValueError(
@@ -102,7 +104,7 @@ class InterceptPagedCache(PagedAttentionCache):
         self.bytes_per_token = sum(a.bytes_per_block // a.tokens_per_page for a in self.cache_allocators.values())
         self.swapped_out_bytes = 0
         self.swapped_in_bytes = 0
-        self.swap_seconds = 0.0  # wall time of copies issued outside the forward pass
+        self.pipeline = SwapPipeline(swap_mode or SwapPipeline.default_mode(torch.device(device)))
 
     # ------------------------------------------------------------------ capacity
     @property
@@ -158,6 +160,7 @@ class InterceptPagedCache(PagedAttentionCache):
 
     def free(self, rid: str) -> None:
         """Release every block the request holds, on device and host."""
+        self.pipeline.finish()
         self.free_blocks(rid, no_cache=True)
         for h in self.host.values():
             h.give_back(h.tables.pop(rid, []))
@@ -171,11 +174,12 @@ class InterceptPagedCache(PagedAttentionCache):
             raise ValueError("partial moves need a model with full-attention layers only")
         return n
 
-    def swap_out(self, rid: str, num_blocks: int | None = None) -> int:
-        """Copy the request's last `num_blocks` device blocks (all by default) to host, free them.
+    def swap_out(self, rid: str, num_blocks: int | None = None, wait: bool = True) -> int:
+        """Move the request's last `num_blocks` device blocks (all by default) to host.
 
-        Refuses (returns 0) when the host pool lacks room, or when the request already has a host
-        tail and this would leave it split device/host/device.
+        Returns the blocks moved: 0 when the host pool lacks room. With `wait=False` the copies
+        run behind the next forward and the device blocks come free in `finish_transfers()`;
+        under memory pressure the caller needs them now and waits.
         """
         n = self._tail_count(rid, num_blocks, self.device_blocks(rid))
         if n == 0 or self.free_host_blocks() < n:
@@ -185,11 +189,13 @@ class InterceptPagedCache(PagedAttentionCache):
             host = self.host[name]
             dev_ids, table[:] = table[len(table) - n :], table[: len(table) - n]
             host_ids = host.take(len(dev_ids))
-            self._copy(alloc, dev_ids, host, host_ids, to_host=True)
-            # the moved blocks precede any host tail already present
+            # the moved blocks precede any host tail already present: device head + host tail
             host.tables[rid] = host_ids + host.tables.get(rid, [])
-            self.pool.free_blocks(alloc.index, dev_ids)
             self.swapped_out_bytes += len(dev_ids) * alloc.bytes_per_block
+            done = lambda a=alloc, ids=dev_ids: self.pool.free_blocks(a.index, ids)  # noqa: E731
+            self.pipeline.submit(Transfer(alloc, dev_ids, host_ids, True, done, host.storage))
+        if wait:
+            self.pipeline.finish()
         return n
 
     def swap_in(self, rid: str) -> bool:
@@ -205,14 +211,24 @@ class InterceptPagedCache(PagedAttentionCache):
             host = self.host[name]
             host_ids = host.tables.pop(rid)
             dev_ids = self._take_device_blocks(alloc, len(host_ids))
-            self._copy(alloc, dev_ids, host, host_ids, to_host=False)
             alloc.block_table.setdefault(rid, []).extend(dev_ids)
-            host.give_back(host_ids)
             self.swapped_in_bytes += len(dev_ids) * alloc.bytes_per_block
+            done = lambda h=host, ids=host_ids: h.give_back(ids)  # noqa: E731
+            self.pipeline.submit(Transfer(alloc, dev_ids, host_ids, False, done, host.storage))
         return True
+
+    def finish_transfers(self) -> None:
+        """Complete outstanding copies and release what they freed (the engine calls this every step)."""
+        self.pipeline.finish()
+
+    def update(self, key_states, value_states, layer_idx, kwargs):
+        """transformers' paged write/read, after this layer's swap-ins have landed."""
+        self.pipeline.before_layer(layer_idx)
+        return super().update(key_states, value_states, layer_idx, kwargs)
 
     def discard_device(self, rid: str, num_blocks: int | None = None) -> int:
         """Free the request's last `num_blocks` device blocks (all by default) without saving them."""
+        self.pipeline.finish()
         if self.host_blocks(rid):
             raise ValueError(f"request {rid}: drop its host tail before discarding device blocks")
         n = self._tail_count(rid, num_blocks, self.device_blocks(rid))
@@ -226,6 +242,7 @@ class InterceptPagedCache(PagedAttentionCache):
 
     def discard_host(self, rid: str, num_blocks: int | None = None) -> int:
         """Drop the request's last `num_blocks` host blocks (all by default)."""
+        self.pipeline.finish()
         n = self._tail_count(rid, num_blocks, self.host_blocks(rid))
         for host in self.host.values():
             table = host.tables.get(rid, [])
@@ -240,24 +257,13 @@ class InterceptPagedCache(PagedAttentionCache):
             self.pool.allocate_sector(alloc.index)
         return self.pool.get_free_blocks(alloc.index, n)
 
-    def _copy(self, alloc, dev_ids: list[int], host: HostPool, host_ids: list[int], to_host: bool) -> None:
-        if not dev_ids:
-            return
-        t0 = time.perf_counter()
-        view = alloc._copy_view
-        d = torch.tensor(dev_ids, dtype=torch.long, device=view.device)
-        h = torch.tensor(host_ids, dtype=torch.long, device=host.storage.device)
-        if to_host:
-            host.storage.index_copy_(0, h, view.index_select(0, d).to(host.storage.device))
-        else:
-            view.index_copy_(0, d, host.storage.index_select(0, h).to(view.device, non_blocking=True))
-        self.swap_seconds += time.perf_counter() - t0
-
     # ------------------------------------------------------------------ integrity
     def check_integrity(self) -> None:
         """Raise AssertionError unless free + owned = total with no block owned twice, on device and host."""
+        flying_dev = {id(a): [b for t in self.pipeline.in_flight() if t.alloc is a and t.to_host for b in t.dev_ids]
+                      for a in self.cache_allocators.values()}
         for alloc in self.cache_allocators.values():
-            owned = [b for table in alloc.block_table.values() for b in table]
+            owned = [b for table in alloc.block_table.values() for b in table] + flying_dev[id(alloc)]
             assert len(owned) == len(set(owned)), f"device block owned twice: {sorted(owned)}"
             free_leaves = [b for tree in self.pool._free_blocks[alloc.index].trees.values() for b in tree]
             assert not set(owned) & set(free_leaves), "device block both free and owned"
@@ -267,7 +273,7 @@ class InterceptPagedCache(PagedAttentionCache):
         claimed = set()
         for alloc in self.cache_allocators.values():
             bps = alloc.blocks_per_sector
-            tables = [b for t in alloc.block_table.values() for b in t]
+            tables = [b for t in alloc.block_table.values() for b in t] + flying_dev[id(alloc)]
             leaves = [b for tree in self.pool._free_blocks[alloc.index].trees.values() for b in tree]
             mine = {b // bps for b in tables + leaves}
             assert not mine & claimed, "sector claimed by two allocators"
@@ -277,6 +283,8 @@ class InterceptPagedCache(PagedAttentionCache):
         assert len(claimed) + len(self.pool.free_sectors) == self.pool.num_sectors, "device sector leaked"
         for name, host in self.host.items():
             owned = [b for t in host.tables.values() for b in t]
+            owned += [b for t in self.pipeline.in_flight() if not t.to_host and t.host_storage is host.storage
+                      for b in t.host_ids]
             assert len(owned) == len(set(owned)), f"host block owned twice ({name})"
             assert not set(owned) & set(host.free), f"host block both free and owned ({name})"
             assert len(owned) + len(host.free) == host.num_blocks, f"host block leaked ({name})"

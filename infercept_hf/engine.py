@@ -204,6 +204,7 @@ class InterceptEngine:
                 now = self.clock()
                 for c, tok in zip(sampled, tokens):
                     self._append_token(c.request, tok, now, done)
+            self.cache.finish_transfers()
             self.stats_.record_step(self.scheduler, self.clock())
             results = [r.result() for r in done]
             for r in done:

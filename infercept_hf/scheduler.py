@@ -75,7 +75,7 @@ class Scheduler:
         if self.policy in ("discard", "discard-head"):
             self._discard(req)
         elif self.policy == "swap":
-            if not self._swap_out(req, None):
+            if not self._swap_out(req, None, wait=False):
                 self._discard(req)
         req.strategy = self._placement(req)
 
@@ -189,8 +189,10 @@ class Scheduler:
         self.preemptions += 1
 
     # ------------------------------------------------------------------ moves
-    def _swap_out(self, req: Request, num_blocks: int | None) -> int:
-        return self.cache.swap_out(req.rid, num_blocks)
+    def _swap_out(self, req: Request, num_blocks: int | None, wait: bool = True) -> int:
+        """`wait=False` lets the copy run behind the next forward (its blocks come free after it);
+        eviction under memory pressure needs the blocks now and waits."""
+        return self.cache.swap_out(req.rid, num_blocks, wait=wait)
 
     def _discard(self, req: Request, num_blocks: int | None = None) -> None:
         """Drop device blocks from the tail (all by default); the token log keeps what to recompute."""
@@ -261,7 +263,7 @@ class Scheduler:
                 have = self.cache.device_blocks(req.rid)
                 n = min(have, blocks_affordable, self.cache.free_host_blocks())
                 if n == have or self.cache.supports_partial:
-                    moved += self._swap_out(req, n) * bs
+                    moved += self._swap_out(req, n, wait=False) * bs
                     req.strategy = self._placement(req)
                     continue
             if choose_preserve_or_discard(view, others, self.cost, self._chunk_tokens()) == "discard":

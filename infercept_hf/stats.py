@@ -49,10 +49,10 @@ class EngineStats:
         if self._last_t is not None:
             self.waste["preserve"] += (now - self._last_t) * paused_blocks * self.bytes_per_block
         self._last_t = now
-        new_swap_s = self.cache.swap_seconds - self.swap_s
+        new_swap_s = self.cache.pipeline.seconds - self.swap_s
         if new_swap_s > 0:
             self.waste["swap"] += new_swap_s * self.cache.used_device_blocks() * self.bytes_per_block
-            self.swap_s = self.cache.swap_seconds
+            self.swap_s = self.cache.pipeline.seconds
         running = self.cache.used_device_blocks() - paused_blocks
         self.timeline.append(
             {
