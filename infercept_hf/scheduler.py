@@ -101,21 +101,26 @@ class Scheduler:
         plan = StepPlan()
         if self.policy == "min-waste":
             plan.swap_tokens = self._min_waste(now)
+        self.running.sort(key=lambda r: (r.uncached > 1, r.queue_key))  # decodes first, then prefills
+        decodes = sum(1 for r in self.running if r.uncached == 1)
         budget = self.max_batch_tokens
-        self.running.sort(key=lambda r: r.queue_key)
+        prefill_budget = self._prefill_budget(decodes)
         scheduled: set[int] = set()
         for req in list(self.running):
             if req not in self.running:  # preempted while making room for an older one
                 continue
-            n = min(req.uncached, budget)
+            n = min(req.uncached, budget, prefill_budget if req.uncached > 1 else 1)
             if n == 0:
-                break
+                continue
             if not self._reserve(req, n, now, protected=scheduled):
                 self._preempt(req)
                 continue
             plan.chunks.append(Chunk(req, req.num_cached, n))
             scheduled.add(req.request_id)
             budget -= n
+            if req.uncached > 1:
+                prefill_budget -= n
+        budget = min(budget, prefill_budget)
         self.waiting.sort(key=lambda r: r.queue_key)
         while self.waiting and budget > 0:
             req = self.waiting[0]
@@ -130,6 +135,17 @@ class Scheduler:
             plan.chunks.append(Chunk(req, req.num_cached, n))
             budget -= n
         return plan
+
+    def _prefill_budget(self, decodes: int) -> int:
+        """Tokens for prompt, answer and recompute chunks this iteration.
+
+        min-waste recomputes in chunks that fill the device up to its saturation point S next to
+        the running decodes (INFERCEPT's chunked recomputation), so no decode stalls behind a long
+        prefill; the other policies prefill as much as the batch allows, as vLLM does.
+        """
+        if self.policy != "min-waste":
+            return self.max_batch_tokens
+        return max(1, min(self.max_batch_tokens, self.cost.saturation_tokens) - decodes)
 
     # ------------------------------------------------------------------ memory
     def _reserve(self, req: Request, n: int, now: float, protected: set[int] | None) -> bool:
@@ -239,7 +255,7 @@ class Scheduler:
         return {"preserve": figs.preserve, "discard": figs.discard, "swap": figs.swap}
 
     def _chunk_tokens(self) -> int:
-        return max(1, min(self.max_batch_tokens, self.cost.saturation_tokens) - len(self.running))
+        return self._prefill_budget(sum(1 for r in self.running if r.uncached == 1))
 
     def _min_waste(self, now: float) -> int:
         """Spend this iteration's swap budget on the most wasteful paused requests; preserve or

@@ -1,0 +1,1 @@
+"""Benchmark workloads, trace files, metrics, figures and reports (docs/WORKLOADS.md)."""

@@ -1,0 +1,168 @@
+"""Serving metrics of one run: the paper's, vLLM's under vLLM's names, and interception-specific ones.
+
+Time inside tools is not the engine's to answer for: the paper's normalized latency removes
+it, inter-token gaps that span a pause are left out of ITL, and TPOT/E2EL come twice, as vLLM
+computes them (`*_tpot_ms`, `*_e2el_ms`, tool time included, as a client would see it) and
+with tool time removed (`*_tpot_excl_tool_ms`, `*_e2el_excl_tool_ms`). Goodput judges the
+tool-excluded figures. Statistics of an empty set are None (vLLM reports 0, which reads as a
+perfect latency). Definitions: docs/WORKLOADS.md.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from ..outputs import RequestResult
+
+COMPLETED = ("length", "stop")
+DEFAULT_SLO: dict[str, float] = {"ttft_ms": 2000.0, "tpot_ms": 100.0}
+SLO_KEYS = ("ttft_ms", "tpot_ms", "e2el_ms")
+ENGINE_KEYS = ("recomputed_tokens", "swapped_bytes", "swap_gbps", "strategies", "preemptions")
+WASTE_CAUSES = ("preserve", "swap", "discard")
+RUN_KEYS = (
+    "policy", "qps", "completed_rps", "normalized_latency_mean_s", "normalized_latency_p99_s",
+    "throughput_tok_s", "recompute_share", "waste_by_cause",
+)
+
+
+def _stat(values: Sequence[float], q: float | str, scale: float = 1.0) -> float | None:
+    """Mean (`q="mean"`) or percentile `q` (linear interpolation, as numpy and vLLM), times `scale`."""
+    if not values:
+        return None
+    return float((np.mean(values) if q == "mean" else np.percentile(values, q)) * scale)
+
+
+def _spread(name: str, values: Sequence[float], scale: float = 1000.0) -> dict[str, float | None]:
+    return {
+        f"mean_{name}": _stat(values, "mean", scale),
+        f"median_{name}": _stat(values, 50, scale),
+        f"p99_{name}": _stat(values, 99, scale),
+    }
+
+
+def tool_excluded_itls(result: RequestResult) -> list[float]:
+    """Gaps between consecutive generated tokens, leaving out each gap in which a pause began.
+
+    The engine stamps `paused_at` with the time of the token that triggered the call, so the
+    gap from that token to the next one holds the tool's time and the resumption, which are
+    reported as tool time and resume latency instead.
+    """
+    starts = sorted(rec.paused_at for rec in result.interceptions)
+    times = result.token_times
+    gaps = []
+    k = 0
+    for prev, cur in zip(times, times[1:]):
+        while k < len(starts) and starts[k] < prev:
+            k += 1
+        if k < len(starts) and starts[k] < cur:
+            continue
+        gaps.append(cur - prev)
+    return gaps
+
+
+def _tpot(result: RequestResult, exclude_tool: bool) -> float | None:
+    """vLLM's time per output token after the first; None for a single-token output."""
+    if result.first_token_time is None or result.num_generated < 2:
+        return None
+    span = result.finish_time - result.first_token_time - (result.tool_seconds if exclude_tool else 0.0)
+    return span / (result.num_generated - 1)
+
+
+def _good(result: RequestResult, slo: Mapping[str, float]) -> bool:
+    """Every SLO holds (vLLM's rule: a single-token output counts as TPOT 0)."""
+    measured = {
+        "ttft_ms": (result.first_token_time - result.arrival_time) * 1000.0,
+        "tpot_ms": (_tpot(result, exclude_tool=True) or 0.0) * 1000.0,
+        "e2el_ms": (result.finish_time - result.arrival_time - result.tool_seconds) * 1000.0,
+    }
+    return all(measured[k] <= limit for k, limit in slo.items())
+
+
+def summarize(
+    results: Sequence[RequestResult], duration_s: float, slo: Mapping[str, float] | None = None
+) -> dict[str, Any]:
+    """Metrics of one run over its wall-clock window `duration_s`."""
+    if not duration_s > 0:
+        raise ValueError(f"duration_s must be > 0, got {duration_s}")
+    slo = dict(DEFAULT_SLO if slo is None else slo)
+    bad = sorted(set(slo) - set(SLO_KEYS))
+    if bad:
+        raise ValueError(f"unknown SLO keys {bad}; allowed: {list(SLO_KEYS)}")
+    done = [r for r in results if r.finish_reason in COMPLETED and r.first_token_time is not None]
+    reasons = [r.finish_reason for r in results]
+    ttfts = [r.first_token_time - r.arrival_time for r in done]
+    e2els = [r.finish_time - r.arrival_time for r in done]
+    e2els_excl = [e - r.tool_seconds for e, r in zip(e2els, done)]
+    tpots = [t for t in (_tpot(r, exclude_tool=False) for r in done) if t is not None]
+    tpots_excl = [t for t in (_tpot(r, exclude_tool=True) for r in done) if t is not None]
+    itls = [gap for r in done for gap in tool_excluded_itls(r)]
+    normalized = [r.normalized_latency for r in done]
+    records = [rec for r in results for rec in r.interceptions]
+    resumes = [
+        rec.resumed_at - rec.returned_at
+        for rec in records
+        if rec.resumed_at is not None and rec.returned_at is not None
+    ]
+    output_tokens = sum(r.num_generated for r in done)
+    out: dict[str, Any] = {
+        "duration_s": duration_s,
+        "requests": len(results),
+        "completed": len(done),
+        "failed": reasons.count("error"),
+        "cancelled": reasons.count("cancelled"),
+        "completed_rps": len(done) / duration_s,
+        "normalized_latency_mean_s": _stat(normalized, "mean"),
+        "normalized_latency_p99_s": _stat(normalized, 99),
+        "throughput_tok_s": sum(r.num_generated for r in results) / duration_s,
+        "request_throughput": len(done) / duration_s,
+        "output_throughput": output_tokens / duration_s,
+        "total_token_throughput": (output_tokens + sum(r.prompt_len for r in done)) / duration_s,
+        "total_output_tokens": output_tokens,
+        "goodput": sum(_good(r, slo) for r in done) / duration_s,
+        "slo": slo,
+        "interceptions": len(records),
+        "tool_s_total": sum(rec.tool_seconds for rec in records),
+    }
+    out.update(_spread("ttft_ms", ttfts))
+    out.update(_spread("tpot_ms", tpots))
+    out.update(_spread("tpot_excl_tool_ms", tpots_excl))
+    out.update(_spread("itl_ms", itls))
+    out.update(_spread("e2el_ms", e2els))
+    out.update(_spread("e2el_excl_tool_ms", e2els_excl))
+    out.update(_spread("resume_latency_ms", resumes))
+    return out
+
+
+def merge_engine_stats(summary: Mapping[str, Any], stats: Mapping[str, Any]) -> dict[str, Any]:
+    """The summary plus the engine-side figures of `InterceptEngine.stats()` that it holds.
+
+    `recompute_share` is taken as the engine reports it (forward seconds spent recomputing /
+    all forward seconds), else computed from seconds, else from tokens.
+    """
+    out = dict(summary)
+    if "recompute_share" in stats:
+        out["recompute_share"] = stats["recompute_share"]
+    elif stats.get("forward_s") and "recompute_forward_s" in stats:
+        out["recompute_share"] = stats["recompute_forward_s"] / stats["forward_s"]
+    elif stats.get("forward_tokens") and "recomputed_tokens" in stats:
+        out["recompute_share"] = stats["recomputed_tokens"] / stats["forward_tokens"]
+    if "waste_by_cause" in stats:
+        waste = stats["waste_by_cause"]
+        out["waste_by_cause"] = {cause: float(waste.get(cause, 0.0)) for cause in WASTE_CAUSES}
+    for key in ENGINE_KEYS:
+        if key in stats:
+            out[key] = stats[key]
+    return out
+
+
+def results_json(runs: Sequence[Mapping[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """`{"runs": [...]}` with every run carrying the keys plots and reports read (None when unknown)."""
+    out = []
+    for i, run in enumerate(runs):
+        for key in ("policy", "qps"):
+            if key not in run:
+                raise ValueError(f"run {i} has no {key!r}; the runner must set it")
+        out.append({**{key: None for key in RUN_KEYS}, **run})
+    return {"runs": out}

@@ -1,0 +1,48 @@
+"""A markdown summary of benchmark runs: one table per request rate, one row per policy."""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from .metrics import WASTE_CAUSES
+
+COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("completed/s", "completed_rps", "{:.3f}"),
+    ("norm. latency mean (s/tok)", "normalized_latency_mean_s", "{:.4f}"),
+    ("norm. latency p99 (s/tok)", "normalized_latency_p99_s", "{:.4f}"),
+    ("throughput (tok/s)", "throughput_tok_s", "{:.1f}"),
+    ("TTFT p99 (ms)", "p99_ttft_ms", "{:.0f}"),
+    ("ITL p99 (ms)", "p99_itl_ms", "{:.1f}"),
+    ("resume mean (ms)", "mean_resume_latency_ms", "{:.1f}"),
+    ("recompute share", "recompute_share", "{:.1%}"),
+)
+
+
+def _cell(value: Any, fmt: str) -> str:
+    return "-" if value is None else fmt.format(value)
+
+
+def _waste(run: Mapping[str, Any]) -> str:
+    """Waste by cause in GB x s: preserve / swap / discard."""
+    waste = run.get("waste_by_cause")
+    if not waste:
+        return "-"
+    return " / ".join(f"{waste.get(c, 0.0) / 1e9:.3g}" for c in WASTE_CAUSES)
+
+
+def markdown_summary(runs: Sequence[Mapping[str, Any]]) -> str:
+    """Tables of the key metrics; missing figures show as '-'."""
+    header = ["policy", *(c[0] for c in COLUMNS), "waste GB*s (preserve / swap / discard)"]
+    parts = []
+    for qps in sorted({r["qps"] for r in runs}):
+        lines = [
+            f"### {qps:g} requests/s",
+            "",
+            "| " + " | ".join(header) + " |",
+            "|" + "---|" * len(header),
+        ]
+        for run in sorted((r for r in runs if r["qps"] == qps), key=lambda r: str(r["policy"])):
+            cells = [str(run["policy"]), *(_cell(run.get(key), fmt) for _, key, fmt in COLUMNS), _waste(run)]
+            lines.append("| " + " | ".join(cells) + " |")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts) + "\n"
