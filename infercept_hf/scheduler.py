@@ -18,7 +18,14 @@ from dataclasses import dataclass, field
 
 from .cache import InterceptPagedCache
 from .estimator import DurationEstimator
-from .policy import CostModel, PausedView, choose_preserve_or_discard, rank_by_waste, swap_budget_tokens
+from .policy import (
+    CostModel,
+    PausedView,
+    choose_preserve_or_discard,
+    host_victims,
+    rank_by_waste,
+    swap_budget_tokens,
+)
 from .request import Request, Status
 from .runner import Chunk
 
@@ -29,6 +36,13 @@ def check_policy(policy: str) -> str:
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
     return policy
+
+
+@dataclass(frozen=True)
+class SwapIteration:
+    budget: int
+    swapped_in: int
+    swapped_out: int
 
 
 @dataclass
@@ -58,7 +72,7 @@ class Scheduler:
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self.paused: list[Request] = []
-        self.swap_budget_used: list[int] = []  # tokens moved per iteration, for tests and stats
+        self.swap_log: list[SwapIteration] = []  # min-waste: budget and tokens moved, per iteration
         self.preemptions = 0
 
     # ------------------------------------------------------------------ transitions
@@ -99,8 +113,7 @@ class Scheduler:
     # ------------------------------------------------------------------ the iteration
     def schedule(self, now: float) -> StepPlan:
         plan = StepPlan()
-        if self.policy == "min-waste":
-            plan.swap_tokens = self._min_waste(now)
+        swapped_in_before = self.cache.swapped_in_bytes
         self.running.sort(key=lambda r: (r.uncached > 1, r.queue_key))  # decodes first, then prefills
         decodes = sum(1 for r in self.running if r.uncached == 1)
         budget = self.max_batch_tokens
@@ -134,6 +147,9 @@ class Scheduler:
             self.running.append(req)
             plan.chunks.append(Chunk(req, req.num_cached, n))
             budget -= n
+        if self.policy == "min-waste":
+            swap_in_tokens = (self.cache.swapped_in_bytes - swapped_in_before) // self.cache.bytes_per_token
+            plan.swap_tokens = swap_in_tokens + self._min_waste(now, plan.num_tokens, swap_in_tokens)
         return plan
 
     def _prefill_budget(self, decodes: int) -> int:
@@ -233,7 +249,9 @@ class Scheduler:
     # ------------------------------------------------------------------ min-waste
     def _remaining(self, req: Request, now: float) -> float:
         tool = req.pending.tool_name if req.pending else "unknown"
-        return self.estimator.remaining(tool, now - req.paused_at)
+        # the benchmark's oracle: a scripted call's expected duration is its true one
+        truth = req.pending.expected_duration if req.pending and self.estimator.oracle else None
+        return self.estimator.remaining(tool, now - req.paused_at, truth)
 
     def _others_tokens(self, exclude: Request | None = None) -> int:
         return sum(r.num_cached for r in self.running if r is not exclude)
@@ -257,33 +275,53 @@ class Scheduler:
     def _chunk_tokens(self) -> int:
         return self._prefill_budget(sum(1 for r in self.running if r.uncached == 1))
 
-    def _min_waste(self, now: float) -> int:
-        """Spend this iteration's swap budget on the most wasteful paused requests; preserve or
-        discard the rest, whichever wastes less. Returns the tokens moved."""
+    def _min_waste(self, now: float, batch_tokens: int, swap_in_tokens: int) -> int:
+        """Spend what is left of this iteration's swap budget, after the swap-ins of returning
+        requests, on the most wasteful paused requests; preserve or discard the rest, whichever
+        wastes less. Returns the tokens swapped out.
+
+        The budget is the KV that moves over the host link in the time of this iteration's
+        forward (`T_swap(N) = T_fwd(B)`): copies that fit hide under compute.
+        """
+        budget = swap_budget_tokens(max(1, batch_tokens), self.cost)
+        out_budget = max(0, budget - swap_in_tokens)
         holders = [r for r in self.paused if self.cache.device_blocks(r.rid) and r.num_cached]
-        if not holders:
-            self.swap_budget_used.append(0)
-            return 0
-        batch_tokens = sum(min(r.uncached, self.max_batch_tokens) for r in self.running) or 1
-        budget = swap_budget_tokens(batch_tokens, self.cost)
         others = self._others_tokens()
-        ranked = rank_by_waste([self._view(r, now) for r in holders], others, self.cost, self._chunk_tokens())
+        chunk = self._chunk_tokens()
+        ranked = rank_by_waste([self._view(r, now) for r in holders], others, self.cost, chunk)
         by_id = {r.request_id: r for r in holders}
-        moved = 0
         bs = self.cache.block_size
+        moved = 0
         for view, figs in ranked:
             req = by_id[view.request_id]
             req.waste = {"preserve": figs.preserve, "discard": figs.discard, "swap": figs.swap}
-            blocks_affordable = (budget - moved) // bs
-            if blocks_affordable > 0 and self.cache.free_host_blocks() > 0:
-                have = self.cache.device_blocks(req.rid)
-                n = min(have, blocks_affordable, self.cache.free_host_blocks())
-                if n == have or self.cache.supports_partial:
+            have = self.cache.device_blocks(req.rid)
+            n = min(have, (out_budget - moved) // bs)
+            if n > 0 and (n == have or self.cache.supports_partial):
+                self._make_host_room(n, view, now)
+                n = min(n, self.cache.free_host_blocks())
+                if n > 0 and (n == have or self.cache.supports_partial):
                     moved += self._swap_out(req, n, wait=False) * bs
                     req.strategy = self._placement(req)
                     continue
-            if choose_preserve_or_discard(view, others, self.cost, self._chunk_tokens()) == "discard":
+            if choose_preserve_or_discard(view, others, self.cost, chunk) == "discard":
                 self._discard(req)
             req.strategy = self._placement(req)
-        self.swap_budget_used.append(moved)
+        self.swap_log.append(SwapIteration(budget, swap_in_tokens, moved))
         return moved
+
+    def _make_host_room(self, blocks: int, candidate: PausedView, now: float) -> None:
+        """Host full: drop the host KV of swapped requests expected to pause longer than `candidate`."""
+        missing = blocks - self.cache.free_host_blocks()
+        if missing <= 0:
+            return
+        swapped = [self._view(r, now) for r in self.paused if self.cache.host_blocks(r.rid)]
+        longer = [v for v in swapped if v.expected_remaining_s > candidate.expected_remaining_s]
+        by_id = {r.request_id: r for r in self.paused}
+        for rid in host_victims(longer, missing * self.cache.block_size):
+            victim = by_id[rid]
+            self.cache.discard_host(victim.rid)
+            victim.num_cached = min(victim.num_cached, self.cache.device_blocks(victim.rid) * self.cache.block_size)
+            victim.strategy = self._placement(victim)
+            if self.cache.free_host_blocks() >= blocks:
+                return

@@ -1,0 +1,112 @@
+"""How much longer will a paused request wait for its tool?
+
+min-waste prices preserving a paused KV by the *remaining* pause, so it needs an estimate
+every iteration. Three sources, best first:
+
+- oracle (benchmarks only): the caller passes each call's true duration;
+- a per-tool running estimate of observed durations, seeded by `Tool(expected_duration=...)`
+  or a scripted pause;
+- INFERCEPT's online rule when the tool tells us nothing (never seen, or this call has
+  already outlived the estimate): a call that has run for `t` is expected to run about
+  `t` more (heavy-tailed durations: the longer it has lasted, the longer it will last).
+  The paper reports 93% of the oracle's performance with this rule alone.
+
+With no information at all a call that just started gets `floor_s`: it will not return
+before the next iteration at the earliest, and the estimate then grows with the elapsed
+time, so short calls stay preserved and long ones soon become worth moving.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+DEFAULT_ALPHA = 0.2
+DEFAULT_FLOOR_S = 1e-3
+
+
+def _check_duration(name: str, seconds: float) -> float:
+    if not 0 <= seconds < float("inf"):  # also rejects NaN
+        raise ValueError(f"{name} must be a finite number >= 0, got {seconds!r}")
+    return float(seconds)
+
+
+@dataclass
+class _ToolEstimate:
+    estimate_s: float
+    observations: int = 0
+    seed_s: float | None = None
+
+
+class DurationEstimator:
+    """Per-tool expected pause durations, safe to update from tool threads.
+
+    The running estimate is an exponentially weighted mean with weight
+    `max(alpha, 1/(k+1))` for the k-th observation (k = 1, 2, ...) after a seed and
+    `max(alpha, 1/k)` without one: the plain mean of the first samples (a seed counts as
+    one sample, so real measurements outvote a wrong hint quickly), then a mean over
+    roughly the last `2/alpha` calls, which follows a tool whose latency drifts with load
+    in O(1) memory.
+    """
+
+    def __init__(self, alpha: float = DEFAULT_ALPHA, floor_s: float = DEFAULT_FLOOR_S, oracle: bool = False) -> None:
+        if not 0 < alpha <= 1:
+            raise ValueError(f"alpha must be in (0, 1], got {alpha!r}")
+        self.alpha = alpha
+        self.floor_s = _check_duration("floor_s", floor_s)
+        self.oracle = oracle
+        self._tools: dict[str, _ToolEstimate] = {}
+        self._lock = threading.Lock()
+
+    def seed(self, tool: str, seconds: float) -> None:
+        """A caller's expected duration. It stands in until the tool has been observed, and
+        never overrides measurements."""
+        seconds = _check_duration("seconds", seconds)
+        with self._lock:
+            entry = self._tools.get(tool)
+            if entry is None:
+                self._tools[tool] = _ToolEstimate(seconds, seed_s=seconds)
+            elif entry.observations == 0:
+                entry.estimate_s = entry.seed_s = seconds
+
+    def observe(self, tool: str, seconds: float) -> None:
+        """A call of `tool` returned after `seconds`."""
+        seconds = _check_duration("seconds", seconds)
+        with self._lock:
+            entry = self._tools.setdefault(tool, _ToolEstimate(seconds))
+            entry.observations += 1
+            samples = entry.observations + (entry.seed_s is not None)
+            weight = max(self.alpha, 1 / samples)
+            entry.estimate_s += weight * (seconds - entry.estimate_s)
+
+    def estimate(self, tool: str) -> float | None:
+        """Expected total duration of a call of `tool`, or None if nothing is known."""
+        with self._lock:
+            entry = self._tools.get(tool)
+            return None if entry is None else entry.estimate_s
+
+    def remaining(self, tool: str, elapsed_s: float, true_duration: float | None = None) -> float:
+        """Expected rest of a pause that has lasted `elapsed_s`.
+
+        Oracle mode: `true_duration - elapsed_s` (at least 0), and `true_duration` is required.
+        Otherwise `max(estimate - elapsed_s, floor_s)` while the call is within its tool's
+        estimate, and the online rule `max(elapsed_s, floor_s)` when there is no estimate or
+        the call has outlived it (the estimate was evidently wrong for this call).
+        """
+        elapsed_s = _check_duration("elapsed_s", elapsed_s)
+        if self.oracle:
+            if true_duration is None:
+                raise ValueError("oracle mode needs the call's true_duration")
+            return max(_check_duration("true_duration", true_duration) - elapsed_s, 0.0)
+        estimate = self.estimate(tool)
+        if estimate is not None and elapsed_s <= estimate:
+            return max(estimate - elapsed_s, self.floor_s)
+        return max(elapsed_s, self.floor_s)
+
+    def snapshot(self) -> dict[str, dict[str, Any]]:
+        """Per tool: current estimate, observation count and seed, for `engine.stats()`."""
+        with self._lock:
+            return {
+                tool: {"estimate_s": e.estimate_s, "observations": e.observations, "seed_s": e.seed_s}
+                for tool, e in sorted(self._tools.items())
+            }

@@ -1,0 +1,85 @@
+"""min-waste makes the choice the waste equations call for, and never overspends its swap budget."""
+from __future__ import annotations
+
+import pytest
+
+import infercept_hf as ih
+from infercept_hf.policy import CostModel
+from conftest import prompts_for, reference_scripted
+from test_engine import run_checked
+
+M = 256  # kv bytes per token of the tiny Llama: 2 layers x 2 kv heads x 8 dims x (K, V) x 4 bytes
+
+
+def _run(model, cost, pause_s, expected_s, prompt_len=40, host_bytes=1 << 20, n_requests=1, tokens=12):
+    engine = ih.InterceptEngine(model, policy="min-waste", num_blocks=64, block_size=4, host_pool_bytes=host_bytes,
+                                cost_model=cost)
+    engine.estimator.seed("scripted", expected_s)
+    prompts = prompts_for(31, [prompt_len] * n_requests)
+    trace = ih.Scripted([(3, pause_s, [5, 6])])
+    ids = [engine.add_request(p, max_new_tokens=tokens, interceptions=trace) for p in prompts]
+    results = run_checked(engine)
+    for rid, p in zip(ids, prompts):
+        assert results[rid].token_ids == reference_scripted(model, p, trace, tokens)
+    return engine, [results[rid] for rid in ids]
+
+
+NO_LINK = CostModel(fwd_per_token_s=1e-2, fwd_fixed_s=1e-3, swap_bytes_per_s=1.0, kv_bytes_per_token=M,
+                    saturation_tokens=64)  # the swap budget rounds to zero tokens: swapping is never free
+
+
+def test_short_pause_long_context_is_preserved(llama):
+    # preserve: <= 0.02 s * 43 tok * M ~ 0.22 MB*s; discard: T_fwd(43) = 0.431 s * 43 tok * M ~ 4.7 MB*s
+    engine, [res] = _run(llama, NO_LINK, pause_s=0.02, expected_s=0.02)
+    assert res.interceptions[0].strategy == "preserve"
+    waste = res.interceptions[0].waste
+    assert waste["preserve"] < waste["discard"]
+    assert engine.stats()["recomputed_tokens"] == 0
+
+
+def test_long_pause_short_context_is_discarded(llama):
+    # preserve: ~100 s * 11 tok * M ~ 282 MB*s; discard: T_fwd(11) = 0.111 s * 11 tok * M ~ 0.3 MB*s
+    engine, [res] = _run(llama, NO_LINK, pause_s=0.05, expected_s=100.0, prompt_len=8)
+    assert res.interceptions[0].strategy == "discard"
+    assert engine.stats()["recomputed_tokens"] > 0
+
+
+def test_free_link_swaps_the_most_wasteful(llama):
+    fast = CostModel(fwd_per_token_s=1e-4, fwd_fixed_s=1e-3, swap_bytes_per_s=1e12, kv_bytes_per_token=M,
+                     saturation_tokens=64)
+    engine, [res] = _run(llama, fast, pause_s=0.05, expected_s=1.0)
+    assert res.interceptions[0].strategy == "swap"
+    stats = engine.stats()
+    assert stats["swapped_out_bytes"] > 0 and stats["recomputed_tokens"] == 0
+
+
+def test_swap_budget_is_never_exceeded(llama):
+    # Budget: T_fwd(B) * bw / M tokens; with B ~ 4 decodes this is ~2 blocks an iteration, so a
+    # 43-token context moves out over several iterations, its tail first.
+    tight = CostModel(fwd_per_token_s=1e-4, fwd_fixed_s=1e-3, swap_bytes_per_s=M * 9000, kv_bytes_per_token=M,
+                      saturation_tokens=64)
+    engine, results = _run(llama, tight, pause_s=0.15, expected_s=5.0, n_requests=4)
+    log = engine.scheduler.swap_log
+    assert any(it.swapped_out for it in log)
+    for it in log:
+        assert it.swapped_out <= max(0, it.budget - it.swapped_in), it
+    assert any(rec.strategy in ("swap", "partial-swap") for r in results for rec in r.interceptions)
+
+
+def test_full_host_gives_way_to_a_more_wasteful_request(llama):
+    fast = CostModel(fwd_per_token_s=1e-4, fwd_fixed_s=1e-3, swap_bytes_per_s=1e12, kv_bytes_per_token=M,
+                     saturation_tokens=64)
+    # Host room for one request's 11 blocks only: the first to pause is swapped; the second pauses
+    # with a shorter expected remainder, so the first (longer remaining pause) loses its host copy.
+    engine = ih.InterceptEngine(llama, policy="min-waste", num_blocks=64, block_size=4,
+                                host_pool_bytes=12 * 4 * M, cost_model=fast)
+    engine.estimator.oracle = True
+    p1, p2 = prompts_for(32, [40, 40])
+    a = engine.add_request(p1, max_new_tokens=8, interceptions=ih.Scripted([(2, 0.5, [5])]))
+    b = engine.add_request(p2, max_new_tokens=8, interceptions=ih.Scripted([(4, 0.1, [6])]))
+    results = run_checked(engine)
+    assert results[a].token_ids == reference_scripted(llama, p1, ih.Scripted([(2, 0.5, [5])]), 8)
+    assert results[b].token_ids == reference_scripted(llama, p2, ih.Scripted([(4, 0.1, [6])]), 8)
+    assert results[b].interceptions[0].strategy == "swap"
+    assert results[a].interceptions[0].strategy in ("discard", "preserve", "partial-swap")
+    assert engine.stats()["recomputed_tokens"] > 0
