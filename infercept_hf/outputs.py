@@ -45,6 +45,7 @@ class RequestResult(NamedTuple):
     finish_time: float
     token_times: list[float]
     interceptions: list[InterceptionRecord]
+    telemetry: dict[str, float] | None = None  # waste_preserve / waste_discard / waste_swap (byte-s), recomputed_tokens, swapped_bytes
 
     @property
     def tool_seconds(self) -> float:
@@ -55,3 +56,20 @@ class RequestResult(NamedTuple):
         """(end-to-end latency - time inside tools) / generated tokens, as the INFERCEPT paper defines it."""
         e2e = self.finish_time - self.arrival_time - self.tool_seconds
         return e2e / max(1, self.num_generated)
+
+
+class RequestEvent(NamedTuple):
+    """Something that happened to one request, delivered in order to its `on_event` callback.
+
+    kind "token": `token_ids` is the generated token; "tool_call": the request paused at `tool`
+    with call `text`; "tool_answer": `token_ids` were appended (`error` set when an error text
+    stood in for the answer); "finish": the last event, with the request's `result`.
+    """
+
+    request_id: int
+    kind: str
+    token_ids: tuple[int, ...] = ()
+    tool: str | None = None
+    text: str | None = None
+    error: str | None = None
+    result: RequestResult | None = None

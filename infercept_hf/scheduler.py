@@ -182,7 +182,9 @@ class Scheduler:
 
     def _swap_in(self, req: Request, now: float) -> bool:
         while self.cache.host_blocks(req.rid):
+            blocks = self.cache.host_blocks(req.rid)
             if self.cache.swap_in(req.rid):
+                self._count_swap(req, blocks)
                 return True
             need = self.cache.host_blocks(req.rid) - self.cache.free_device_blocks()
             if not self._evict_paused(max(1, need), now, exclude=req):
@@ -224,7 +226,14 @@ class Scheduler:
     def _swap_out(self, req: Request, num_blocks: int | None, wait: bool = True) -> int:
         """`wait=False` lets the copy run behind the next forward (its blocks come free after it);
         eviction under memory pressure needs the blocks now and waits."""
-        return self.cache.swap_out(req.rid, num_blocks, wait=wait)
+        moved = self.cache.swap_out(req.rid, num_blocks, wait=wait)
+        self._count_swap(req, moved)
+        return moved
+
+    def _count_swap(self, req: Request, blocks: int) -> None:
+        if blocks:
+            nbytes = blocks * self.cache.block_size * self.cache.bytes_per_token
+            req.telemetry["swapped_bytes"] = req.telemetry.get("swapped_bytes", 0) + nbytes
 
     def _discard(self, req: Request, num_blocks: int | None = None) -> None:
         """Drop device blocks from the tail (all by default); the token log keeps what to recompute."""

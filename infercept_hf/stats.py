@@ -15,6 +15,10 @@ from .cache import InterceptPagedCache
 from .request import Request
 
 
+def _add(req: Request, key: str, value: float) -> None:
+    req.telemetry[key] = req.telemetry.get(key, 0) + value
+
+
 class EngineStats:
     def __init__(self, cache: InterceptPagedCache) -> None:
         self.cache = cache
@@ -41,11 +45,22 @@ class EngineStats:
         if recompute:
             share = seconds * recompute / tokens
             self.recompute_forward_s += share
-            self.waste["discard"] += share * self.cache.used_device_blocks() * self.bytes_per_block
+            waste = share * self.cache.used_device_blocks() * self.bytes_per_block
+            self.waste["discard"] += waste
+            for c in plan.chunks:
+                own = max(0, min(c.start + c.length, c.request.high_water) - c.start)
+                if own:
+                    _add(c.request, "recomputed_tokens", own)
+                    _add(c.request, "waste_discard", waste * own / recompute)
 
     def record_step(self, scheduler: Any, now: float) -> None:
         """Integrate paused requests' device memory over the time since the last step."""
-        paused_blocks = sum(self.cache.device_blocks(r.rid) for r in scheduler.paused)
+        paused_blocks = 0
+        for r in scheduler.paused:
+            blocks = self.cache.device_blocks(r.rid)
+            paused_blocks += blocks
+            if self._last_t is not None and blocks:
+                _add(r, "waste_preserve", (now - self._last_t) * blocks * self.bytes_per_block)
         if self._last_t is not None:
             self.waste["preserve"] += (now - self._last_t) * paused_blocks * self.bytes_per_block
         self._last_t = now

@@ -62,11 +62,17 @@ def test_fixed_policies_do_what_they_say(llama):
         results = run_checked(engine)
         seen[policy] = {rec.strategy for r in results.values() for rec in r.interceptions}
         stats = engine.stats()
+        per_request = [r.telemetry for r in results.values()]
+        assert sum(t.get("recomputed_tokens", 0) for t in per_request) == stats["recomputed_tokens"]
+        assert sum(t.get("swapped_bytes", 0) for t in per_request) == stats["swapped_bytes"]
         if policy == "discard":
             assert stats["recomputed_tokens"] > 0 and stats["swapped_bytes"] == 0
+            assert all(t["waste_discard"] > 0 for t in per_request)
         if policy == "preserve":
             assert stats["recomputed_tokens"] == 0 and stats["swapped_bytes"] == 0
             assert stats["waste_by_cause"]["preserve"] > 0
+            total = sum(t.get("waste_preserve", 0) for t in per_request)
+            assert total == pytest.approx(stats["waste_by_cause"]["preserve"])
         if policy == "swap":
             assert stats["recomputed_tokens"] == 0 and stats["swapped_bytes"] > 0
     assert seen == {"discard": {"discard"}, "preserve": {"preserve"}, "swap": {"swap"}}
