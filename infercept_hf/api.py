@@ -92,6 +92,7 @@ def custom_generate(
         interceptions = list(interceptions)
         if len(interceptions) != batch:
             raise ValueError(f"interceptions has {len(interceptions)} entries but the batch has {batch} rows")
+    _check_supported(generation_config)
     mask = model_kwargs.get("attention_mask")
     prompts = _unpad_rows(input_ids, mask)
     cfg = generation_config
@@ -139,6 +140,16 @@ def custom_generate(
     for i, row in enumerate(rows):
         out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
     return out
+
+
+def _check_supported(cfg: Any) -> None:
+    """Refuse generation options the engine would otherwise silently ignore."""
+    if (cfg.num_beams or 1) > 1:
+        raise ValueError("infercept_hf.generate supports greedy and sampling, not beam search (num_beams > 1)")
+    if (cfg.num_return_sequences or 1) > 1:
+        raise ValueError("num_return_sequences > 1 is not supported: repeat the prompt rows instead")
+    if cfg.return_dict_in_generate:
+        raise ValueError("return_dict_in_generate=True is not supported: generate() returns the token ids tensor")
 
 
 def _unpad_rows(input_ids: torch.Tensor, mask: torch.Tensor | None) -> list[list[int]]:

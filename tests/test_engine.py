@@ -143,3 +143,8 @@ def test_generate_rejects_mismatched_interceptions(llama):
                     max_new_tokens=3, cost_model=TEST_COST)
     with pytest.raises(ValueError, match="unknown policy"):
         ih.generate(llama, ids, policy="nope")
+    with pytest.raises(ValueError, match="beam search"):
+        ih.generate(llama, ids, num_beams=2, max_new_tokens=2, cost_model=TEST_COST)
+    with pytest.raises(ValueError, match="left padding"):
+        ih.generate(llama, ids, attention_mask=torch.tensor([[1, 1, 0], [1, 1, 1]]), max_new_tokens=2,
+                    cost_model=TEST_COST)
