@@ -78,6 +78,7 @@ def custom_generate(
     host_pool_bytes: int | None = None,
     max_batch_tokens: int | None = None,
     cost_model: CostModel | None = None,
+    attention_backend: str = "auto",
     **model_kwargs: Any,
 ) -> torch.LongTensor:
     """transformers' `custom_generate` entry: `model.generate(ids, custom_generate=custom_generate, tools=[...],
@@ -116,6 +117,7 @@ def custom_generate(
         host_pool_bytes=host_pool_bytes,
         max_batch_tokens=max_batch_tokens or 256,
         cost_model=cost_model,
+        attention_backend=attention_backend,
     )
     try:
         ids = []

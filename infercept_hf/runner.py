@@ -9,11 +9,21 @@ never see each other.
 from __future__ import annotations
 
 import inspect
+from contextlib import nullcontext as _nothing
 from dataclasses import dataclass
 
 import torch
 
-from patches.transformers_cb import SLIDING_ATTENTION, PagedKVView, build_packed_mask
+from patches.transformers_cb import (
+    FULL_ATTENTION,
+    SLIDING_ATTENTION,
+    PagedKVView,
+    attention_implementation,
+    build_packed_mask,
+    page_table,
+    register_kernel_attention,
+    routes_attention_through_interface,
+)
 
 from .cache import InterceptPagedCache
 from .request import Request
@@ -35,10 +45,46 @@ class UnsupportedModelError(NotImplementedError):
     pass
 
 
+ATTENTION_BACKENDS = ("auto", "torch", "triton")
+
+
+def resolve_attention_backend(name: str, model: torch.nn.Module, cache: InterceptPagedCache) -> str:
+    """`auto`: Triton's paged kernels on CUDA where the model allows them, else the torch path.
+
+    The kernels read keys and values straight from the pages, so they need a model whose
+    attention goes through transformers' AttentionInterface and full-attention layers only;
+    the torch path (the model's own attention over gathered K/V) runs everything else.
+    """
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"unknown attention_backend {name!r}; choose one of {ATTENTION_BACKENDS}")
+    fits_kernels = routes_attention_through_interface(model) and list(cache.cache_allocators) == [FULL_ATTENTION]
+    if name == "auto":
+        from .kernels import triton_available
+
+        return "triton" if model.device.type == "cuda" and fits_kernels and triton_available(model.device) else "torch"
+    if name == "triton" and not fits_kernels:
+        raise UnsupportedModelError(
+            f"attention_backend='triton' needs full-attention layers and attention through transformers' "
+            f"AttentionInterface; {type(model).__name__} has neither or not both: use attention_backend='torch'"
+        )
+    return name
+
+
+def _kernel_attention(module, query, key, value, attention_mask, **kwargs):
+    """The paged kernels, noting which layers reached them (a bypassing model must not pass silently)."""
+    from .kernels.attention import infercept_paged_attention
+
+    kwargs["infercept_calls"].add(module.layer_idx)
+    return infercept_paged_attention(module, query, key, value, attention_mask, **kwargs)
+
+
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, cache: InterceptPagedCache) -> None:
+    def __init__(self, model: torch.nn.Module, cache: InterceptPagedCache, attention_backend: str = "auto") -> None:
         self.model = model
         self.cache = cache
+        self.backend = resolve_attention_backend(attention_backend, model, cache)
+        if self.backend == "triton":
+            self.kernel_name = register_kernel_attention(_kernel_attention)
         self.device = model.device
         self.mask_dtype = next(model.parameters()).dtype
         if not self.mask_dtype.is_floating_point:
@@ -81,24 +127,51 @@ class ModelRunner:
             "cu_seq_lens_k": {n: torch.tensor(k, dtype=torch.int32, device=dev) for n, k in cu_k.items()},
             "max_length_k": {n: max(b - a for a, b in zip(k, k[1:])) for n, k in cu_k.items()},
         }
-        view = PagedKVView(cache, paged_kwargs)
+        kernels = self.backend == "triton"
+        view = PagedKVView(cache, paged_kwargs, write=not kernels)
         extra = {}
         if self.takes_logits_to_keep:
             extra["logits_to_keep"] = torch.tensor(keep, dtype=torch.long, device=dev)
-        out = self.model(
-            input_ids=torch.tensor([ids], dtype=torch.long, device=dev),
-            position_ids=torch.tensor([pos], dtype=torch.long, device=dev),
-            attention_mask=masks if len(masks) > 1 else next(iter(masks.values())),
-            past_key_values=view,
-            use_cache=True,
-            **extra,
-        )
+        if kernels:
+            extra.update(self._kernel_kwargs(chunks, cu_q, paged_kwargs["write_index"]))
+        with attention_implementation(self.model, self.kernel_name) if kernels else _nothing():
+            out = self.model(
+                input_ids=torch.tensor([ids], dtype=torch.long, device=dev),
+                position_ids=torch.tensor([pos], dtype=torch.long, device=dev),
+                attention_mask=masks if len(masks) > 1 else next(iter(masks.values())),
+                past_key_values=view,
+                use_cache=True,
+                **extra,
+            )
+        if kernels and len(extra["infercept_calls"]) != len(view.updated_layers):
+            raise UnsupportedModelError(
+                f"{type(self.model).__name__}: some layers bypassed the paged-kernel attention; use attention_backend='torch'"
+            )
         if not self._checked:
             self._check_routing(view)
         logits = out.logits[0]
         if not self.takes_logits_to_keep:
             logits = logits[keep]
         return logits.float()
+
+    def _kernel_kwargs(self, chunks: list[Chunk], cu_q: list[int], write_index: list[torch.Tensor]) -> dict:
+        """What the paged kernels read: page tables and cached lengths per sequence."""
+        dev = self.device
+        tables = [page_table(self.cache, c.request.rid, 0) for c in chunks]
+        width = max(len(t) for t in tables)
+        block_table = torch.zeros((len(chunks), width), dtype=torch.int32)
+        for i, t in enumerate(tables):
+            block_table[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
+        return {
+            "cache": self.cache,
+            "write_index": write_index,
+            "cu_seq_lens_q": torch.tensor(cu_q, dtype=torch.int32, device=dev),
+            "max_length_q": max(c.length for c in chunks),
+            "infercept_block_table": block_table.to(dev),
+            "infercept_seq_lens_k": torch.tensor([c.start + c.length for c in chunks], dtype=torch.int32, device=dev),
+            "infercept_backend": "triton",
+            "infercept_calls": set(),
+        }
 
     def _check_routing(self, view: PagedKVView) -> None:
         """Refuse models that never wrote through `past_key_values`: their tokens would be wrong."""

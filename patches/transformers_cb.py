@@ -126,9 +126,10 @@ class PagedKVView(Cache):
     `PagedAttentionCache.update` narrows the per-layer-type entries in place.
     """
 
-    def __init__(self, cache: PagedAttentionCache, kwargs: dict[str, Any]) -> None:
+    def __init__(self, cache: PagedAttentionCache, kwargs: dict[str, Any], write: bool = True) -> None:
         self.cache = cache
         self.kwargs = kwargs
+        self.write = write  # False: a paged-kernel attention function writes and reads the pages itself
         self.layers = []
         self.layer_class_to_replicate = None
         self.updated_layers: set[int] = set()
@@ -137,6 +138,9 @@ class PagedKVView(Cache):
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
         self.updated_layers.add(layer_idx)
+        if not self.write:
+            self.cache.pipeline.before_layer(layer_idx)
+            return key_states, value_states
         return self.cache.update(key_states, value_states, layer_idx, dict(self.kwargs))
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -162,3 +166,46 @@ def logits_processors(model: Any, generation_config: Any, prompt_len: int) -> An
 def resolve_generation_config(model: Any, generation_config: Any, **kwargs: Any) -> tuple[Any, dict]:
     """The model's defaults merged with the caller's config and keyword overrides, as `generate` does it."""
     return model._prepare_generation_config(generation_config, **kwargs)
+
+
+KERNEL_ATTENTION = "infercept_paged"
+_registered = False
+
+
+def register_kernel_attention(fn: Any) -> str:
+    """Register the paged-kernel attention function with transformers' AttentionInterface (once)."""
+    global _registered
+    if not _registered:
+        from transformers import AttentionInterface
+
+        AttentionInterface.register(KERNEL_ATTENTION, fn)
+        _registered = True
+    return KERNEL_ATTENTION
+
+
+def routes_attention_through_interface(model: Any) -> bool:
+    """True for models whose attention calls transformers' AttentionInterface (not GPT-J, for one)."""
+    return bool(getattr(type(model), "_supports_attention_backend", False))
+
+
+@contextmanager
+def attention_implementation(model: Any, name: str):
+    """Use attention `name` for the calls inside this block only, then restore the model's own.
+
+    The config object is shared by every layer, so one assignment switches the whole model;
+    a plain `model(...)` before or after this block sees the model exactly as it was.
+    """
+    config = model.config
+    saved = config._attn_implementation_internal
+    config._attn_implementation_internal = name
+    try:
+        yield
+    finally:
+        config._attn_implementation_internal = saved
+
+
+def page_table(cache: PagedAttentionCache, request_id: str, allocator_index: int) -> list[int]:
+    """A request's blocks as indices into one allocator's per-layer page views (the kernels' block table)."""
+    alloc = next(a for a in cache.cache_allocators.values() if a.index == allocator_index)
+    stride = alloc.block_physical_stride // alloc.tokens_per_page
+    return [b * stride for b in alloc.block_table[request_id]]

@@ -5,7 +5,13 @@ import os
 
 import pytest
 import torch
-from transformers import (
+
+if not torch.cuda.is_available():
+    # Triton's CPU interpreter is chosen when triton is first imported (transformers imports it
+    # through torch._dynamo), so it must be set before anything else loads.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from transformers import (  # noqa: E402
     AutoModelForCausalLM,
     GPT2Config,
     GPTJConfig,
@@ -15,7 +21,7 @@ from transformers import (
     Qwen2Config,
 )
 
-from infercept_hf import CostModel, Scripted
+from infercept_hf import CostModel, Scripted  # noqa: E402
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
