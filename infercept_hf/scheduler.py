@@ -24,6 +24,7 @@ from .policy import (
     choose_preserve_or_discard,
     host_victims,
     rank_by_waste,
+    split_swap_budget,
     swap_budget_tokens,
 )
 from .request import Request, Status
@@ -293,13 +294,20 @@ class Scheduler:
         forward (`T_swap(N) = T_fwd(B)`): copies that fit hide under compute.
         """
         budget = swap_budget_tokens(max(1, batch_tokens), self.cost)
-        out_budget = max(0, budget - swap_in_tokens)
         holders = [r for r in self.paused if self.cache.device_blocks(r.rid) and r.num_cached]
+        bs = self.cache.block_size
+        out_budget, _ = split_swap_budget(
+            budget,
+            want_out=sum(self.cache.device_blocks(r.rid) for r in holders) * bs,
+            want_in=swap_in_tokens,
+            # host room held by paused requests counts: a longer-pausing one may give way (_make_host_room)
+            free_host_tokens=(self.cache.free_host_blocks() + sum(self.cache.host_blocks(r.rid) for r in self.paused)) * bs,
+            free_device_tokens=self.cache.free_device_blocks() * bs,
+        )
         others = self._others_tokens()
         chunk = self._chunk_tokens()
         ranked = rank_by_waste([self._view(r, now) for r in holders], others, self.cost, chunk)
         by_id = {r.request_id: r for r in holders}
-        bs = self.cache.block_size
         moved = 0
         for view, figs in ranked:
             req = by_id[view.request_id]

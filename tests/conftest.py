@@ -10,6 +10,8 @@ if not torch.cuda.is_available():
     # Triton's CPU interpreter is chosen when triton is first imported (transformers imports it
     # through torch._dynamo), so it must be set before anything else loads.
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Profiles measured by tests (generate() without a cost_model) stay out of the user's cache.
+os.environ.setdefault("INFERCEPT_CACHE_DIR", os.path.join(os.environ.get("TMPDIR", "/tmp"), "infercept_test_cache"))
 
 from transformers import (  # noqa: E402
     AutoModelForCausalLM,
