@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .kernels import gather_blocks, scatter_blocks
+
 MODES = ("sync", "cuda", "lazy")
 
 
@@ -104,7 +106,7 @@ class SwapPipeline:
                 if layer not in t.layers_done:
                     self._copy_layer(t, layer)
             for layer, pinned in t.staged:  # device->host copies have landed in pinned memory
-                self._host_layer(t, layer).index_copy_(0, self._ids(t.host_ids, pinned.device), pinned)
+                self._scatter_host(t, layer, pinned)
             t.on_done()
         self.pending.clear()
         if self.mode == "lazy":
@@ -127,31 +129,34 @@ class SwapPipeline:
         return torch.tensor(ids, dtype=torch.long, device=device)
 
     @staticmethod
-    def _host_layer(t: Transfer, layer: int) -> torch.Tensor:
-        n_layers = len(t.alloc.layer_indices)
-        return t.host_storage.view(t.host_storage.shape[0], n_layers, -1)[:, layer]
+    def _staging(t: Transfer, device: torch.device, pin: bool = False) -> torch.Tensor:
+        """Contiguous rows of one layer's bytes for every block of the transfer."""
+        span = t.host_storage.shape[1] // len(t.alloc.layer_indices)
+        return torch.empty((len(t.dev_ids), span), dtype=torch.uint8, device=device, pin_memory=pin)
+
+    def _scatter_host(self, t: Transfer, layer: int, rows: torch.Tensor) -> None:
+        n = len(t.alloc.layer_indices)
+        scatter_blocks(rows, t.host_storage, self._ids(t.host_ids, rows.device), layer, n, backend="torch")
 
     def _copy_layer(self, t: Transfer, layer: int) -> None:
-        """Copy one layer's keys and values of every block in the transfer."""
+        """Copy one layer's keys and values of every block in the transfer (the kernels' gather/scatter)."""
         if layer in t.layers_done:
             return
         t.layers_done.add(layer)
         if not t.dev_ids:
             return
-        n_layers = len(t.alloc.layer_indices)
-        dev = t.alloc._copy_view.view(t.alloc._copy_view.shape[0], n_layers, -1)[:, layer]
-        host = self._host_layer(t, layer)
-        d = self._ids(t.dev_ids, dev.device)
-        h = self._ids(t.host_ids, host.device)
-        if t.to_host and self.mode == "cuda":
-            gathered = dev.index_select(0, d)
-            pinned = torch.empty(gathered.shape, dtype=gathered.dtype, pin_memory=True)
-            pinned.copy_(gathered, non_blocking=True)
-            t.staged.append((layer, pinned))
-        elif t.to_host:
-            host.index_copy_(0, h, dev.index_select(0, d).to(host.device))
-        else:
-            staged = host.index_select(0, h)
-            if self.mode == "cuda":
-                staged = staged.pin_memory()
-            dev.index_copy_(0, d, staged.to(dev.device, non_blocking=True))
+        n = len(t.alloc.layer_indices)
+        view = t.alloc._copy_view
+        d = self._ids(t.dev_ids, view.device)
+        if t.to_host:
+            rows = gather_blocks(view, d, self._staging(t, view.device), layer, n)
+            if self.mode == "cuda":  # lands in pinned memory; scattered into the host pool in finish()
+                pinned = self._staging(t, torch.device("cpu"), pin=True)
+                pinned.copy_(rows, non_blocking=True)
+                t.staged.append((layer, pinned))
+            else:
+                self._scatter_host(t, layer, rows.to(t.host_storage.device))
+            return
+        host_rows = self._staging(t, t.host_storage.device, pin=self.mode == "cuda")
+        gather_blocks(t.host_storage, self._ids(t.host_ids, host_rows.device), host_rows, layer, n, backend="torch")
+        scatter_blocks(host_rows.to(view.device, non_blocking=True), view, d, layer, n)
