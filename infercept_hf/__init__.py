@@ -7,21 +7,24 @@ chunks, whichever wastes the least memory-time.
 from .api import custom_generate, generate
 from .cache import InterceptPagedCache
 from .engine import InterceptEngine
-from .outputs import InterceptionRecord, RequestResult
+from .outputs import InterceptionRecord, RequestEvent, RequestResult
 from .policy import CostModel
 from .runner import UnsupportedModelError
 from .sampling import Sampler
 from .scheduler import POLICIES
+from .serving import AsyncInterceptEngine
 from .tools import Scripted, Tool, ToolCall
 
 __version__ = "0.1.0"
 
 __all__ = [
     "POLICIES",
+    "AsyncInterceptEngine",
     "CostModel",
     "InterceptEngine",
     "InterceptPagedCache",
     "InterceptionRecord",
+    "RequestEvent",
     "RequestResult",
     "Sampler",
     "Scripted",

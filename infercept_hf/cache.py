@@ -112,6 +112,18 @@ class InterceptPagedCache(PagedAttentionCache):
         """The most tokens one request can hold on device (full-attention models: the whole pool)."""
         return self.num_blocks * self.block_size
 
+    def fits(self, num_tokens: int) -> bool:
+        """Whether one request of `num_tokens` tokens fits an otherwise empty device pool.
+
+        Sliding-window layers keep at most a window of KV per request, so their footprint stops
+        growing; full-attention layers need every token. Each layer group takes whole sectors.
+        """
+        sectors = 0
+        for alloc in self.cache_allocators.values():
+            blocks = alloc._compute_blocks_needed(0, 0, num_tokens)
+            sectors += -(-blocks // alloc.blocks_per_sector)
+        return sectors <= self.pool.num_sectors
+
     def device_blocks(self, rid: str) -> int:
         return max((len(a.block_table.get(rid, ())) for a in self.cache_allocators.values()), default=0)
 

@@ -3,11 +3,17 @@
 The step loop: collect tool answers -> schedule (policy moves KV of paused requests) -> one
 packed forward -> sample -> for each request that got a token: finish, pause at a tool
 call, or go on. Tools run on worker threads; the loop never waits on one.
+
+Threads: every public method takes the engine's lock, so `add_request` and `cancel` may be
+called from any thread while another drives `run()` or `step()`; they take effect between
+steps. `on_event` callbacks run outside the lock, in the order the events happened.
 """
 from __future__ import annotations
 
+import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -16,7 +22,7 @@ import torch
 from .cache import InterceptPagedCache
 from .estimator import DurationEstimator
 from .memory import default_pool_sizes
-from .outputs import InterceptionRecord, RequestResult
+from .outputs import InterceptionRecord, RequestEvent, RequestResult
 from .policy import CostModel
 from .profiler import load_or_profile
 from .request import Request, Status
@@ -24,7 +30,28 @@ from .runner import ModelRunner
 from .sampling import GREEDY, Sampler, sample_batch
 from .scheduler import Scheduler, check_policy
 from .stats import EngineStats
-from .tools import Answer, PendingCall, Scripted, ScriptedCall, Tool, ToolCall, ToolExecutor, TriggerMatcher
+from .tools import (
+    Answer,
+    PendingCall,
+    Scripted,
+    ScriptedCall,
+    Tool,
+    ToolCall,
+    ToolExecutor,
+    TriggerMatcher,
+    as_token_ids,
+    positive_int,
+)
+
+logger = logging.getLogger(__name__)
+
+IDLE_POLL_S = 0.05  # longest sleep of an idle loop: bounds how late an unannounced event is seen
+
+EventCallback = Callable[[RequestEvent], None]
+
+
+class AnswerError(ValueError):
+    """A tool answer this request cannot use: it fails the request, never the engine."""
 
 
 class InterceptEngine:
@@ -32,9 +59,9 @@ class InterceptEngine:
 
     Example::
 
-        engine = InterceptEngine(model, tokenizer=tok, policy="min-waste", num_blocks=256, block_size=16)
-        rid = engine.add_request(prompt_ids, max_new_tokens=64, tools=[calc])
-        results = engine.run()          # {rid: RequestResult}
+        with InterceptEngine(model, tokenizer=tok, policy="min-waste", num_blocks=256, block_size=16) as engine:
+            rid = engine.add_request(prompt_ids, max_new_tokens=64, tools=[calc])
+            results = engine.run()          # {rid: RequestResult}
     """
 
     def __init__(
@@ -50,16 +77,23 @@ class InterceptEngine:
         clock: Callable[[], float] = time.monotonic,
         max_tool_workers: int = 8,
         executor: Callable[[torch.nn.Module, InterceptPagedCache], Any] | None = None,
+        attention_backend: str = "auto",
+        distributed_helper: Any = None,
     ) -> None:
         """`executor(model, cache)` builds what runs each batch (`.forward(chunks) -> logits`): the
         default `ModelRunner` runs the model; the simulator passes one that advances a virtual `clock`
-        by a cost model instead, so the same scheduler and policy code is measured at GPU scale."""
+        by a cost model instead, so the same scheduler and policy code is measured at GPU scale.
+        `distributed_helper` (transformers' `DistributedHelper`) gives the cache this rank's share of
+        KV heads under tensor parallelism (`distributed.TensorParallelEngine`)."""
         self.model = model
         self.tokenizer = tokenizer
         self.policy = check_policy(policy)
         self.clock = clock
         if max_batch_tokens < 1:
             raise ValueError(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")
+        if distributed_helper is None and (getattr(model, "tp_size", None) or 1) > 1:
+            raise ValueError(f"the model is sharded across {model.tp_size} ranks (tensor parallel): serve it with "
+                             "infercept_hf.distributed.TensorParallelEngine (or build_engine) on every rank")
         config = model.config.get_text_config()
         dtype = next(model.parameters()).dtype
         sizes = default_pool_sizes(model, dtype, num_blocks, block_size, host_pool_bytes)
@@ -71,11 +105,12 @@ class InterceptEngine:
             max_batch_tokens=max_batch_tokens,
             dtype=dtype,
             device=model.device,
+            distributed_helper=distributed_helper,
         )
         self.cost = cost_model or load_or_profile(model, dtype, model.device)
         self.estimator = DurationEstimator()
         self.scheduler = Scheduler(self.cache, policy, max_batch_tokens, self.cost, self.estimator)
-        self.runner = (executor or ModelRunner)(model, self.cache)
+        self.runner = executor(model, self.cache) if executor else ModelRunner(model, self.cache, attention_backend)
         self.executor = ToolExecutor(max_tool_workers)
         self.stats_ = EngineStats(self.cache)
         self.max_positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
@@ -87,6 +122,8 @@ class InterceptEngine:
         self._wakeup = threading.Event()
         self._closed = False
         self._cancelled: list[Request] = []
+        self._events: deque[tuple[EventCallback, RequestEvent]] = deque()
+        self._dispatch_lock = threading.RLock()
         gen_cfg = getattr(model, "generation_config", None)
         eos = getattr(gen_cfg, "eos_token_id", None)
         self.default_eos = frozenset([eos] if isinstance(eos, int) else (eos or []))
@@ -101,47 +138,44 @@ class InterceptEngine:
         sampler: Sampler | None = None,
         eos_token_id: int | Sequence[int] | None = None,
         arrival_time: float | None = None,
+        on_event: EventCallback | None = None,
     ) -> int:
-        """Queue a request; returns its id. Bad input raises here, never inside the forward."""
+        """Queue a request; returns its id. Bad input raises here, never inside the forward.
+
+        `on_event(RequestEvent)` hears of every token, tool call, tool answer and the finish, in
+        order (it runs on whichever thread drove the engine: keep it quick).
+        """
         prompt = self._check_prompt(prompt_ids)
-        if int(max_new_tokens) != max_new_tokens or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        max_new_tokens = positive_int(max_new_tokens, "max_new_tokens")
         if interceptions is not None and not isinstance(interceptions, Scripted):
             raise TypeError(f"interceptions must be an infercept_hf.Scripted, got {type(interceptions).__name__}")
         tools = tuple(tools or ())
         for t in tools:
             if not isinstance(t, Tool):
                 raise TypeError(f"tools must be infercept_hf.Tool objects, got {type(t).__name__}")
+        if on_event is not None and not callable(on_event):
+            raise TypeError(f"on_event must be callable, got {type(on_event).__name__}")
         matcher = TriggerMatcher(tools, self.tokenizer) if tools else None
-        answers = sum(len(s.answer_ids) for s in interceptions.segments) if interceptions else 0
-        total = len(prompt) + max_new_tokens + answers
-        if total > self.cache.capacity_tokens and self.cache.supports_partial:
-            raise ValueError(
-                f"request needs up to {total} tokens of KV (prompt {len(prompt)} + max_new_tokens {max_new_tokens}"
-                f" + answers {answers}) but the pool holds {self.cache.capacity_tokens}; raise num_blocks"
-            )
-        if self.max_positions is not None and total > self.max_positions:
-            raise ValueError(
-                f"request needs up to {total} positions but the model supports {self.max_positions}"
-            )
+        answers = self._check_scripted(interceptions)
+        self._check_fits(len(prompt), max_new_tokens, answers)
         eos = self.default_eos if eos_token_id is None else frozenset(
             [eos_token_id] if isinstance(eos_token_id, int) else eos_token_id
         )
         with self._lock:
-            if self._closed:
-                raise RuntimeError("the engine is closed")
+            self._check_open()
             rid = self._next_id
             self._next_id += 1
             req = Request(
                 request_id=rid,
                 tokens=list(prompt),
                 prompt_len=len(prompt),
-                max_new_tokens=int(max_new_tokens),
+                max_new_tokens=max_new_tokens,
                 arrival_time=self.clock() if arrival_time is None else arrival_time,
                 tools=tools,
                 scripted=interceptions,
                 eos_token_ids=eos,
                 sampler=sampler or GREEDY,
+                on_event=on_event,
             )
             for t in tools:
                 if t.expected_duration is not None:
@@ -159,95 +193,149 @@ class InterceptEngine:
                 prompt_ids = prompt_ids[0]
             if prompt_ids.dim() != 1:
                 raise ValueError(f"prompt_ids must be 1-D, got shape {tuple(prompt_ids.shape)}")
+            if prompt_ids.dtype.is_floating_point or prompt_ids.dtype.is_complex or prompt_ids.dtype == torch.bool:
+                raise TypeError(f"prompt_ids must hold integer token ids, got a {prompt_ids.dtype} tensor")
             prompt_ids = prompt_ids.tolist()
-        prompt = [int(t) for t in prompt_ids]
+        prompt = as_token_ids(prompt_ids, "prompt_ids")
         if not prompt:
             raise ValueError("prompt_ids is empty: a request needs at least one token")
         bad = [t for t in prompt if not 0 <= t < self.vocab_size]
         if bad:
             raise ValueError(f"prompt has token ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}")
+        if self.max_positions is not None and len(prompt) >= self.max_positions:
+            raise ValueError(
+                f"prompt has {len(prompt)} tokens but the model supports {self.max_positions} positions, "
+                "with at least one left to generate"
+            )
         return prompt
 
+    def _check_scripted(self, scripted: Scripted | None) -> int:
+        """Scripted answers are known in advance: check them now. Returns their total length."""
+        if scripted is None:
+            return 0
+        for i, seg in enumerate(scripted.segments):
+            bad = [t for t in seg.answer_ids if t >= self.vocab_size]
+            if bad:
+                raise ValueError(f"Scripted segment {i}: answer ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}")
+        return sum(len(s.answer_ids) for s in scripted.segments)
+
+    def _check_fits(self, prompt_len: int, max_new_tokens: int, answers: int) -> None:
+        """Refuse a request that could never run to its end: it would wait in the queue forever."""
+        total = prompt_len + max_new_tokens + answers
+        parts = f"prompt {prompt_len} + max_new_tokens {max_new_tokens} + answers {answers}"
+        if not self.cache.fits(total):
+            raise ValueError(
+                f"request needs up to {total} tokens of KV ({parts}) but the pool holds {self.cache.capacity_tokens}"
+                f" ({self.cache.num_blocks} blocks of {self.cache.block_size}); raise num_blocks"
+            )
+        if self.max_positions is not None and total > self.max_positions:
+            raise ValueError(f"request needs up to {total} positions ({parts}) but the model supports {self.max_positions}")
+
     def cancel(self, request_id: int) -> bool:
-        """Stop a request wherever it is; its blocks are freed and its result says "cancelled"."""
+        """Stop a request wherever it is; its blocks are freed at once and the next `step()` or
+        `run()` returns its result with `finish_reason="cancelled"`. False if it is unknown or
+        has already finished."""
         with self._lock:
+            self._check_open()
             req = self._requests.get(request_id)
             if req is None or req.status == Status.FINISHED:
                 return False
-            if req.pending is not None:
-                req.pending.abandon()
-            self._finish(req, "cancelled", self.clock())
+            self._cancel(req)
             self._cancelled.append(req)
+        self._wakeup.set()
+        self._dispatch_events()
         return True
 
+    def _cancel(self, req: Request) -> None:
+        if req.pending is not None:
+            req.pending.abandon()
+        self._finish(req, "cancelled", self.clock())
+
     def has_unfinished(self) -> bool:
+        """True while some request's result has yet to be returned by `step()` or `run()`
+        (a cancelled request's result comes with the next step)."""
         with self._lock:
-            return any(r.status != Status.FINISHED for r in self._requests.values())
+            return bool(self._requests)
 
     # ------------------------------------------------------------------ the loop
     def step(self) -> list[RequestResult]:
-        """One iteration. Returns the results of requests that finished in it."""
+        """One iteration. Returns the results of requests that finished in it (or were cancelled since the last)."""
         with self._lock:
-            done, self._cancelled = self._cancelled, []
+            results = self._step()
+        self._dispatch_events()
+        return results
+
+    def _step(self) -> list[RequestResult]:
+        self._check_open()
+        done, self._cancelled = self._cancelled, []
+        now = self.clock()
+        self._collect_answers(now, done)
+        plan = self.scheduler.schedule(now)
+        if plan.chunks:
+            t0 = self.clock()
+            logits = self.runner.forward(plan.chunks)
+            sampled = [c for c in plan.chunks if c.sample]
+            tokens = sample_batch([c.request.sampler for c in sampled], [c.request.tokens for c in sampled], logits)
+            self.stats_.record_forward(plan, self.clock() - t0)
+            for c in plan.chunks:
+                c.request.num_cached += c.length
+                c.request.high_water = max(c.request.high_water, c.request.num_cached)
             now = self.clock()
-            self._collect_answers(now, done)
-            plan = self.scheduler.schedule(now)
-            if plan.chunks:
-                t0 = self.clock()
-                logits = self.runner.forward(plan.chunks)
-                sampled = [c for c in plan.chunks if c.sample]
-                tokens = sample_batch([c.request.sampler for c in sampled], [c.request.tokens for c in sampled], logits)
-                self.stats_.record_forward(plan, self.clock() - t0)
-                for c in plan.chunks:
-                    c.request.num_cached += c.length
-                    c.request.high_water = max(c.request.high_water, c.request.num_cached)
-                now = self.clock()
-                for c, tok in zip(sampled, tokens):
-                    self._append_token(c.request, tok, now, done)
-            self.cache.finish_transfers()
-            self.stats_.record_step(self.scheduler, self.clock())
-            results = [r.result() for r in done]
-            for r in done:
-                self._requests.pop(r.request_id, None)
-                self._matchers.pop(r.request_id, None)
-            return results
+            for c, tok in zip(sampled, tokens):
+                self._append_token(c.request, tok, now, done)
+        self.cache.finish_transfers()
+        self.stats_.record_step(self.scheduler, self.clock())
+        for r in done:
+            self._requests.pop(r.request_id, None)
+            self._matchers.pop(r.request_id, None)
+        return [r.result() for r in done]
 
     def run(self, progress: bool = False) -> dict[int, RequestResult]:
-        """Drive until every request has finished; returns {request_id: result}."""
+        """Drive until every request has finished (requests added meanwhile, from any thread,
+        included); returns {request_id: result}. Returns early if another thread closes the engine."""
+        self._check_open()
         results: dict[int, RequestResult] = {}
         bar = None
         if progress:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(self._requests), desc="requests", unit="req")
-        while self.has_unfinished() or self._cancelled:
-            finished = self.step()
-            for r in finished:
-                results[r.request_id] = r
+        while True:
+            with self._lock:
+                if self._closed or not self._requests:
+                    break
+                finished = self._step()
+            self._dispatch_events()
+            results.update((r.request_id, r) for r in finished)
             if bar is not None and finished:
                 bar.update(len(finished))
-            if not finished and not self.scheduler.has_work():
-                self._idle_wait()
+            if not finished:
+                self.wait_for_work()
         if bar is not None:
             bar.close()
         return results
 
-    def _idle_wait(self) -> None:
-        """Nothing to compute: sleep until a tool answers or the next scripted deadline."""
-        deadlines = [
-            r.pending.deadline for r in self.scheduler.paused if isinstance(r.pending, ScriptedCall)
-        ]
-        timeout = 0.05
-        if deadlines:
-            timeout = max(0.0, min(min(deadlines) - self.clock(), timeout))
-        self._wakeup.wait(timeout)
-        self._wakeup.clear()
+    def wait_for_work(self, timeout: float = IDLE_POLL_S) -> None:
+        """Sleep until a step could do something: a request is runnable, a tool answered, a
+        scripted pause or a tool timeout is due, or another thread added, cancelled or closed;
+        at most `timeout` seconds. Returns at once when there is work."""
+        self._wakeup.clear()  # before looking: a wake-up from here on cuts the wait short
+        with self._lock:
+            if self._closed or self._cancelled or self.scheduler.has_work():
+                return
+            now = self.clock()
+            due = [t for r in self.scheduler.paused if (t := r.pending.next_check(now)) is not None]
+        if due:
+            timeout = min(timeout, min(due) - now)
+        if timeout > 0:
+            self._wakeup.wait(timeout)
 
     # ------------------------------------------------------------------ per-token work
     def _append_token(self, req: Request, tok: int, now: float, done: list[Request]) -> None:
         req.tokens.append(tok)
         req.num_generated += 1
         req.token_times.append(now)
+        self._emit(req, "token", token_ids=(tok,))
         if req.first_token_time is None:
             req.first_token_time = now
         if req.resume_pending_since is not None:
@@ -283,6 +371,7 @@ class InterceptEngine:
         req.interceptions.append(
             InterceptionRecord(pending.tool_name, pending.call_text, now, None, None, req.strategy, 0, dict(req.waste))
         )
+        self._emit(req, "tool_call", tool=pending.tool_name, text=pending.call_text)
 
     def _collect_answers(self, now: float, done: list[Request]) -> None:
         for req in list(self.scheduler.paused):
@@ -292,41 +381,47 @@ class InterceptEngine:
             self._resume(req, answer, now, done)
 
     def _resume(self, req: Request, answer: Answer, now: float, done: list[Request]) -> None:
-        ids = self._answer_ids(answer.value)
-        pending = req.pending
-        req.pending = None
+        """Append the answer and queue the request, or fail it when the answer is unusable."""
+        pending, req.pending = req.pending, None
         self.estimator.observe(pending.tool_name, now - pending.started_at)
+        error = answer.error
+        try:
+            if answer.fail:
+                raise AnswerError(answer.error)
+            ids = self._answer_ids(pending.tool_name, answer)
+            total = len(req.tokens) + len(ids) + (req.max_new_tokens - req.num_generated)
+            if not self.cache.fits(total) or self.max_positions is not None and total > self.max_positions:
+                raise AnswerError(
+                    f"tool {pending.tool_name!r}: the context after its answer ({total} tokens) exceeds what the "
+                    "model or the pool can hold"
+                )
+        except AnswerError as exc:
+            req.interceptions[-1] = req.interceptions[-1]._replace(returned_at=now, error=str(exc))
+            req.error = str(exc)
+            self._finish(req, "error", now)
+            done.append(req)
+            return
         rec = req.interceptions[-1]
         req.interceptions[-1] = rec._replace(
             returned_at=now, strategy=req.strategy or rec.strategy, answer_len=len(ids), waste=dict(req.waste),
-            error=answer.error,
+            error=error,
         )
-        if answer.fail:
-            req.error = answer.error
-            self._finish(req, "error", now)
-            done.append(req)
-            return
-        total = len(req.tokens) + len(ids) + (req.max_new_tokens - req.num_generated)
-        if self.max_positions is not None and total > self.max_positions or (
-            self.cache.supports_partial and total > self.cache.capacity_tokens
-        ):
-            req.error = f"context of {total} tokens after the tool answer exceeds what the model or pool can hold"
-            self._finish(req, "error", now)
-            done.append(req)
-            return
         req.tokens.extend(ids)
         req.segment_start = len(req.tokens)
         req.resume_pending_since = now
         self.scheduler.resume(req, now)
+        self._emit(req, "tool_answer", token_ids=tuple(ids), tool=pending.tool_name, error=error)
 
-    def _answer_ids(self, value: str | list[int]) -> list[int]:
+    def _answer_ids(self, tool: str, answer: Answer) -> list[int]:
+        value = answer.value
         if isinstance(value, str):
             if self.tokenizer is None:
-                raise ValueError("a tool returned a str but the engine has no tokenizer to encode it")
+                what = answer.error or f"tool {tool!r} answered with text"
+                raise AnswerError(f"{what}; the engine has no tokenizer to encode it (pass tokenizer=, or answer ids)")
             return list(self.tokenizer.encode(value, add_special_tokens=False))
         bad = [t for t in value if not 0 <= t < self.vocab_size]
         if bad:
-            raise ValueError(f"tool answer has token ids outside the vocabulary: {bad[:5]}")
+            raise AnswerError(f"tool {tool!r} answered with token ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}")
         return list(value)
 
     def _finish(self, req: Request, reason: str, now: float) -> None:
@@ -339,6 +434,25 @@ class InterceptEngine:
             req.interceptions[-1] = rec._replace(returned_at=rec.returned_at or now)
             req.resume_pending_since = None
         self.stats_.record_finish(req)
+        if req.on_event is not None:
+            self._emit(req, "finish", result=req.result())
+
+    # ------------------------------------------------------------------ events
+    def _emit(self, req: Request, kind: str, **fields: Any) -> None:
+        if req.on_event is not None:
+            self._events.append((req.on_event, RequestEvent(req.request_id, kind, **fields)))
+
+    def _dispatch_events(self) -> None:
+        """Run queued callbacks outside the engine lock, oldest first, one thread at a time (so the
+        order holds even when a cancel on another thread dispatches too). A raising callback is
+        logged and skipped: it must not take the engine or other requests down."""
+        with self._dispatch_lock:
+            while self._events:
+                callback, event = self._events.popleft()
+                try:
+                    callback(event)
+                except Exception:
+                    logger.exception("on_event callback of request %d raised; event dropped", event.request_id)
 
     # ------------------------------------------------------------------ reporting and lifetime
     def stats(self) -> dict[str, Any]:
@@ -347,17 +461,30 @@ class InterceptEngine:
             out["duration_estimates"] = self.estimator.snapshot()
             return out
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("the InterceptEngine is closed; create a new one")
+
     def close(self) -> None:
-        """Stop tool workers and free every block; the engine cannot be used afterwards."""
+        """Cancel every request, free every block and stop the tool workers. Idempotent; afterwards
+        `add_request`, `cancel`, `step` and `run` raise RuntimeError (`stats` still answers)."""
         with self._lock:
+            if self._closed:
+                return
+            self.executor.close()  # first, so abandoning a running call does not start a queued one
             for req in list(self._requests.values()):
                 if req.status != Status.FINISHED:
-                    if req.pending is not None:
-                        req.pending.abandon()
-                    self._finish(req, "cancelled", self.clock())
+                    self._cancel(req)
             self._requests.clear()
+            self._matchers.clear()
+            self._cancelled.clear()
             self._closed = True
-        self.executor.close()
+        self._wakeup.set()
+        self._dispatch_events()
 
     def __enter__(self) -> InterceptEngine:
         return self

@@ -13,11 +13,12 @@ answer, a recomputed context, or the last sampled token.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .outputs import InterceptionRecord, RequestResult
-from .tools import PendingCall, Scripted, Tool
+from .outputs import InterceptionRecord, RequestEvent, RequestResult
+from .tools import PendingCall, Scripted, Segment, Tool
 
 
 class Status(enum.Enum):
@@ -56,6 +57,8 @@ class Request:
     interceptions: list[InterceptionRecord] = field(default_factory=list)
     high_water: int = 0  # most tokens ever cached: anything below it computed again is recomputation
     num_pauses: int = 0
+    telemetry: dict[str, float] = field(default_factory=dict)  # per-request waste, recompute, swap (stats.py)
+    on_event: Callable[[RequestEvent], None] | None = None  # streaming: hears every token, tool event, the finish
 
     def __post_init__(self) -> None:
         self.queue_key = self.arrival_time
@@ -71,7 +74,7 @@ class Request:
         return len(self.tokens) - self.num_cached
 
     @property
-    def next_segment(self):
+    def next_segment(self) -> Segment | None:
         """The next scripted interception, if any is left."""
         if self.scripted is None or self.num_pauses >= len(self.scripted):
             return None
@@ -94,4 +97,5 @@ class Request:
             finish_time=self.finish_time,
             token_times=list(self.token_times),
             interceptions=list(self.interceptions),
+            telemetry=dict(self.telemetry),
         )

@@ -33,6 +33,11 @@ from .runner import Chunk
 POLICIES = ("discard", "discard-head", "preserve", "swap", "min-waste")
 
 
+def queue_order(req: Request) -> tuple[float, int]:
+    """Who is ahead in the queue: `queue_key`, ties broken by id, so that every pass agrees."""
+    return req.queue_key, req.request_id
+
+
 def check_policy(policy: str) -> str:
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
@@ -135,7 +140,7 @@ class Scheduler:
             if req.uncached > 1:
                 prefill_budget -= n
         budget = min(budget, prefill_budget)
-        self.waiting.sort(key=lambda r: r.queue_key)
+        self.waiting.sort(key=queue_order)
         while self.waiting and budget > 0:
             req = self.waiting[0]
             if not self._swap_in(req, now):
@@ -172,7 +177,7 @@ class Scheduler:
             if self.cache.allocate(req.rid, req.num_cached, n):
                 return True
             need = self.cache.blocks_needed(req.rid, req.num_cached, n) - self.cache.free_device_blocks()
-            if self._evict_paused(max(1, need), now, exclude=req):
+            if self._evict_paused(max(1, need), now, exclude=req) or self._evict_waiting(req):
                 continue
             if protected is None:
                 return False
@@ -188,7 +193,7 @@ class Scheduler:
                 self._count_swap(req, blocks)
                 return True
             need = self.cache.host_blocks(req.rid) - self.cache.free_device_blocks()
-            if not self._evict_paused(max(1, need), now, exclude=req):
+            if not self._evict_paused(max(1, need), now, exclude=req) and not self._evict_waiting(req):
                 return False
         return True
 
@@ -213,6 +218,19 @@ class Scheduler:
             if freed >= blocks:
                 break
         return freed > 0
+
+    def _evict_waiting(self, req: Request) -> bool:
+        """Free the device KV of a waiting request queued behind `req` (kept through a pause, or swapped
+        in before the batch filled up): it is of no use before `req` runs, and left alone, two requests
+        can wait on each other forever, or `req` can preempt itself over and over. Takes the last in
+        the queue first: to host where the policy swaps and there is room, else discarded."""
+        holders = [r for r in self.waiting if queue_order(r) > queue_order(req) and self.cache.device_blocks(r.rid)]
+        if not holders:
+            return False
+        victim = max(holders, key=queue_order)
+        if not (self.policy in ("swap", "min-waste") and self._swap_out(victim, None)):
+            self._discard(victim)
+        return True
 
     def _preempt(self, victim: Request) -> None:
         """Last resort: push a running request back to waiting, freeing its blocks."""

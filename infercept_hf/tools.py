@@ -4,16 +4,49 @@ A request pauses when its freshly generated tokens complete a trigger: a `Tool`'
 marker, or the token count of the next `Scripted` segment. The step loop never blocks on
 a tool: `Tool.fn` runs on a worker thread and the loop polls a `PendingCall` every
 iteration; a `Scripted` pause is a deadline on the engine's clock (real or simulated).
+
+Whatever a tool does (raise, hang past its timeout, return the wrong type), the outcome is
+an `Answer` for that one request: the engine and every other request carry on.
 """
 from __future__ import annotations
 
+import math
+import numbers
+import operator
 import threading
+from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
 ON_ERROR_CHOICES = ("answer", "fail")
+
+
+def as_token_ids(values: Any, what: str) -> list[int]:
+    """`values` as a list of ints. Floats, strings and bools are refused: a float where an id
+    belongs is a bug upstream, and silently truncating it would hide that bug."""
+    if isinstance(values, (str, bytes)):
+        raise TypeError(f"{what} must be a sequence of int token ids, got {type(values).__name__}")
+    try:
+        ids = []
+        for t in values:
+            if isinstance(t, bool):
+                raise TypeError
+            ids.append(operator.index(t))
+    except TypeError:
+        raise TypeError(f"{what} must be a sequence of int token ids, got {values!r:.80}") from None
+    return ids
+
+
+def positive_int(value: Any, what: str) -> int:
+    try:
+        n = operator.index(value) if not isinstance(value, bool) else None
+    except TypeError:
+        n = None
+    if n is None or n < 1:
+        raise ValueError(f"{what} must be a positive integer, got {value!r}")
+    return n
 
 
 @dataclass(frozen=True)
@@ -35,8 +68,11 @@ class Tool:
     a list of token ids matched on the generated ids. The call text is what lies between the
     last `start` (when given) and `end`. `fn(call)` returns a `str` (tokenized, appended) or a
     `list[int]` (appended as is). `expected_duration` seeds the pause estimate the min-waste
-    policy uses; `timeout` abandons a call that runs longer; `on_error` chooses between
-    resuming with an error text as the answer (`"answer"`) and failing the request (`"fail"`).
+    policy uses. `timeout` abandons a call that runs longer (its late answer is dropped).
+    `on_error` says what a raising or timed-out call does to its request: `"answer"` resumes
+    it with the error text as the answer (this needs the engine's tokenizer; without one the
+    request fails), `"fail"` ends it with `finish_reason="error"`. A wrong return type always
+    fails the request: it is a bug in the tool, not an answer the model can use.
     """
 
     name: str
@@ -48,27 +84,25 @@ class Tool:
     on_error: str = "answer"
 
     def __post_init__(self) -> None:
-        if not self.name:
-            raise ValueError("Tool needs a non-empty name")
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"Tool needs a non-empty str name, got {self.name!r}")
         if not callable(self.fn):
             raise TypeError(f"Tool {self.name!r}: fn must be callable, got {type(self.fn).__name__}")
-        if isinstance(self.end, str):
-            if not self.end:
-                raise ValueError(f"Tool {self.name!r}: end must not be empty")
-        else:
-            self.end = tuple(int(t) for t in self.end)
-            if not self.end:
-                raise ValueError(f"Tool {self.name!r}: end must not be empty")
+        if not isinstance(self.end, str):
+            self.end = tuple(as_token_ids(self.end, f"Tool {self.name!r}: end"))
+        if not self.end:
+            raise ValueError(f"Tool {self.name!r}: end must not be empty")
         if self.start is not None and not isinstance(self.start, str):
-            self.start = tuple(int(t) for t in self.start)
-        if isinstance(self.start, str) != isinstance(self.end, str) and self.start is not None:
+            self.start = tuple(as_token_ids(self.start, f"Tool {self.name!r}: start"))
+        if self.start is not None and isinstance(self.start, str) != isinstance(self.end, str):
             raise TypeError(f"Tool {self.name!r}: start and end must both be strings or both token ids")
         if self.on_error not in ON_ERROR_CHOICES:
             raise ValueError(f"Tool {self.name!r}: on_error must be one of {ON_ERROR_CHOICES}, got {self.on_error!r}")
-        for attr in ("expected_duration", "timeout"):
-            value = getattr(self, attr)
-            if value is not None and value < 0:
-                raise ValueError(f"Tool {self.name!r}: {attr} must be >= 0, got {value}")
+        if self.expected_duration is not None and not 0 <= self.expected_duration < math.inf:
+            raise ValueError(f"Tool {self.name!r}: expected_duration must be a finite number >= 0, "
+                             f"got {self.expected_duration!r}")
+        if self.timeout is not None and not 0 < self.timeout < math.inf:
+            raise ValueError(f"Tool {self.name!r}: timeout must be a finite number > 0, got {self.timeout!r}")
 
     @property
     def needs_tokenizer(self) -> bool:
@@ -101,14 +135,13 @@ class Scripted:
                 n_tokens, pause_s, answer_ids = seg
             except (TypeError, ValueError):
                 raise TypeError(f"Scripted segment {i} must be (n_tokens, pause_s, answer_ids), got {seg!r}") from None
-            if int(n_tokens) != n_tokens or n_tokens < 1:
-                raise ValueError(f"Scripted segment {i}: n_tokens must be a positive integer, got {n_tokens!r}")
-            if pause_s < 0:
-                raise ValueError(f"Scripted segment {i}: pause_s must be >= 0, got {pause_s!r}")
-            ids = tuple(int(t) for t in answer_ids)
+            n_tokens = positive_int(n_tokens, f"Scripted segment {i}: n_tokens")
+            if isinstance(pause_s, bool) or not isinstance(pause_s, numbers.Real) or not 0 <= pause_s < math.inf:
+                raise ValueError(f"Scripted segment {i}: pause_s must be a finite number >= 0, got {pause_s!r}")
+            ids = tuple(as_token_ids(answer_ids, f"Scripted segment {i}: answer_ids"))
             if any(t < 0 for t in ids):
                 raise ValueError(f"Scripted segment {i}: answer ids must be >= 0, got {list(ids)}")
-            parsed.append(Segment(int(n_tokens), float(pause_s), ids))
+            parsed.append(Segment(n_tokens, float(pause_s), ids))
         self.segments: tuple[Segment, ...] = tuple(parsed)
 
     def __len__(self) -> int:
@@ -116,6 +149,17 @@ class Scripted:
 
     def __repr__(self) -> str:
         return f"Scripted({[(s.n_tokens, s.pause_s, list(s.answer_ids)) for s in self.segments]})"
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A tool's outcome: the answer to append (str or ids), or the error that stood in for it.
+
+    `fail` ends the request with `error` instead of resuming it."""
+
+    value: str | list[int]
+    error: str | None = None
+    fail: bool = False
 
 
 class PendingCall:
@@ -130,17 +174,12 @@ class PendingCall:
     def poll(self, now: float) -> Answer | None:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def next_check(self, now: float) -> float | None:
+        """The earliest engine time at which `poll` may return an answer (None: only when woken)."""
+        raise NotImplementedError  # pragma: no cover - abstract
+
     def abandon(self) -> None:
-        """Called when the request is cancelled: a late answer must be ignored."""
-
-
-@dataclass(frozen=True)
-class Answer:
-    """A tool's outcome: the answer to append (str or ids), or the error that stood in for it."""
-
-    value: str | list[int]
-    error: str | None = None
-    fail: bool = False
+        """The request is gone (cancelled, closed): a late answer must be ignored."""
 
 
 class ScriptedCall(PendingCall):
@@ -154,59 +193,134 @@ class ScriptedCall(PendingCall):
     def poll(self, now: float) -> Answer | None:
         return Answer(self.answer) if now >= self.deadline else None
 
+    def next_check(self, now: float) -> float | None:
+        return self.deadline
+
 
 class ToolFuture(PendingCall):
     """A tool function running on a worker thread, with its timeout and error policy."""
 
-    def __init__(self, tool: Tool, call: ToolCall, future: Future[Any]) -> None:
+    def __init__(self, tool: Tool, call: ToolCall, executor: ToolExecutor) -> None:
         super().__init__(tool.name, call.text, call.started_at, tool.expected_duration)
         self.tool = tool
-        self.future = future
+        self.call = call
+        self.future: Future[Any] = Future()
+        self.abandoned = False
+        self._executor = executor
 
     def poll(self, now: float) -> Answer | None:
-        fail = self.tool.on_error == "fail"
         if self.future.done():
-            exc = self.future.exception()
-            if exc is not None:
-                msg = f"tool {self.tool.name!r} raised {type(exc).__name__}: {exc}"
-                return Answer(f"[error: {msg}]", error=msg, fail=fail)
-            value = self.future.result()
-            if not (isinstance(value, str) or (isinstance(value, list) and all(isinstance(t, int) for t in value))):
-                msg = f"tool {self.tool.name!r} returned {type(value).__name__}, expected str or list[int]"
-                return Answer(f"[error: {msg}]", error=msg, fail=fail)
-            return Answer(value)
-        if self.tool.timeout is not None and now - self.started_at > self.tool.timeout:
+            return self._outcome()
+        if self.tool.timeout is not None and now - self.started_at >= self.tool.timeout:
             self.abandon()
-            msg = f"tool {self.tool.name!r} timed out after {self.tool.timeout:g} s"
-            return Answer(f"[error: {msg}]", error=msg, fail=fail)
+            return self._error(f"tool {self.tool.name!r} timed out after {self.tool.timeout:g} s")
         return None
 
+    def next_check(self, now: float) -> float | None:
+        if self.future.done():
+            return now
+        return None if self.tool.timeout is None else self.started_at + self.tool.timeout
+
     def abandon(self) -> None:
-        self.future.cancel()
+        self._executor.abandon(self)
+
+    def _outcome(self) -> Answer:
+        exc = self.future.exception()
+        if exc is not None:
+            return self._error(f"tool {self.tool.name!r} raised {type(exc).__name__}: {exc}")
+        value = self.future.result()
+        if isinstance(value, str):
+            return Answer(value)
+        try:
+            if isinstance(value, (list, tuple)):
+                return Answer(as_token_ids(value, "answer"))
+        except TypeError:
+            pass
+        msg = f"tool {self.tool.name!r} returned {type(value).__name__} ({value!r:.60}), expected str or list[int]"
+        return Answer("", error=msg, fail=True)
+
+    def _error(self, msg: str) -> Answer:
+        return Answer(f"[error: {msg}]", error=msg, fail=self.tool.on_error == "fail")
 
 
 class ToolExecutor:
-    """Runs tool functions on worker threads so the step loop never waits on a tool."""
+    """Runs each tool call on its own daemon thread, at most `max_workers` calls at once.
+
+    Not a ThreadPoolExecutor: a call abandoned on timeout or cancel may never return, and a pool
+    would lose that worker for good (then join it at interpreter exit and hang shutdown). Here an
+    abandoned call hands its slot to the next queued call at once; its thread is left to finish
+    on its own, and its answer is dropped.
+    """
 
     def __init__(self, max_workers: int = 8) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="infercept-tool")
+        if max_workers < 1:
+            raise ValueError(f"max_tool_workers must be >= 1, got {max_workers}")
+        self.max_workers = max_workers
+        self._queue: deque[ToolFuture] = deque()
+        self._holding: set[ToolFuture] = set()  # calls that occupy a slot
         self._lock = threading.Lock()
         self._closed = False
 
     def submit(self, tool: Tool, call: ToolCall) -> ToolFuture:
+        pending = ToolFuture(tool, call, self)
         with self._lock:
             if self._closed:
                 raise RuntimeError("the engine is closed")
-            return ToolFuture(tool, call, self._pool.submit(tool.fn, call))
+            self._queue.append(pending)
+            self._start_queued()
+        return pending
+
+    def abandon(self, pending: ToolFuture) -> None:
+        with self._lock:
+            pending.abandoned = True
+            pending.future.cancel()  # succeeds only while it is still queued
+            self._release(pending)
 
     def close(self) -> None:
+        """Abandon every call: queued ones never start, running ones are left to their threads."""
         with self._lock:
             self._closed = True
-        self._pool.shutdown(wait=False, cancel_futures=True)
+            for pending in [*self._queue, *self._holding]:
+                pending.abandoned = True
+                pending.future.cancel()
+            self._queue.clear()
+            self._holding.clear()
+
+    @property
+    def busy(self) -> int:
+        """Calls holding a worker slot right now."""
+        with self._lock:
+            return len(self._holding)
+
+    def _start_queued(self) -> None:
+        while self._queue and len(self._holding) < self.max_workers and not self._closed:
+            pending = self._queue.popleft()
+            if pending.abandoned or not pending.future.set_running_or_notify_cancel():
+                continue
+            self._holding.add(pending)
+            name = f"infercept-tool-{pending.tool.name}"
+            threading.Thread(target=self._run, args=(pending,), name=name, daemon=True).start()
+
+    def _run(self, pending: ToolFuture) -> None:
+        try:
+            result = pending.tool.fn(pending.call)
+        except BaseException as exc:  # noqa: BLE001 - whatever the tool does becomes its request's answer
+            pending.future.set_exception(exc)
+        else:
+            pending.future.set_result(result)
+        finally:
+            with self._lock:
+                self._release(pending)
+
+    def _release(self, pending: ToolFuture) -> None:
+        if pending in self._holding:
+            self._holding.discard(pending)
+            self._start_queued()
 
 
 @dataclass
 class TriggerMatcher:
+
     """Finds the tool call that the tokens generated since the last resumption complete.
 
     Only the tail of the segment is decoded each step (`window` tokens), so the per-token

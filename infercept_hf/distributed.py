@@ -1,0 +1,424 @@
+"""Tensor-parallel serving under `torchrun`: one engine replica per rank, one driver.
+
+A model loaded with transformers' `DistributedConfig(tp_plan="auto")` computes every forward
+on all ranks together (its all-reduces are collectives), and each rank's paged cache holds
+only its own share of the KV heads (transformers' `DistributedHelper` divides them). So
+every rank must run the same batch, with the same block tables, every step.
+
+Design: deterministic replicas. Every rank runs the unmodified `InterceptEngine` scheduler
+(admission, preserve / swap / discard, chunk sizes, swap budget) on identical inputs, and
+the replicas stay identical because every input that is not a function of the shared state
+comes from rank 0 (the driver), once per step:
+
+    driver (rank 0)                             every rank
+    add_request / cancel -> inbox
+    run(): broadcast ("step", inbox)   ------>  replay the inbox (adds, cancels)
+           clock() -> broadcast time   ------>  same `now` on every rank (each clock read in a step)
+           poll tools -> broadcast     ------>  resume the same requests with the same answers
+           sample (real samplers)      ------>  the same token ids
+                                                 every rank: schedule, forward (collective),
+                                                 swap its own shard, finish / pause
+           digest of queues + block tables  <->  compared: a divergence raises at once
+
+Why replicas rather than deciding on rank 0 and broadcasting the plan: the plan is not a
+list of chunks but a sequence of cache mutations (allocate, evict, swap out part of a tail,
+drop a host copy) interleaved with the policy's reasoning; shipping it would mean a second,
+replayable scheduler. Replicas run the one scheduler unchanged, and the per-step digest
+proves they agree (block ids included), so a bug shows up as an error, not as wrong tokens.
+
+Tools run once, on the driver's worker threads; other ranks hold a placeholder call that
+never runs. Results and `stats()` are identical on every rank (byte figures are per rank).
+Workers follow the driver: on ranks > 0 `add_request` is ignored (returns None, like
+transformers' `ContinuousBatchingManager`), `cancel` returns False, and `run()` mirrors the
+driver's steps until the driver's `run()` returns or it closes the engine.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from patches.transformers_cb import DistributedHelper
+
+from .engine import InterceptEngine
+from .outputs import RequestResult
+from .policy import CostModel
+from .profiler import fit_linear, load_or_profile, measure_forward, saturation_point
+from .request import Request
+from .runner import Chunk, ModelRunner
+from .sampling import Sampler
+from .tools import Scripted, Tool
+from .tp_replica import DriverSampledRunner, ReplicatedClock, ReplicaToolExecutor, driver_only
+from .tp_sizing import rank_kv_bytes_per_token, rank_pool_sizes
+
+__all__ = [
+    "ReplicaDivergenceError",
+    "TensorParallelEngine",
+    "TensorParallelError",
+    "build_engine",
+    "check_tp_config",
+    "is_torchrun",
+    "load_tp_model",
+]
+
+
+class TensorParallelError(ValueError):
+    """A model, launch or backend that tensor-parallel serving cannot run."""
+
+
+class ReplicaDivergenceError(RuntimeError):
+    """The ranks' schedulers disagree: continuing would read another request's KV."""
+
+
+def is_torchrun() -> bool:
+    """Launched by `torchrun` (or any launcher that sets WORLD_SIZE) with more than one rank."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def check_tp_config(config, tp_size: int) -> None:
+    """Refuse, before any weights load, a model that `tp_size` ranks cannot shard."""
+    text = config.get_text_config()
+    arch = type(config).__name__
+    if not getattr(text, "base_model_tp_plan", None):
+        raise TensorParallelError(
+            f"{arch} has no tensor-parallel plan (config.base_model_tp_plan is empty): transformers cannot shard it "
+            f"across {tp_size} ranks. Run it on one device, or pick a model with a tp_plan (Llama, Qwen2, Mistral ...)"
+        )
+    heads = text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    for name, n in (("attention heads", heads), ("key/value heads", kv_heads)):
+        if n % tp_size:
+            raise TensorParallelError(f"{arch} has {n} {name}, not divisible by the tensor-parallel size {tp_size}")
+
+
+def load_tp_model(path: str, dtype: torch.dtype = torch.float32, **kwargs: Any) -> torch.nn.Module:
+    """`from_pretrained(path, distributed_config=DistributedConfig(tp_plan="auto"))` after `check_tp_config`.
+
+    Call it on every rank of a `torchrun` launch; transformers starts the process group
+    (gloo on CPU, NCCL on CUDA) and loads each rank's shard.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.distributed import DistributedConfig
+
+    if not is_torchrun():
+        raise TensorParallelError("load_tp_model shards across ranks: launch with `torchrun --nproc_per_node N ...`")
+    check_tp_config(AutoConfig.from_pretrained(path), int(os.environ["WORLD_SIZE"]))
+    model = AutoModelForCausalLM.from_pretrained(
+        path, distributed_config=DistributedConfig(tp_plan="auto"), dtype=dtype, **kwargs
+    )
+    return model.eval()
+
+
+def build_engine(
+    model: str | torch.nn.Module, policy: str = "min-waste", dtype: torch.dtype = torch.float32, **engine_kwargs: Any
+) -> InterceptEngine:
+    """The engine for this launch: a `TensorParallelEngine` under `torchrun`, else an `InterceptEngine`.
+
+    `model` is a path (loaded with `load_tp_model` under torchrun, plainly otherwise) or a
+    loaded model. `engine_kwargs` are the engines' own (num_blocks, cost_model, clock ...).
+    Every rank calls this and then `run()`; only the driver's `add_request` counts.
+    """
+    if isinstance(model, str):
+        if is_torchrun():
+            model = load_tp_model(model, dtype)
+        else:
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_pretrained(model, dtype=dtype).eval()
+    if getattr(model, "tp_size", None) and model.tp_size > 1:
+        return TensorParallelEngine(model, policy=policy, **engine_kwargs)
+    return InterceptEngine(model, policy=policy, **engine_kwargs)
+
+
+def _helper_for(model: torch.nn.Module, cpu_group_timeout: float | None) -> DistributedHelper:
+    """transformers' helper for this model's mesh, after the checks that make its errors clear."""
+    if not (dist.is_available() and dist.is_initialized()) or not getattr(model, "tp_size", None):
+        raise TensorParallelError(
+            "TensorParallelEngine needs a model sharded by transformers under torchrun: launch with "
+            "`torchrun --nproc_per_node N ...` and load it with `infercept_hf.distributed.load_tp_model(path)` "
+            "(from_pretrained(..., distributed_config=DistributedConfig(tp_plan='auto')))"
+        )
+    check_tp_config(model.config, model.tp_size)
+    if model.tp_size != dist.get_world_size():
+        raise TensorParallelError(
+            f"tensor-parallel size {model.tp_size} != world size {dist.get_world_size()}: data parallelism across "
+            "TP groups is not supported; launch exactly tp_size ranks"
+        )
+    backend = dist.get_backend()
+    if model.device.type == "cpu" and backend != "gloo":
+        raise TensorParallelError(f"CPU ranks need the gloo backend, but the process group uses {backend!r}")
+    mesh = getattr(model, "_device_mesh", None)  # where transformers' own continuous batching finds it
+    helper = DistributedHelper(mesh, cpu_group_timeout, tp_plan=getattr(model, "tp_plan", None))
+    if helper.tp_size != model.tp_size:
+        raise TensorParallelError(f"the model's device mesh has no {model.tp_size}-way 'tp' dimension")
+    if not helper.are_kv_heads_tp_ed():
+        raise TensorParallelError(
+            f"{type(model).__name__}'s tp_plan does not shard `self_attn.k_proj` / `v_proj`, the layers by which "
+            "transformers' paged cache splits KV heads across ranks: this model is not supported under TP"
+        )
+    return helper
+
+
+class TensorParallelEngine(InterceptEngine):
+    """`InterceptEngine` over a tensor-parallel model: one replica per rank, driven by rank 0.
+
+    Every rank constructs it (same arguments) and calls `run()`. Pool arguments are per rank:
+    `num_blocks` blocks of `block_size` tokens (the same token capacity as on one device, each
+    block `1/tp` the bytes), `host_pool_bytes` of host memory per rank. Without `cost_model`
+    the forward is measured on the sharded model (all-reduces included) and the KV bytes per
+    token are this rank's share; the driver's figures are used everywhere (measuring takes a
+    moment and is not cached: pass one engine's `.cost` to the next).
+    `verify_replicas` compares a digest of every rank's queues, block tables and batch before
+    each forward and after each step (two 8-byte all-gathers) and raises
+    `ReplicaDivergenceError` on a mismatch.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any = None,
+        policy: str = "min-waste",
+        num_blocks: int | None = None,
+        block_size: int | None = None,
+        host_pool_bytes: int | None = None,
+        max_batch_tokens: int = 256,
+        cost_model: CostModel | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        max_tool_workers: int = 8,
+        attention_backend: str = "auto",
+        verify_replicas: bool = True,
+        cpu_group_timeout: float | None = None,
+    ) -> None:
+        helper = _helper_for(model, cpu_group_timeout)
+        self.helper = helper
+        self.verify_replicas = verify_replicas
+        dtype = next(model.parameters()).dtype
+        tp_size = helper.tp_size
+        ranks_per_host = int(os.environ.get("LOCAL_WORLD_SIZE", tp_size))
+        sizes = rank_pool_sizes(model, dtype, num_blocks, block_size, host_pool_bytes, tp_size, ranks_per_host)
+        agreed = helper.tp_all_reduce_min(torch.tensor([sizes.num_blocks, sizes.num_host_blocks]), on_cpu=True)
+        num_blocks, num_host_blocks = agreed.tolist()
+        rank_kv = rank_kv_bytes_per_token(model.config, dtype, tp_size)
+        cost = helper.tp_broadcast_object_from_rank_0(cost_model)  # the driver's choice decides who measures
+        if cost is None:
+            cost = helper.tp_broadcast_object_from_rank_0(self._measure_cost(model, dtype, rank_kv))
+        self._samplers: dict[int, Sampler] = {}
+        self._inbox: list[tuple] = []
+        super().__init__(
+            model,
+            tokenizer=tokenizer,
+            policy=policy,
+            num_blocks=num_blocks,
+            block_size=sizes.block_size,
+            # the engine divides by whole-model block bytes; this makes it arrive at num_host_blocks
+            host_pool_bytes=num_host_blocks * rank_kv * tp_size * sizes.block_size,
+            max_batch_tokens=max_batch_tokens,
+            cost_model=cost,
+            clock=ReplicatedClock(clock, helper),
+            max_tool_workers=max_tool_workers,
+            executor=lambda m, c: DriverSampledRunner(
+                ModelRunner(m, c, attention_backend), helper, self._samplers, self._verify if verify_replicas else None
+            ),
+            distributed_helper=helper,
+        )
+        if not self.is_driver:
+            self.executor = ReplicaToolExecutor()
+
+    def _measure_cost(self, model: torch.nn.Module, dtype: torch.dtype, rank_kv: int) -> CostModel | None:
+        """T_fwd of the sharded forward (all ranks run it: it is collective); the driver fits it."""
+        points = measure_forward(model)
+        if not self.helper.is_tp_driver:
+            return None
+        a, b = fit_linear(points)
+        return load_or_profile(model, dtype, model.device, fwd_per_token_s=a, fwd_fixed_s=b,
+                               saturation_tokens=saturation_point(points), kv_bytes_per_token=rank_kv)
+
+    @property
+    def is_driver(self) -> bool:
+        return self.helper.is_tp_driver
+
+    # ------------------------------------------------------------------ driver-side input
+    def add_request(
+        self,
+        prompt_ids: Sequence[int] | torch.Tensor,
+        max_new_tokens: int = 128,
+        tools: Sequence[Tool] | None = None,
+        interceptions: Scripted | None = None,
+        sampler: Sampler | None = None,
+        eos_token_id: int | Sequence[int] | None = None,
+        arrival_time: float | None = None,
+        on_event: Any = None,
+    ) -> int | None:
+        """On the driver: validate and queue at once (the id is final), and tell the workers at
+        the next step. On a worker: ignored, returns None."""
+        if not self.is_driver:
+            return None
+        with self._lock:
+            arrival = self.clock.source() if arrival_time is None else arrival_time
+            rid = super().add_request(prompt_ids, max_new_tokens, tools, interceptions, None, eos_token_id,
+                                      arrival, on_event)
+            req = self._requests[rid]
+            if sampler is not None:
+                self._samplers[rid] = sampler
+            replica = dict(
+                prompt_ids=req.tokens[: req.prompt_len],
+                max_new_tokens=req.max_new_tokens,
+                tools=[dataclasses.replace(t, fn=driver_only) for t in req.tools],
+                interceptions=req.scripted,
+                eos_token_id=sorted(req.eos_token_ids),
+                arrival_time=arrival,
+            )
+            self._inbox.append(("add", rid, replica))
+        return rid
+
+    def cancel(self, request_id: int) -> bool:
+        """On the driver as `InterceptEngine.cancel`, replayed on the workers; False on a worker."""
+        if not self.is_driver:
+            return False
+        with self._lock:
+            t = self.clock.source()
+            with self.clock.frozen(t):
+                cancelled = super().cancel(request_id)
+            if cancelled:
+                self._inbox.append(("cancel", request_id, t))
+        return cancelled
+
+    # ------------------------------------------------------------------ the loop
+    def step(self) -> list[RequestResult]:
+        """One step on every rank (driver only: workers mirror it inside `run()`)."""
+        if not self.is_driver:
+            raise RuntimeError("on a worker rank call run(): it mirrors every step the driver takes")
+        with self._lock:
+            self._check_open()
+            self._exchange("step")
+            results = self._replica_step()
+        self._dispatch_events()
+        return results
+
+    def run(self, progress: bool = False) -> dict[int, RequestResult]:
+        """Driver: as `InterceptEngine.run`, every rank stepping along. Worker: mirror the driver
+        until its `run()` returns or it closes the engine; returns the same results."""
+        self._check_open()
+        if not self.is_driver:
+            return self._follow(until_close=False)
+        results: dict[int, RequestResult] = {}
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(self._requests), desc="requests", unit="req")
+        while True:
+            with self._lock:
+                if self._closed:
+                    break
+                if not self._requests:
+                    self._exchange("return")
+                    break
+                self._exchange("step")
+                finished = self._replica_step()
+            self._dispatch_events()
+            results.update((r.request_id, r) for r in finished)
+            if bar is not None and finished:
+                bar.update(len(finished))
+            if not finished:
+                self.wait_for_work()
+        if bar is not None:
+            bar.close()
+        return results
+
+    def close(self) -> None:
+        """Every rank calls it; a worker keeps mirroring the driver until the driver closes too."""
+        if self._closed:
+            return
+        if self.is_driver:
+            with self._lock:
+                self._exchange("close")
+                self._shut_down()
+        else:
+            self._follow(until_close=True)
+
+    def _shut_down(self) -> None:
+        super().close()
+        dist.barrier(group=self.helper.cpu_comm_group)  # nobody tears the group down under a late receiver
+        self.helper.destroy_cpu_comm_group()
+
+    def _follow(self, until_close: bool) -> dict[int, RequestResult]:
+        results: dict[int, RequestResult] = {}
+        while True:
+            command, events = self._exchange(None)
+            with self._lock:
+                self._replay(events)
+                if command == "close":
+                    self._shut_down()
+                    return results
+                if command == "step":
+                    results.update((r.request_id, r) for r in self._replica_step())
+                elif not until_close:
+                    return results
+
+    def _exchange(self, command: str | None) -> tuple[str, list[tuple]]:
+        """The driver's command and the inputs that reached it since the last one, on every rank."""
+        message = None
+        if self.is_driver:
+            message, self._inbox = (command, self._inbox), []
+        return self.helper.tp_broadcast_object_from_rank_0(message)
+
+    def _replay(self, events: list[tuple]) -> None:
+        """Workers apply the driver's adds and cancels in the driver's order, at the driver's times."""
+        if self.is_driver:
+            return
+        for kind, rid, payload in events:
+            if kind == "add":
+                got = super().add_request(**payload)
+                if got != rid:
+                    raise ReplicaDivergenceError(f"request id {got} on this rank, {rid} on the driver")
+            else:
+                with self.clock.frozen(payload):
+                    super().cancel(rid)
+
+    def _replica_step(self) -> list[RequestResult]:
+        with self.clock.synced():
+            results = self._step()
+        if self.verify_replicas:
+            self._verify()
+        for r in results:
+            self._samplers.pop(r.request_id, None)
+        return results
+
+    def _collect_answers(self, now: float, done: list[Request]) -> None:
+        """The driver polls its tool calls and scripted deadlines; every rank resumes the same requests."""
+        answers = None
+        if self.is_driver:
+            answers = [(r.request_id, a) for r in list(self.scheduler.paused) if (a := r.pending.poll(now)) is not None]
+        for rid, answer in self.helper.tp_broadcast_object_from_rank_0(answers):
+            self._resume(self._requests[rid], answer, now, done)
+
+    # ------------------------------------------------------------------ replica check
+    def state_digest(self, chunks: Sequence[Chunk] = ()) -> int:
+        """A hash of what must agree across ranks: queues, per-request progress, block tables, the batch."""
+        s, cache = self.scheduler, self.cache
+        batch = [(c.request.request_id, c.start, c.length) for c in chunks]
+        queues = [[(r.request_id, r.status.value, r.num_cached, len(r.tokens), r.tokens[-1], r.strategy) for r in q]
+                  for q in (s.waiting, s.running, s.paused)]
+        device = [sorted((rid, tuple(t)) for rid, t in a.block_table.items()) for a in cache.cache_allocators.values()]
+        host = [sorted((rid, tuple(t)) for rid, t in h.tables.items()) for h in cache.host.values()]
+        blob = repr((batch, queues, device, host, self._next_id, cache.free_device_blocks(), cache.free_host_blocks()))
+        return int.from_bytes(hashlib.blake2b(blob.encode(), digest_size=7).digest(), "big")
+
+    def _verify(self, chunks: Sequence[Chunk] = ()) -> None:
+        """Checked before each forward and after each step: a rank with a forward and one without
+        still pair up their all-gathers here, so a divergence raises instead of deadlocking."""
+        mine = torch.tensor([self.state_digest(chunks)], dtype=torch.int64)
+        every = [torch.zeros_like(mine) for _ in range(self.helper.tp_size)]
+        dist.all_gather(every, mine, group=self.helper.cpu_comm_group)
+        if len({int(d) for d in every}) > 1:
+            raise ReplicaDivergenceError(
+                f"step {self.stats_.steps}: scheduler state differs across ranks (digests {[int(d) for d in every]})"
+            )
+
