@@ -6,6 +6,7 @@ chunks, whichever wastes the least memory-time.
 """
 from .api import custom_generate, generate
 from .cache import InterceptPagedCache
+from .distributed import TensorParallelEngine, build_engine
 from .engine import InterceptEngine
 from .outputs import InterceptionRecord, RequestEvent, RequestResult
 from .policy import CostModel
@@ -28,9 +29,11 @@ __all__ = [
     "RequestResult",
     "Sampler",
     "Scripted",
+    "TensorParallelEngine",
     "Tool",
     "ToolCall",
     "UnsupportedModelError",
+    "build_engine",
     "custom_generate",
     "generate",
 ]
