@@ -14,6 +14,7 @@ resumed request re-enters at the back like a new vLLM request.
 """
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 
 from .cache import InterceptPagedCache
@@ -30,6 +31,7 @@ from .policy import (
 from .request import Request, Status
 from .runner import Chunk
 
+SWAP_LOG_LENGTH = 100_000
 POLICIES = ("discard", "discard-head", "preserve", "swap", "min-waste")
 
 
@@ -78,7 +80,8 @@ class Scheduler:
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self.paused: list[Request] = []
-        self.swap_log: list[SwapIteration] = []  # min-waste: budget and tokens moved, per iteration
+        # min-waste: budget and tokens moved, per iteration (the most recent ones: a server runs for ever)
+        self.swap_log: deque[SwapIteration] = deque(maxlen=SWAP_LOG_LENGTH)
         self.preemptions = 0
 
     # ------------------------------------------------------------------ transitions

@@ -40,8 +40,9 @@ def as_token_ids(values: Any, what: str) -> list[int]:
 
 
 def positive_int(value: Any, what: str) -> int:
+    """`value` as an int >= 1; `2.5`, `True` and `"3"` are refused rather than coerced."""
     try:
-        n = operator.index(value) if not isinstance(value, bool) else None
+        n = None if isinstance(value, bool) else operator.index(value)
     except TypeError:
         n = None
     if n is None or n < 1:

@@ -2,8 +2,10 @@
 tool-aware reference, and tools that fail on purpose."""
 from __future__ import annotations
 
+import asyncio
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 
 import infercept_hf as ih
 from conftest import greedy
@@ -63,3 +65,18 @@ def reference_tool(model, prompt: list[int], end_tok: int, answer: list[int], ma
         if left > 0:  # stopped at the trigger, with tokens still to generate
             ctx += answer
     return ctx[len(prompt):]
+
+
+def eventually(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Wait for something another thread does; fail (rather than hang) if it never happens."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting for another thread"
+        time.sleep(0.005)
+
+
+async def eventually_async(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting for the engine"
+        await asyncio.sleep(0.005)
