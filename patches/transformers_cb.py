@@ -41,6 +41,7 @@ __all__ = [
     "SLIDING_ATTENTION",
     "PagedAttentionCache",
     "PagedKVView",
+    "UnsupportedModelError",
     "attention_layer_groups",
     "build_packed_mask",
     "cb_config",
@@ -118,6 +119,10 @@ def build_packed_mask(
     return mask
 
 
+class UnsupportedModelError(NotImplementedError):
+    """The model cannot run on the packed paged forward; the message names the architecture and why."""
+
+
 class PagedKVView(Cache):
     """`past_key_values` for one packed forward: routes each layer's update to the paged cache.
 
@@ -137,11 +142,29 @@ class PagedKVView(Cache):
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer_idx not in self.updated_layers:
+            self._check_geometry(key_states, layer_idx)
         self.updated_layers.add(layer_idx)
         if not self.write:
             self.cache.pipeline.before_layer(layer_idx)
             return key_states, value_states
-        return self.cache.update(key_states, value_states, layer_idx, dict(self.kwargs))
+        home, store = key_states.device, self.cache.cache_tensor.device
+        if home == store:
+            return self.cache.update(key_states, value_states, layer_idx, dict(self.kwargs))
+        # a layer that accelerate placed on another device than the cache (a multi-GPU device_map)
+        k, v = self.cache.update(key_states.to(store), value_states.to(store), layer_idx, dict(self.kwargs))
+        return k.to(home), v.to(home)
+
+    def _check_geometry(self, key_states: torch.Tensor, layer_idx: int) -> None:
+        """A config that misstates the KV heads would otherwise fail deep in an index copy, or not at all."""
+        alloc = self.cache.layer_to_allocator[layer_idx]
+        got = tuple(key_states.shape[1::2])
+        if got != (alloc.num_key_value_heads, alloc.head_dim):
+            raise UnsupportedModelError(
+                f"layer {layer_idx} writes keys of {got[0]} heads x {got[1]} dims but its config says "
+                f"{alloc.num_key_value_heads} x {alloc.head_dim}: the paged cache cannot hold them "
+                "(a per-model entry in patches/architectures.py can correct the geometry)"
+            )
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0

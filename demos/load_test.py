@@ -1,0 +1,104 @@
+"""The load-test tab: N simulated users on a workload mix, every policy on the same trace.
+
+All of it is the benchmark's own code (`infercept_hf.bench`): the trace generator, the
+replay loop and the metrics. This module only picks defaults small enough to finish in
+seconds on a CPU and shapes one row per policy for the UI.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from infercept_hf.bench import runner
+from infercept_hf.bench.presets import PRESETS, get_preset
+from infercept_hf.bench.simulator import meta_model
+from infercept_hf.bench.workloads import KINDS, MIX, generate_trace
+from infercept_hf.policy import CostModel
+from infercept_hf.scheduler import POLICIES
+
+REAL = "this machine (the chat model)"
+HARDWARE = (REAL, *PRESETS)
+MIXES = (MIX, *KINDS)
+DEFAULT_POLICIES = ("discard", "preserve", "swap", "min-waste")
+COLUMNS = ("policy", "completed req/s", "normalized latency (ms/token)", "p99 normalized (ms/token)",
+           "recomputed tokens", "swapped MB", "pauses by strategy", "run (s)")
+
+
+@dataclass(frozen=True)
+class LoadTest:
+    """One load test. On this machine tool pauses and lengths are scaled down (the paper's
+    pauses last up to a minute); a simulator preset replays them at full scale on a virtual clock."""
+
+    users: int = 16
+    rate: float = 20.0  # users arriving per second (Poisson): a burst, so paused contexts compete
+    mix: str = MIX
+    policies: tuple[str, ...] = DEFAULT_POLICIES
+    hardware: str = REAL
+    time_scale: float = 0.01
+    context_scale: float = 0.1
+    num_blocks: int = 32  # 512 tokens of KV: sixteen users do not all fit
+    seed: int = 0
+
+    def check(self) -> None:
+        """Raise ValueError with a message fit for the UI."""
+        if not 1 <= self.users <= 500:
+            raise ValueError(f"Users must be between 1 and 500, got {self.users}.")
+        if not self.rate > 0:
+            raise ValueError(f"The arrival rate must be above 0 users/s, got {self.rate}.")
+        if self.mix not in MIXES:
+            raise ValueError(f"Unknown workload {self.mix!r}; choose one of {', '.join(MIXES)}.")
+        if not self.policies:
+            raise ValueError("Pick at least one policy.")
+        bad = [p for p in self.policies if p not in POLICIES]
+        if bad:
+            raise ValueError(f"Unknown policies {bad}; choose from {', '.join(POLICIES)}.")
+        if self.hardware not in HARDWARE:
+            raise ValueError(f"Unknown hardware {self.hardware!r}; choose one of {', '.join(HARDWARE)}.")
+
+
+def _row(policy: str, summary: dict) -> dict:
+    latency = summary["normalized_latency_mean_s"]
+    p99 = summary["normalized_latency_p99_s"]
+    return dict(zip(COLUMNS, (
+        policy,
+        round(summary["completed_rps"], 3),
+        None if latency is None else round(latency * 1000, 2),
+        None if p99 is None else round(p99 * 1000, 2),
+        summary.get("recomputed_tokens", 0),
+        round(summary.get("swapped_bytes", 0) / 1e6, 2),
+        ", ".join(f"{k} {v}" for k, v in sorted(summary.get("strategies", {}).items())),
+        round(summary["duration_s"], 2),
+    )))
+
+
+def _max_positions(model: torch.nn.Module) -> int | None:
+    config = model.config.get_text_config()
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
+def run(test: LoadTest, model: torch.nn.Module, cost_model: CostModel | None) -> Iterator[dict]:
+    """One row per policy, yielded as each run ends (the UI redraws in between)."""
+    test.check()
+    if test.hardware == REAL:
+        limits = [n for n in (_max_positions(model), test.num_blocks * 16) if n]
+        trace = generate_trace(test.mix, test.users, test.rate, test.seed, test.time_scale, test.context_scale,
+                               min(limits))
+        settings = runner.EngineSettings(test.num_blocks, 16, 256, None, cost_model)
+    else:
+        preset = get_preset(test.hardware)
+        model = meta_model(preset.make_config())
+        trace = generate_trace(test.mix, test.users, test.rate, test.seed, max_context=preset.max_context)
+    jobs = runner.make_jobs(trace, model.config.get_text_config().vocab_size, test.seed)
+    for policy in test.policies:
+        if test.hardware == REAL:
+            result = runner.run_real(model, policy, jobs, settings)
+        else:
+            result = runner.run_simulated(preset, model, policy, jobs)
+        yield _row(policy, runner.summarize_run(policy, test.rate, result))
+
+
+def parse_policies(names: Sequence[str]) -> tuple[str, ...]:
+    """Policies in the engine's order, whatever order they were ticked in."""
+    return tuple(p for p in POLICIES if p in names) + tuple(p for p in names if p not in POLICIES)

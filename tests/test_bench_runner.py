@@ -1,0 +1,84 @@
+"""The benchmark runner: the CLI end to end, the peers, and the sustainable-rate reading."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from infercept_hf.bench import runner
+from infercept_hf.bench.__main__ import main
+from infercept_hf.bench.metrics import RUN_KEYS
+from infercept_hf.bench.workloads import generate_trace
+
+from conftest import TEST_COST, VOCAB, tiny_model
+
+VLLM_KEYS = ("mean_ttft_ms", "p99_tpot_ms", "median_itl_ms", "p99_e2el_ms", "request_throughput",
+             "output_throughput", "goodput")
+
+
+def test_cli_end_to_end(tmp_path, monkeypatch):
+    monkeypatch.setenv("INFERCEPT_CACHE_DIR", str(tmp_path / "profiles"))
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # leave the session's thread count alone
+    out = tmp_path / "bench"
+    main(["--model", "tiny", "--num-requests", "4", "--qps", "8,16", "--policies", "discard,min-waste",
+          "--num-blocks", "48", "--time-scale", "0.005", "--context-scale", "0.05", "--out", str(out)])
+    data = json.loads((out / "results.json").read_text())
+    runs = data["runs"]
+    assert [(r["policy"], r["qps"]) for r in runs] == [
+        ("discard", 8.0), ("min-waste", 8.0), ("discard", 16.0), ("min-waste", 16.0)
+    ]
+    for run in runs:
+        for key in (*RUN_KEYS, *VLLM_KEYS):
+            assert run[key] is not None, key
+        assert run["completed"] == 4
+        assert set(run["waste_by_cause"]) == {"preserve", "swap", "discard"}
+        assert 0 <= run["recompute_share"] <= 1
+    assert runs[0]["recompute_share"] > 0  # discard recomputes every resumed context
+    assert set(data["sustainable_rate"]) == {"discard", "min-waste"}
+    for name in ("latency_vs_rate.png", "memory_discard.png", "memory_min-waste.png"):
+        assert (out / name).read_bytes()[:4] == b"\x89PNG"
+    summary = (out / "summary.md").read_text()
+    assert "| min-waste |" in summary and "Sustainable rate" in summary
+
+
+def test_every_contender_produces_the_same_tokens():
+    """Greedy float32: the policies and both transformers peers differ in cost, never in output."""
+    model = tiny_model("llama")
+    trace = generate_trace("mix", 3, 20.0, 1, time_scale=0.002, context_scale=0.04, max_context=96)
+    jobs = runner.make_jobs(trace, VOCAB, seed=1)
+    settings = runner.EngineSettings(num_blocks=32, block_size=8, max_batch_tokens=64, cost_model=TEST_COST)
+    tokens = {}
+    for policy in ("discard", "oracle", "hf-cb", "hf-generate"):
+        run = runner.run_real(model, policy, jobs, settings)
+        assert [r.finish_reason for r in run.results] == ["length"] * 3, policy
+        assert [len(r.interceptions) for r in run.results] == [len(j.scripted) for j in jobs]
+        tokens[policy] = [r.token_ids for r in run.results]
+        summary = runner.summarize_run(policy, 20.0, run)
+        assert summary["completed"] == 3
+        if policy.startswith("hf-"):
+            assert summary["recomputed_tokens"] > 0  # every resubmission re-reads some context
+    assert tokens["oracle"] == tokens["discard"] == tokens["hf-cb"] == tokens["hf-generate"]
+
+
+def test_sustainable_rate_interpolates_the_slo_crossing():
+    runs = [
+        {"policy": "a", "qps": 1.0, "normalized_latency_mean_s": 0.05},
+        {"policy": "a", "qps": 2.0, "normalized_latency_mean_s": 0.08},
+        {"policy": "a", "qps": 3.0, "normalized_latency_mean_s": 0.12},
+        {"policy": "a", "qps": 4.0, "normalized_latency_mean_s": 0.09},  # past the first failure: ignored
+        {"policy": "b", "qps": 1.0, "normalized_latency_mean_s": 0.5},
+        {"policy": "c", "qps": 1.0, "normalized_latency_mean_s": 0.01},
+        {"policy": "c", "qps": 2.0, "normalized_latency_mean_s": 0.02},
+    ]
+    rates = runner.sustainable_rates(runs, 0.1)
+    assert rates["a"] == pytest.approx(2.5)
+    assert rates["b"] is None
+    assert rates["c"] == 2.0
+
+
+def test_unknown_policy_is_refused():
+    with pytest.raises(ValueError, match="unknown policies"):
+        runner.check_policies(["min-waste", "fastest"])
+    with pytest.raises(SystemExit):
+        main(["--simulate", "no-such/gpu"])
