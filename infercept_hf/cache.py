@@ -215,9 +215,9 @@ class InterceptPagedCache(PagedAttentionCache):
         n = self.host_blocks(rid)
         if n == 0:
             return True
-        if self.free_device_blocks() < n:
+        if not self._room_for_host_tail(rid):
             self.pool.try_to_free_sectors()
-            if self.free_device_blocks() < n:
+            if not self._room_for_host_tail(rid):
                 return False
         for name, alloc in self.cache_allocators.items():
             host = self.host[name]
@@ -263,6 +263,14 @@ class InterceptPagedCache(PagedAttentionCache):
             if not table:
                 host.tables.pop(rid, None)
         return n
+
+    def _room_for_host_tail(self, rid: str) -> bool:
+        """Room on device for the whole host tail: allocators share the free sectors, so count them once."""
+        sectors = 0
+        for name, alloc in self.cache_allocators.items():
+            missing = len(self.host[name].tables.get(rid, ())) - self.pool.count_free_blocks(alloc.index)
+            sectors += max(0, -(-missing // alloc.blocks_per_sector))
+        return sectors <= self.pool.num_free_sectors
 
     def _take_device_blocks(self, alloc, n: int) -> list[int]:
         while self.pool.count_free_blocks(alloc.index) < n:

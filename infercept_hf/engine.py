@@ -19,6 +19,9 @@ from typing import Any
 
 import torch
 
+from patches.architectures import paged_cache_config
+from patches.placement import execution_device
+
 from .cache import InterceptPagedCache
 from .estimator import DurationEstimator
 from .memory import default_pool_sizes
@@ -94,8 +97,9 @@ class InterceptEngine:
         if distributed_helper is None and (getattr(model, "tp_size", None) or 1) > 1:
             raise ValueError(f"the model is sharded across {model.tp_size} ranks (tensor parallel): serve it with "
                              "infercept_hf.distributed.TensorParallelEngine (or build_engine) on every rank")
-        config = model.config.get_text_config()
+        config = paged_cache_config(model)
         dtype = next(model.parameters()).dtype
+        device = execution_device(model)
         sizes = default_pool_sizes(model, dtype, num_blocks, block_size, host_pool_bytes)
         self.cache = InterceptPagedCache(
             config,
@@ -104,10 +108,10 @@ class InterceptEngine:
             num_host_blocks=sizes.num_host_blocks,
             max_batch_tokens=max_batch_tokens,
             dtype=dtype,
-            device=model.device,
+            device=device,
             distributed_helper=distributed_helper,
         )
-        self.cost = cost_model or load_or_profile(model, dtype, model.device)
+        self.cost = cost_model or load_or_profile(model, dtype, device)
         self.estimator = DurationEstimator()
         self.scheduler = Scheduler(self.cache, policy, max_batch_tokens, self.cost, self.estimator)
         self.runner = executor(model, self.cache) if executor else ModelRunner(model, self.cache, attention_backend)

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from patches.placement import execution_device
 from patches.transformers_cb import find_head_dim, find_num_key_value_heads
 
 from .policy import CostModel
@@ -49,7 +50,7 @@ def measure_forward(
     """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
-    device = model.device
+    device = execution_device(model)
     if token_counts is None:
         token_counts = CUDA_TOKEN_COUNTS if device.type == "cuda" else CPU_TOKEN_COUNTS
     config = model.config.get_text_config()

@@ -14,10 +14,12 @@ from dataclasses import dataclass
 
 import torch
 
+from patches.placement import execution_device
 from patches.transformers_cb import (
     FULL_ATTENTION,
     SLIDING_ATTENTION,
     PagedKVView,
+    UnsupportedModelError,
     attention_implementation,
     build_packed_mask,
     page_table,
@@ -39,10 +41,6 @@ class Chunk:
     def sample(self) -> bool:
         """A chunk that reaches the end of the token log yields the request's next token."""
         return self.start + self.length == len(self.request.tokens)
-
-
-class UnsupportedModelError(NotImplementedError):
-    pass
 
 
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
@@ -85,11 +83,11 @@ class ModelRunner:
         self.backend = resolve_attention_backend(attention_backend, model, cache)
         if self.backend == "triton":
             self.kernel_name = register_kernel_attention(_kernel_attention)
-        self.device = model.device
+        self.device = execution_device(model)
         self.mask_dtype = next(model.parameters()).dtype
         if not self.mask_dtype.is_floating_point:
             self.mask_dtype = torch.float32
-        self.sliding_window = getattr(model.config, "sliding_window", None) or 1
+        self.sliding_window = getattr(model.config.get_text_config(), "sliding_window", None) or 1
         self.takes_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
         self._checked = False
 

@@ -50,7 +50,7 @@ def _refusal(config: Any) -> str | None:
 
 
 def _falcon_kv_heads(config: Any) -> int:
-    """Falcon (5.x) stores 1 KV head for multi-query, all heads for the new decoder architecture.
+    """Falcon (transformers 5.23) stores 1 KV head for multi-query, all heads for the new decoder architecture.
 
     Its config keeps `num_kv_heads` (not the `num_key_value_heads` the paged cache reads), and
     the new architecture broadcasts K/V to every query head before `update`.

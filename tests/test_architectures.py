@@ -30,6 +30,7 @@ from transformers import (
     GPTNeoConfig,
     JambaConfig,
     MambaConfig,
+    MptConfig,
     Phi3Config,
     Qwen3Config,
     T5Config,
@@ -69,6 +70,7 @@ CONFIGS.update({
                                          alibi=True),
     "gpt_neo": lambda: GPTNeoConfig(vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=4, window_size=WINDOW,
                                     attention_types=[[["global", "local"], 1]], max_position_embeddings=512),
+    "mpt": lambda: MptConfig(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, max_seq_len=512),
     "mamba": lambda: MambaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, state_size=4),
     "jamba": lambda: JambaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                  num_attention_heads=4, num_key_value_heads=2, attn_layer_period=2, attn_layer_offset=1,
@@ -81,7 +83,7 @@ CONFIGS.update({
 })
 SUPPORTED = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "gemma3_multimodal", "gpt2", "gptj",
              "gpt_neox", "falcon", "gpt_bigcode"]
-REFUSED_AT_BUILD = ["bloom", "falcon_alibi", "gpt_neo", "mamba", "jamba", "t5"]
+REFUSED_AT_BUILD = ["bloom", "mpt", "falcon_alibi", "gpt_neo", "mamba", "jamba", "t5"]
 
 # (kind, row) -> cell: parity outcomes per policy, and refusal messages; rendered by the last test.
 RESULTS: dict[tuple[str, str], dict[str, str]] = {}
