@@ -359,7 +359,7 @@ class InterceptEngine:
         pending: PendingCall | None = None
         segment = req.next_segment
         if segment is not None and len(req.generated_since_resume()) >= segment.n_tokens:
-            pending = ScriptedCall(segment, now)
+            pending = ScriptedCall(segment, now, req.scripted.name)
         elif req.request_id in self._matchers:
             hit = self._matchers[req.request_id].match(req.generated_since_resume())
             if hit is not None:

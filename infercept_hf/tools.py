@@ -124,12 +124,14 @@ class Scripted:
 
     `Scripted([(40, 0.5, [11, 12]), (25, 3.0, [14])])`: after 40 generated tokens pause
     0.5 s and append [11, 12]; 25 tokens after resuming pause 3 s and append [14]; then
-    generate on normally.
+    generate on normally. `name` plays the tool's part for pause estimates: scripted pauses of
+    one kind (e.g. a workload type) share a running estimate, different kinds do not.
     """
 
-    name = "scripted"
-
-    def __init__(self, segments: Sequence[tuple[int, float, Sequence[int]]]) -> None:
+    def __init__(self, segments: Sequence[tuple[int, float, Sequence[int]]], name: str = "scripted") -> None:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"Scripted name must be a non-empty string, got {name!r}")
+        self.name = name
         parsed = []
         for i, seg in enumerate(segments):
             try:
@@ -186,8 +188,8 @@ class PendingCall:
 class ScriptedCall(PendingCall):
     """Ready once the engine's clock passes the scripted deadline."""
 
-    def __init__(self, segment: Segment, started_at: float) -> None:
-        super().__init__(Scripted.name, "", started_at, segment.pause_s)
+    def __init__(self, segment: Segment, started_at: float, name: str = "scripted") -> None:
+        super().__init__(name, "", started_at, segment.pause_s)
         self.deadline = started_at + segment.pause_s
         self.answer = list(segment.answer_ids)
 

@@ -19,10 +19,13 @@ VLLM_KEYS = ("mean_ttft_ms", "p99_tpot_ms", "median_itl_ms", "p99_e2el_ms", "req
 
 def test_cli_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setenv("INFERCEPT_CACHE_DIR", str(tmp_path / "profiles"))
-    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # leave the session's thread count alone
     out = tmp_path / "bench"
-    main(["--model", "tiny", "--num-requests", "4", "--qps", "8,16", "--policies", "discard,min-waste",
-          "--num-blocks", "48", "--time-scale", "0.005", "--context-scale", "0.05", "--out", str(out)])
+    threads = torch.get_num_threads()
+    try:
+        main(["--model", "tiny", "--num-requests", "4", "--qps", "8,16", "--policies", "discard,min-waste",
+              "--num-blocks", "48", "--time-scale", "0.005", "--context-scale", "0.05", "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)  # main() sets its own; leave the session's as it was
     data = json.loads((out / "results.json").read_text())
     runs = data["runs"]
     assert [(r["policy"], r["qps"]) for r in runs] == [

@@ -45,8 +45,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="infercept-bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="demo",
-                   help="demo (bundled; a tiny random Llama until it is trained), tiny, smollm2, or a transformers id/path")
-    p.add_argument("--trace", help="a trace file: our JSONL (*.jsonl) or the reference form (*.json, arrivals from --qps)")
+                   help="demo (bundled; a tiny random Llama until it is trained), tiny, smollm2, "
+                        "or a transformers id/path")
+    p.add_argument("--trace",
+                   help="a trace file: our JSONL (*.jsonl) or the reference form (*.json, arrivals from --qps)")
     p.add_argument("--mix", default=MIX, choices=[*KINDS, MIX], help="workload to generate when no --trace is given")
     p.add_argument("--num-requests", type=int, default=40)
     p.add_argument("--qps", default="2", help="request rate(s), comma-separated to sweep")
@@ -64,7 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="normalized latency SLO in s/token for the sustainable rate")
     p.add_argument("--simulate", choices=list(PRESETS), help="simulate a paper-scale model and GPU instead of running")
     p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (default 1: small models gain nothing from more, a busy machine loses a lot)")
+                   help="torch CPU threads (default 1: small models gain nothing from more, "
+                        "a busy machine loses a lot)")
     p.add_argument("--out", default="bench_out")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -74,6 +77,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.context_scale is None:
         args.context_scale = 1.0 if simulated else 0.5
     args.policies = runner.check_policies((args.policies or (SIM_POLICIES if simulated else REAL_POLICIES)).split(","))
+    if simulated and set(args.policies) & set(runner.PEERS):
+        p.error(f"{', '.join(runner.PEERS)} run a real model and cannot be simulated")
     args.rates = sorted(float(q) for q in args.qps.split(","))
     args.command = "infercept-bench " + shlex.join(sys.argv[1:] if argv is None else argv)
     return args
@@ -105,7 +110,7 @@ def load_model(name: str) -> tuple[torch.nn.Module, str]:
 
             return demo_model()[0], "demo"
         except (ImportError, FileNotFoundError) as e:
-            log.warning("bundled demo model unavailable (%s): using a tiny random Llama (4 layers, hidden 128) instead", e)
+            log.warning("bundled demo model unavailable (%s): using a tiny random Llama (4 layers, hidden 128)", e)
             return tiny_random_llama(), "tiny-random-llama"
     if name == "tiny":
         return tiny_random_llama(), "tiny-random-llama"
@@ -196,10 +201,12 @@ def write_outputs(out: Path, runs: list[dict[str, Any]], timelines: dict[str, li
     lines = [f"# infercept-bench: {setup['model']}", "", f"`{setup['command']}`", "",
              ", ".join(f"{k} {v}" for k, v in setup.items() if k != "command"), "", markdown_summary(runs)]
     if len({r["qps"] for r in runs}) > 1:
-        lines += [f"### Sustainable rate (normalized latency mean <= {setup['slo_normalized_latency_s']:g} s/token)", "",
-                  "| policy | requests/s |", "|---|---|"]
+        slo = setup["slo_normalized_latency_s"]
         top = max(r["qps"] for r in runs)  # a policy that never broke the SLO sustains at least this
-        lines += [f"| {p} | {'-' if q is None else ('>= ' if q == top else '') + f'{q:.2f}'} |" for p, q in rates.items()]
+        lines += [f"### Sustainable rate (normalized latency mean <= {slo:g} s/token)", "",
+                  "| policy | requests/s |", "|---|---|"]
+        lines += [f"| {p} | {'-' if q is None else ('>= ' if q == top else '') + f'{q:.2f}'} |"
+                  for p, q in rates.items()]
         lines.append("")
     lines += ["![latency](latency_vs_rate.png)", ""]
     lines += [f"![memory {p}](memory_{p}.png)" for p in timelines]

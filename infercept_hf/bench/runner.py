@@ -115,11 +115,13 @@ def replay(
 
 
 def _sleep_until(t: float | None) -> None:
+    """Real clock: sleep toward the next event, at most 50 ms at a time (tools may answer early)."""
     delay = REAL_IDLE_POLL_S if t is None else t - time.perf_counter()
     time.sleep(min(max(delay, 0.0), 0.05))
 
 
-def _jump(clock: VirtualClock) -> Callable[[float | None], None]:
+def virtual_wait(clock: VirtualClock) -> Callable[[float | None], None]:
+    """Virtual clock: jump to the next event; with none ahead nothing can ever run again."""
     def wait_until(t: float | None) -> None:
         if t is None or t <= clock():
             raise RuntimeError(f"simulation stalled at t={clock():.3f}s: nothing runnable and no event ahead")
@@ -171,7 +173,7 @@ def run_simulated(preset: Preset, model: torch.nn.Module, policy: str, jobs: Seq
     engine, clock = preset_engine(preset, _engine_policy(policy), model)
     if policy == ORACLE:
         _use_oracle(engine)
-    results, duration = replay(engine, jobs, clock, _jump(clock), progress)
+    results, duration = replay(engine, jobs, clock, virtual_wait(clock), progress)
     if not engine.cache.is_empty():
         raise AssertionError("blocks left in the pools after every request finished")
     return _finish_engine_run(engine, results, duration)

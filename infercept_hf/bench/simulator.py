@@ -70,7 +70,9 @@ class HardwareModel:
     eff: Efficiency
 
     @classmethod
-    def for_model(cls, model: torch.nn.Module, gpu: GPU, num_gpus: int = 1, eff: Efficiency = Efficiency()) -> HardwareModel:
+    def for_model(
+        cls, model: torch.nn.Module, gpu: GPU, num_gpus: int = 1, eff: Efficiency = Efficiency()
+    ) -> HardwareModel:
         """Shape figures read off `model` (meta or real) and its config."""
         config = model.config.get_text_config()
         total = sum(p.numel() for p in model.parameters())
@@ -104,7 +106,8 @@ class HardwareModel:
         tokens = sum(n for _, n, _ in spans)
         sampled = sum(1 for _, _, s in spans if s)
         attn = sum(n * (start + (n + 1) / 2) for start, n, _ in spans)
-        flops = 2 * self.body_params * tokens + 2 * self.head_params * sampled + 4 * self.num_layers * self.attn_dim * attn
+        flops = (2 * self.body_params * tokens + 2 * self.head_params * sampled
+                 + 4 * self.num_layers * self.attn_dim * attn)
         kv_bytes = sum(start + n for start, n, _ in spans) * self.kv_bytes_per_token
         t_compute = flops / p / (gpu.fp16_flops * eff.compute)
         t_memory = (self.weight_bytes + kv_bytes) / p / (gpu.hbm_bytes_per_s * eff.hbm)
@@ -126,7 +129,9 @@ class HardwareModel:
         usable = self.num_gpus * (self.gpu.memory_bytes * eff.memory_fraction - eff.activation_bytes_per_gpu)
         free = usable - self.weight_bytes
         if free < self.kv_bytes_per_token * block_size:
-            raise ValueError(f"the weights ({self.weight_bytes / 1e9:.1f} GB) leave no room for KV on {self.num_gpus} GPU(s)")
+            raise ValueError(
+                f"the weights ({self.weight_bytes / 1e9:.1f} GB) leave no room for KV on {self.num_gpus} GPU(s)"
+            )
         return int(free // (self.kv_bytes_per_token * block_size))
 
     def cost_model(self) -> CostModel:
@@ -224,7 +229,9 @@ def sim_engine(
     return engine, clock
 
 
-def preset_engine(preset: Preset, policy: str, model: torch.nn.Module | None = None) -> tuple[InterceptEngine, VirtualClock]:
+def preset_engine(
+    preset: Preset, policy: str, model: torch.nn.Module | None = None
+) -> tuple[InterceptEngine, VirtualClock]:
     """An engine for `preset`, its KV pool sized from GPU memory minus weights (`model`: a
     `meta_model` of the preset's config to reuse across runs)."""
     model = model if model is not None else meta_model(preset.make_config())

@@ -231,5 +231,5 @@ def to_scripted(
         return rng.integers(min_token_id, vocab_size, size=n).tolist()
 
     prompt = ids(req.prompt_len)
-    scripted = Scripted([(n, p, ids(a)) for n, p, a in req.segments])
+    scripted = Scripted([(n, p, ids(a)) for n, p, a in req.segments], name=req.kind)
     return prompt, scripted, req.max_new_tokens
