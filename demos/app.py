@@ -41,7 +41,7 @@ log = logging.getLogger("infercept_demo")
 
 EMPTY_MESSAGE = "The message is empty: type a question first."
 EXAMPLES = ["What is 123 * 45?", "Compute 9876-1234", "What is the capital of France?", "Draw a red cat on the moon.",
-            "Read this aloud: the train is late", "I want to book a trip.", "Fetch the key."]
+            "Read this aloud: the train is late", "I want to book a trip.", "Fetch the lamp."]
 TICK_S = 0.25  # redraw a silent chat (a long tool pause) this often
 STREAM_EVERY_S = 0.1  # tokens are batched into redraws this far apart
 CHAT_CONCURRENCY = 16  # chats streaming at once: they share one engine, which batches them
@@ -219,10 +219,10 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     try:
         loaded = load_model(args.model)
-    except ModelLoadError as exc:
+        app = build_app(loaded.model, loaded.tokenizer, loaded.tools, args.policy, name=loaded.name,
+                        num_blocks=args.num_blocks)
+    except (ModelLoadError, ih.UnsupportedModelError, ValueError) as exc:  # ValueError: engine sizes
         sys.exit(f"error: {exc}")
-    app = build_app(loaded.model, loaded.tokenizer, loaded.tools, args.policy, name=loaded.name,
-                    num_blocks=args.num_blocks)
     try:
         app.launch(server_name=args.host, server_port=args.port, theme=gr.themes.Soft())
     finally:

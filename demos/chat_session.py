@@ -29,7 +29,7 @@ T = TypeVar("T")
 
 BUNDLED = "bundled"
 DEFAULT_NUM_BLOCKS = 64  # 1,024 tokens of KV: a few concurrent chats already compete for it
-MAX_NEW_TOKENS = 200
+MAX_NEW_TOKENS = 128  # the demo model has 512 positions; tool answers (a game room: ~100) need room too
 ANSWER_ROOM = 96  # positions kept free for tool answers when a long prompt shortens the reply
 USER_REPLY_S = 5.0  # the simulated user's think time when the model asks a follow-up question
 # How a model that was not trained on the demo's tool tags learns of them: from its chat turn.

@@ -70,7 +70,7 @@ def _row(policy: str, summary: dict) -> dict:
         round(summary.get("swapped_bytes", 0) / 1e6, 2),
         ", ".join(f"{k} {v}" for k, v in sorted(summary.get("strategies", {}).items())),
         round(summary["duration_s"], 2),
-    )))
+    ), strict=True))
 
 
 def _max_positions(model: torch.nn.Module) -> int | None:

@@ -71,7 +71,7 @@ class MemoryMonitor:
         recent = [s for s in list(engine.stats_.timeline) if s["t"] >= now - WINDOW_S]
         recent = recent[:: max(1, len(recent) // MAX_POINTS)] or [{"t": now, **dict.fromkeys(BLOCK_SERIES, 0)}]
         rows = []
-        for prev, sample in zip([None, *recent], recent):
+        for prev, sample in zip([None, *recent], recent, strict=False):
             if prev is not None and sample["t"] - prev["t"] > IDLE_GAP_S:  # drop to zero, not a slope across the gap
                 rows += self._block_rows({"t": sample["t"] - 0.01, **dict.fromkeys(BLOCK_SERIES, 0)})
             rows += self._block_rows(sample)

@@ -149,7 +149,7 @@ class Turn:
         self.pieces[-1] = text[: text.rindex(start)] if isinstance(start, str) and start in text else ""
 
     def _finish(self, result: ih.RequestResult) -> None:
-        for step, record in zip(self.steps, result.interceptions):
+        for step, record in zip(self.steps, result.interceptions, strict=False):
             step.settle(record)
         if result.finish_reason == "error":
             self.note = f"Error: the request failed: {result.error}"
