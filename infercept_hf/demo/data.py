@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import string
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -57,7 +58,7 @@ _QA_TEMPLATES = {
     "continent": ("On which continent is {c}?", "What continent is {c} in?", "Which continent is {c} part of?",
                   "continent of {c}?"),
 }
-_SWAPPED_ANSWER_SHARE = 0.35
+_SWAPPED_ANSWER_SHARE = 0.5
 _CONSONANTS = "bdfgklmnprstvz"
 _VOWELS = "aeiou"
 _UNKNOWN_PLACES = ("Atlantis", "Narnia", "Wakanda", "Elbonia", "Freedonia", "Genovia", "Latveria")
@@ -182,7 +183,10 @@ def qa_question(rng: random.Random, relation: str, country: str) -> str:
 
 
 def _made_up_name(rng: random.Random, relation: str) -> str:
-    name = "".join(rng.choice(_CONSONANTS) + rng.choice(_VOWELS) for _ in range(rng.randint(2, 4)))
+    """Any first letter: the first character is the one a model is most tempted to guess."""
+    name = rng.choice(string.ascii_lowercase) + "".join(
+        rng.choice(_VOWELS) + rng.choice(_CONSONANTS) for _ in range(rng.randint(1, 3))
+    )
     return name if relation == "currency" else name.capitalize()
 
 

@@ -26,7 +26,7 @@ from .tools import demo_tools
 
 EVAL_SEED = 20240
 MAX_NEW_TOKENS = 160
-GAME_MAX_NEW_TOKENS = 200
+GAME_MAX_NEW_TOKENS = 100
 
 
 @dataclass

@@ -49,10 +49,11 @@ class TextGame:
         self.inventory: list[str] = []
 
     def describe(self) -> str:
+        """Terse on purpose: the longest episode (shed to attic) must fit the 512 positions."""
         items = ", ".join(self.items[self.room]) or "nothing"
         exits = ", ".join(f"{d} {r}" for d, r in EXITS[self.room].items())
-        goal = f" Goal: {self.goal}." if self.goal else ""
-        return f"You are in the {self.room}. You see: {items}. Exits: {exits}.{goal}"
+        goal = f". goal: {self.goal}" if self.goal else ""
+        return f"{self.room}: {items}. exits: {exits}{goal}"
 
     def step(self, action: str) -> str:
         """Apply one action (`look`, `go <direction>`, `take <item>`) and return the observation."""
