@@ -25,7 +25,6 @@ from transformers.generation.configuration_utils import ContinuousBatchingConfig
 from transformers.generation.streamers import BaseStreamer
 
 from ..outputs import InterceptionRecord, RequestResult
-from ..tools import Scripted
 
 if TYPE_CHECKING:
     from tqdm.auto import tqdm
@@ -70,7 +69,7 @@ class _Transcript:
         paused_at = times[-1]
         self.submit_at = paused_at + seg.pause_s
         self.interceptions.append(
-            InterceptionRecord(Scripted.name, "", paused_at, self.submit_at, None, STRATEGY, len(seg.answer_ids), {})
+            InterceptionRecord(self.job.scripted.name, "", paused_at, self.submit_at, None, STRATEGY, len(seg.answer_ids), {})
         )
         self.context += list(seg.answer_ids)
         self.piece += 1
