@@ -39,7 +39,9 @@ import hashlib
 import os
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypedDict
+
+from typing_extensions import Unpack  # typing.Unpack is 3.11+
 
 import torch
 import torch.distributed as dist
@@ -59,6 +61,7 @@ from .tp_sizing import rank_kv_bytes_per_token, rank_pool_sizes
 
 __all__ = [
     "ReplicaDivergenceError",
+    "ReplicaOptions",
     "TensorParallelEngine",
     "TensorParallelError",
     "build_engine",
@@ -165,6 +168,15 @@ def _helper_for(model: torch.nn.Module, cpu_group_timeout: float | None) -> Dist
     return helper
 
 
+class ReplicaOptions(TypedDict, total=False):
+    """`InterceptEngine` arguments that a replica passes on unchanged: meaning and defaults are the engine's."""
+
+    tokenizer: Any
+    policy: str
+    max_batch_tokens: int
+    max_tool_workers: int
+
+
 class TensorParallelEngine(InterceptEngine):
     """`InterceptEngine` over a tensor-parallel model: one replica per rank, driven by rank 0.
 
@@ -176,25 +188,28 @@ class TensorParallelEngine(InterceptEngine):
     moment and is not cached: pass one engine's `.cost` to the next).
     `verify_replicas` compares a digest of every rank's queues, block tables and batch before
     each forward and after each step (two 8-byte all-gathers) and raises
-    `ReplicaDivergenceError` on a mismatch.
+    `ReplicaDivergenceError` on a mismatch. The other `InterceptEngine` arguments
+    (`ReplicaOptions`: tokenizer, policy, max_batch_tokens, max_tool_workers) pass through.
     """
 
     def __init__(
         self,
         model: torch.nn.Module,
-        tokenizer: Any = None,
-        policy: str = "min-waste",
+        *,
         num_blocks: int | None = None,
         block_size: int | None = None,
         host_pool_bytes: int | None = None,
-        max_batch_tokens: int = 256,
         cost_model: CostModel | None = None,
         clock: Callable[[], float] = time.monotonic,
-        max_tool_workers: int = 8,
         attention_backend: str = "auto",
         verify_replicas: bool = True,
         cpu_group_timeout: float | None = None,
+        **options: Unpack[ReplicaOptions],
     ) -> None:
+        unknown = options.keys() - ReplicaOptions.__optional_keys__
+        if unknown:  # before any collective: every rank fails alike, and at once
+            raise TypeError(f"TensorParallelEngine got unexpected arguments {sorted(unknown)}; besides its own "
+                            f"it takes {sorted(ReplicaOptions.__optional_keys__)}")
         helper = _helper_for(model, cpu_group_timeout)
         self.helper = helper
         self.verify_replicas = verify_replicas
@@ -212,20 +227,17 @@ class TensorParallelEngine(InterceptEngine):
         self._inbox: list[tuple] = []
         super().__init__(
             model,
-            tokenizer=tokenizer,
-            policy=policy,
             num_blocks=num_blocks,
             block_size=sizes.block_size,
             # the engine divides by whole-model block bytes; this makes it arrive at num_host_blocks
             host_pool_bytes=num_host_blocks * rank_kv * tp_size * sizes.block_size,
-            max_batch_tokens=max_batch_tokens,
             cost_model=cost,
             clock=ReplicatedClock(clock, helper),
-            max_tool_workers=max_tool_workers,
             executor=lambda m, c: DriverSampledRunner(
                 ModelRunner(m, c, attention_backend), helper, self._samplers, self._verify if verify_replicas else None
             ),
             distributed_helper=helper,
+            **options,
         )
         if not self.is_driver:
             self.executor = ReplicaToolExecutor()

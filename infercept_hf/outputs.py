@@ -45,7 +45,7 @@ class RequestResult(NamedTuple):
     finish_time: float
     token_times: list[float]
     interceptions: list[InterceptionRecord]
-    telemetry: dict[str, float] | None = None  # waste_preserve / waste_discard / waste_swap (byte-s), recomputed_tokens, swapped_bytes
+    telemetry: dict[str, float] | None = None  # request.TELEMETRY_KEYS: waste_preserve / waste_discard (byte-s), recomputed_tokens, swapped_bytes
 
     @property
     def tool_seconds(self) -> float:

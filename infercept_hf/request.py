@@ -21,6 +21,11 @@ from .outputs import InterceptionRecord, RequestEvent, RequestResult
 from .tools import PendingCall, Scripted, Segment, Tool
 
 
+# Per-request telemetry, all present from the start: memory waste by cause (bytes x seconds), tokens
+# computed again after a discard, KV bytes moved over the host link.
+TELEMETRY_KEYS = ("waste_preserve", "waste_discard", "recomputed_tokens", "swapped_bytes")
+
+
 class Status(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -57,7 +62,7 @@ class Request:
     interceptions: list[InterceptionRecord] = field(default_factory=list)
     high_water: int = 0  # most tokens ever cached: anything below it computed again is recomputation
     num_pauses: int = 0
-    telemetry: dict[str, float] = field(default_factory=dict)  # per-request waste, recompute, swap (stats.py)
+    telemetry: dict[str, float] = field(default_factory=lambda: dict.fromkeys(TELEMETRY_KEYS, 0))  # stats.py adds to it
     on_event: Callable[[RequestEvent], None] | None = None  # streaming: hears every token, tool event, the finish
 
     def __post_init__(self) -> None:

@@ -201,7 +201,9 @@ class Scheduler:
         return True
 
     def _evict_paused(self, blocks: int, now: float, exclude: Request) -> bool:
-        """Free `blocks` device blocks held by paused requests, longest expected pause first."""
+        """Free `blocks` device blocks held by paused requests, longest expected pause first: to host
+        where the policy swaps (min-waste first drops the host copies of requests expected to pause
+        longer still), else discarded."""
         holders = [r for r in self.paused if r is not exclude and self.cache.device_blocks(r.rid)]
         if not holders:
             return False
@@ -210,6 +212,8 @@ class Scheduler:
         for r in holders:
             have = self.cache.device_blocks(r.rid)
             take = min(have, blocks - freed) if self.cache.supports_partial else have
+            if self.policy == "min-waste":
+                self._make_host_room(take, self._view(r, now), now)
             moved = self._swap_out(r, take) if self.policy in ("swap", "min-waste") else 0
             if not moved:
                 if self.cache.host_blocks(r.rid):
@@ -316,6 +320,11 @@ class Scheduler:
         """
         budget = swap_budget_tokens(max(1, batch_tokens), self.cost)
         holders = [r for r in self.paused if self.cache.device_blocks(r.rid) and r.num_cached]
+        if not self._memory_pressure():
+            for req in holders:
+                req.waste = self._waste_figures(req, now)
+            self.swap_log.append(SwapIteration(budget, swap_in_tokens, 0))
+            return 0
         bs = self.cache.block_size
         out_budget, _ = split_swap_budget(
             budget,
@@ -347,6 +356,17 @@ class Scheduler:
             req.strategy = self._placement(req)
         self.swap_log.append(SwapIteration(budget, swap_in_tokens, moved))
         return moved
+
+    def _memory_pressure(self) -> bool:
+        """Whether paused KV stands in anyone's way: the running requests (the rest of their prompt
+        and one more token each) and the waiting ones (their uncached tokens and any context on
+        host) need more device blocks than are free. Without pressure, preserved memory is memory
+        nobody could use, so preserving wastes nothing and min-waste leaves every paused KV where
+        it is; the paper's rule (swap within the budget, then preserve or discard) applies once
+        memory is contended."""
+        need = sum(self.cache.blocks_needed(r.rid, r.num_cached, r.uncached + 1) for r in self.running)
+        need += sum(self.cache.blocks_needed(r.rid, r.num_cached, r.uncached) for r in self.waiting)
+        return need > self.cache.free_device_blocks()
 
     def _make_host_room(self, blocks: int, candidate: PausedView, now: float) -> None:
         """Host full: drop the host KV of swapped requests expected to pause longer than `candidate`."""

@@ -7,6 +7,7 @@ import pytest
 
 import infercept_hf as ih
 from conftest import TEST_COST, prompts_for, reference_scripted
+from infercept_hf.request import TELEMETRY_KEYS
 
 
 def make_engine(model, policy="min-waste", **kw):
@@ -63,6 +64,7 @@ def test_fixed_policies_do_what_they_say(llama):
         seen[policy] = {rec.strategy for r in results.values() for rec in r.interceptions}
         stats = engine.stats()
         per_request = [r.telemetry for r in results.values()]
+        assert all(set(t) == set(TELEMETRY_KEYS) for t in per_request)
         assert sum(t.get("recomputed_tokens", 0) for t in per_request) == stats["recomputed_tokens"]
         assert sum(t.get("swapped_bytes", 0) for t in per_request) == stats["swapped_bytes"]
         if policy == "discard":

@@ -6,21 +6,48 @@ import pytest
 import infercept_hf as ih
 from infercept_hf.policy import CostModel
 from conftest import prompts_for, reference_scripted
-from test_engine import run_checked
+from reliability_helpers import ManualClock
 
 M = 256  # kv bytes per token of the tiny Llama: 2 layers x 2 kv heads x 8 dims x (K, V) x 4 bytes
 
 
+def _step_until(engine, done, clock=None, limit=600) -> dict:
+    """Step until `done()`; `clock`, when given, moves 10 ms per step (otherwise time stands still)."""
+    results = {}
+    for _ in range(limit):
+        if done():
+            return results
+        for r in engine.step():
+            results[r.request_id] = r
+        engine.cache.check_integrity()
+        if clock is not None:
+            clock.advance(0.01)
+    raise AssertionError("the engine did not get there")
+
+
+def _crowd(engine, short_blocks: int = 2) -> int:
+    """Add a request whose prompt needs `short_blocks` blocks more than are free: memory pressure."""
+    length = (engine.cache.free_device_blocks() + short_blocks) * engine.cache.block_size
+    return engine.add_request(prompts_for(77, [length])[0], max_new_tokens=2)
+
+
 def _run(model, cost, pause_s, expected_s, prompt_len=40, host_bytes=1 << 20, n_requests=1, tokens=12):
+    """`n_requests` pause at once (the engine's clock stands still), then a crowd arrives that needs
+    their memory: min-waste decides under pressure; then the clock runs on to the end."""
+    clock = ManualClock()
     engine = ih.InterceptEngine(model, policy="min-waste", num_blocks=64, block_size=4, host_pool_bytes=host_bytes,
-                                cost_model=cost)
+                                cost_model=cost, clock=clock)
     engine.estimator.seed("scripted", expected_s)
     prompts = prompts_for(31, [prompt_len] * n_requests)
     trace = ih.Scripted([(3, pause_s, [5, 6])])
     ids = [engine.add_request(p, max_new_tokens=tokens, interceptions=trace) for p in prompts]
-    results = run_checked(engine)
+    _step_until(engine, lambda: len(engine.scheduler.paused) == n_requests)
+    assert all(r.strategy == "preserve" for r in engine.scheduler.paused)  # no pressure yet: nothing to gain
+    crowd = _crowd(engine)
+    results = _step_until(engine, lambda: not engine.has_unfinished(), clock)
     for rid, p in zip(ids, prompts):
         assert results[rid].token_ids == reference_scripted(model, p, trace, tokens)
+    assert results[crowd].finish_reason == "length"
     return engine, [results[rid] for rid in ids]
 
 
@@ -34,14 +61,14 @@ def test_short_pause_long_context_is_preserved(llama):
     assert res.interceptions[0].strategy == "preserve"
     waste = res.interceptions[0].waste
     assert waste["preserve"] < waste["discard"]
-    assert engine.stats()["recomputed_tokens"] == 0
+    assert res.telemetry["recomputed_tokens"] == 0
 
 
 def test_long_pause_short_context_is_discarded(llama):
     # preserve: ~100 s * 11 tok * M ~ 282 MB*s; discard: T_fwd(11) = 0.111 s * 11 tok * M ~ 0.3 MB*s
     engine, [res] = _run(llama, NO_LINK, pause_s=0.05, expected_s=100.0, prompt_len=8)
     assert res.interceptions[0].strategy == "discard"
-    assert engine.stats()["recomputed_tokens"] > 0
+    assert res.telemetry["recomputed_tokens"] > 0
 
 
 def test_free_link_swaps_the_most_wasteful(llama):
@@ -50,7 +77,7 @@ def test_free_link_swaps_the_most_wasteful(llama):
     engine, [res] = _run(llama, fast, pause_s=0.05, expected_s=1.0)
     assert res.interceptions[0].strategy == "swap"
     stats = engine.stats()
-    assert stats["swapped_out_bytes"] > 0 and stats["recomputed_tokens"] == 0
+    assert stats["swapped_out_bytes"] > 0 and res.telemetry["recomputed_tokens"] == 0
 
 
 def test_swap_budget_is_never_exceeded(llama):
@@ -69,17 +96,23 @@ def test_swap_budget_is_never_exceeded(llama):
 def test_full_host_gives_way_to_a_more_wasteful_request(llama):
     fast = CostModel(fwd_per_token_s=1e-4, fwd_fixed_s=1e-3, swap_bytes_per_s=1e12, kv_bytes_per_token=M,
                      saturation_tokens=64)
-    # Host room for one request's 11 blocks only: the first to pause is swapped; the second pauses
-    # with a shorter expected remainder, so the first (longer remaining pause) loses its host copy.
+    # Host room for one request's 11 blocks only. Under pressure the first to pause is swapped; the
+    # second pauses with a shorter remaining pause, so the first (longer remaining pause) loses its
+    # host copy. Oracle durations, a clock that stands still until both have paused.
+    clock = ManualClock()
     engine = ih.InterceptEngine(llama, policy="min-waste", num_blocks=64, block_size=4,
-                                host_pool_bytes=12 * 4 * M, cost_model=fast)
+                                host_pool_bytes=12 * 4 * M, cost_model=fast, clock=clock)
     engine.estimator.oracle = True
     p1, p2 = prompts_for(32, [40, 40])
     a = engine.add_request(p1, max_new_tokens=8, interceptions=ih.Scripted([(2, 0.5, [5])]))
     b = engine.add_request(p2, max_new_tokens=8, interceptions=ih.Scripted([(4, 0.1, [6])]))
-    results = run_checked(engine)
+    _step_until(engine, lambda: engine.scheduler.paused)
+    crowd = _crowd(engine, short_blocks=20)
+    _step_until(engine, lambda: engine.cache.host_blocks(engine._requests[a].rid))
+    results = _step_until(engine, lambda: not engine.has_unfinished(), clock)
     assert results[a].token_ids == reference_scripted(llama, p1, ih.Scripted([(2, 0.5, [5])]), 8)
     assert results[b].token_ids == reference_scripted(llama, p2, ih.Scripted([(4, 0.1, [6])]), 8)
+    assert results[crowd].finish_reason == "length"
     assert results[b].interceptions[0].strategy == "swap"
     assert results[a].interceptions[0].strategy in ("discard", "preserve", "partial-swap")
-    assert engine.stats()["recomputed_tokens"] > 0
+    assert results[a].telemetry["recomputed_tokens"] > 0

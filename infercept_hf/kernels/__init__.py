@@ -132,9 +132,9 @@ def gather_blocks(
 ) -> torch.Tensor:
     """Swap-out side: `out[i]` = block `block_ids[i]` of `copy_view`, whole or only `layer` of `num_layers`."""
     if _use_triton(backend, copy_view.device):
-        from .kv_copy import gather_blocks as triton_gather
+        from .kv_copy import gather_rows
 
-        return triton_gather(copy_view, block_ids, out, layer, num_layers)
+        return gather_rows(reference.block_span(copy_view, layer, num_layers), block_ids, out)
     return reference.gather_blocks_ref(copy_view, block_ids, out, layer, num_layers)
 
 
@@ -148,9 +148,9 @@ def scatter_blocks(
 ) -> None:
     """Swap-in side: block `block_ids[i]` of `copy_view` (whole or only `layer`) = `staging[i]`."""
     if _use_triton(backend, copy_view.device):
-        from .kv_copy import scatter_blocks as triton_scatter
+        from .kv_copy import scatter_rows
 
-        triton_scatter(staging, copy_view, block_ids, layer, num_layers)
+        scatter_rows(staging, reference.block_span(copy_view, layer, num_layers), block_ids)
     else:
         reference.scatter_blocks_ref(staging, copy_view, block_ids, layer, num_layers)
 

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .paged_tile import dot_in_fp32, head_dim_block, load_rows, mma, page_rows
+from .paged_tile import attend_tile, attention_shape, dot_in_fp32, head_dim_block, tile_tokens
 
 MIN_TOKENS_PER_SPLIT = 256
 MAX_SPLITS = 32
@@ -64,18 +64,11 @@ def _decode_kernel(
     for tile_start in range(start, end, BLOCK_N):
         tok = tile_start + n
         tok_mask = tok < end
-        page, row = page_rows(table_row, stride_tp, tok, tok_mask, PAGE)
-        kv_mask = tok_mask[:, None] & d_mask[None, :]
-        k = load_rows(K, page, row, kv_head, d, kv_mask, stride_kp, stride_kr, stride_kh, stride_kd)
-        scores = mma(q, tl.trans(k), FP32) * qk_scale
-        scores = tl.where(tok_mask[None, :], scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(scores - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = load_rows(V, page, row, kv_head, d, kv_mask, stride_vp, stride_vr, stride_vh, stride_vd)
-        acc = acc * alpha[:, None] + mma(p, v, FP32)
-        m_i = m_new
+        m_i, l_i, acc = attend_tile(
+            q, m_i, l_i, acc, K, V, table_row, stride_tp, tok, tok_mask, tok_mask[None, :], kv_head, d, d_mask,
+            qk_scale, stride_kp, stride_kr, stride_kh, stride_kd, stride_vp, stride_vr, stride_vh, stride_vd,
+            PAGE, FP32,
+        )
 
     out_ptrs = OUT + b * stride_ob + heads[:, None] * stride_oh + split * stride_os + d[None, :] * stride_od
     out_mask = g_mask[:, None] & d_mask[None, :]
@@ -139,18 +132,14 @@ def paged_decode_attention(
     Splits cut the block table's full width (`max_pages * P` tokens, known without a device
     sync) into equal slices, so size the table to the batch's longest sequence.
     """
-    batch, num_heads, head_dim = q.shape
-    _, page_size, num_kv_heads, _ = k_pages.shape
-    if num_heads % num_kv_heads:
-        raise ValueError(f"{num_heads} query heads cannot share {num_kv_heads} KV heads evenly")
-    if k_pages.dtype != q.dtype or v_pages.dtype != q.dtype:
-        raise ValueError(f"query dtype {q.dtype} differs from cache dtype {k_pages.dtype}")
-    group = num_heads // num_kv_heads
+    shape = attention_shape(q, k_pages, v_pages)
+    batch, num_heads, head_dim, page_size, num_kv_heads = shape
+    group = shape.group
     out = torch.empty_like(q) if out is None else out
     max_len = block_table.shape[1] * page_size
     if num_splits is None:
         num_splits = default_num_splits(batch, num_kv_heads, max_len, q.device)
-    block_n = 64 if head_dim <= 128 else 32
+    block_n = tile_tokens(head_dim)
     tokens_per_split = triton.cdiv(triton.cdiv(max_len, num_splits), block_n) * block_n
     split = num_splits > 1
     if split:

@@ -15,7 +15,6 @@ import triton
 import triton.language as tl
 
 from .paged_tile import head_dim_block
-from .reference import block_span
 
 WORDS_PER_PROGRAM = 1024
 
@@ -101,28 +100,14 @@ def _check_rows(rows: torch.Tensor, span: torch.Tensor, block_ids: torch.Tensor,
         raise ValueError(f"{name} must be uint8 [{block_ids.numel()}, {span.shape[1]}] with contiguous rows")
 
 
-def gather_blocks(
-    copy_view: torch.Tensor,
-    block_ids: torch.Tensor,
-    out: torch.Tensor,
-    layer: int | None = None,
-    num_layers: int = 1,
-) -> torch.Tensor:
-    """`out[i] = span(copy_view[block_ids[i]])`; the span is the whole block, or one layer of `num_layers`."""
-    span = block_span(copy_view, layer, num_layers)
+def gather_rows(span: torch.Tensor, block_ids: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """`out[i] = span[block_ids[i]]`: the swap-out copy, on the rows that `reference.block_span` picked."""
     _check_rows(out, span, block_ids, "out")
     _copy_rows(span, out, block_ids, indexed_src=True)
     return out
 
 
-def scatter_blocks(
-    staging: torch.Tensor,
-    copy_view: torch.Tensor,
-    block_ids: torch.Tensor,
-    layer: int | None = None,
-    num_layers: int = 1,
-) -> None:
-    """`span(copy_view[block_ids[i]]) = staging[i]`; the span is the whole block, or one layer of `num_layers`."""
-    span = block_span(copy_view, layer, num_layers)
+def scatter_rows(staging: torch.Tensor, span: torch.Tensor, block_ids: torch.Tensor) -> None:
+    """`span[block_ids[i]] = staging[i]`: the swap-in copy, on the rows that `reference.block_span` picked."""
     _check_rows(staging, span, block_ids, "staging")
     _copy_rows(staging, span, block_ids, indexed_src=False)

@@ -7,6 +7,8 @@ ones smaller than the tile (transformers' default is 32, our tests use 4).
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -49,3 +51,59 @@ def dot_in_fp32(dtype: torch.dtype, device: torch.device) -> bool:
 def head_dim_block(head_dim: int) -> int:
     """Head dims such as 80 or 96 are padded to a power of two and masked."""
     return max(16, triton.next_power_of_2(head_dim))
+
+
+@triton.jit
+def attend_tile(
+    q, m_i, l_i, acc, K, V, table_row, stride_table, tok, tok_mask, visible, kv_head, d, d_mask, qk_scale,
+    stride_kp, stride_kr, stride_kh, stride_kd,
+    stride_vp, stride_vr, stride_vh, stride_vd,
+    PAGE: tl.constexpr, FP32: tl.constexpr,
+):
+    """One online-softmax step over a tile of tokens `tok`: returns the new running max `m_i`,
+    sum `l_i` and unnormalised output `acc` of the query rows `q` (scores in base 2, masked
+    by `visible`). Decode and prefill differ only in which keys a query may see."""
+    page, row = page_rows(table_row, stride_table, tok, tok_mask, PAGE)
+    kv_mask = tok_mask[:, None] & d_mask[None, :]
+    k = load_rows(K, page, row, kv_head, d, kv_mask, stride_kp, stride_kr, stride_kh, stride_kd)
+    scores = mma(q, tl.trans(k), FP32) * qk_scale
+    scores = tl.where(visible, scores, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(scores, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(scores - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = load_rows(V, page, row, kv_head, d, kv_mask, stride_vp, stride_vr, stride_vh, stride_vd)
+    acc = acc * alpha[:, None] + mma(p, v, FP32)
+    return m_new, l_i, acc
+
+
+def tile_tokens(head_dim: int) -> int:
+    """Tokens per tile: 64, halved for head dims over 128 to keep a tile's registers and shared memory in bounds."""
+    return 64 if head_dim <= 128 else 32
+
+
+class AttentionShape(NamedTuple):
+    """Sizes both attention launchers need; `rows` is the batch (decode) or the packed tokens (prefill)."""
+
+    rows: int
+    num_heads: int
+    head_dim: int
+    page_size: int
+    num_kv_heads: int
+
+    @property
+    def group(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+
+def attention_shape(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor) -> AttentionShape:
+    """The sizes of `q [rows, Hq, D]` over pages `[num_pages, P, Hkv, D]`, refusing what a kernel
+    cannot run: query heads that do not split evenly into KV groups, or a cache dtype other than
+    the query's (one tile multiplies both)."""
+    rows, num_heads, head_dim = q.shape
+    _, page_size, num_kv_heads, _ = k_pages.shape
+    if num_heads % num_kv_heads:
+        raise ValueError(f"{num_heads} query heads cannot share {num_kv_heads} KV heads evenly")
+    if k_pages.dtype != q.dtype or v_pages.dtype != q.dtype:
+        raise ValueError(f"query dtype {q.dtype} differs from cache dtype {k_pages.dtype}")
+    return AttentionShape(rows, num_heads, head_dim, page_size, num_kv_heads)

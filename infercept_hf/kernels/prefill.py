@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .paged_tile import dot_in_fp32, head_dim_block, load_rows, mma, page_rows
+from .paged_tile import attend_tile, attention_shape, dot_in_fp32, head_dim_block, tile_tokens
 
 
 @triton.jit
@@ -60,19 +60,12 @@ def _prefill_kernel(
     for tile_start in range(0, last_visible, BLOCK_N):
         tok = tile_start + n
         tok_mask = tok < kv_len
-        page, row = page_rows(table_row, stride_tp, tok, tok_mask, PAGE)
-        kv_mask = tok_mask[:, None] & d_mask[None, :]
-        k = load_rows(K, page, row, kv_head, d, kv_mask, stride_kp, stride_kr, stride_kh, stride_kd)
-        scores = mma(q, tl.trans(k), FP32) * qk_scale
         visible = (tok[None, :] <= positions[:, None]) & tok_mask[None, :]
-        scores = tl.where(visible, scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(scores - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = load_rows(V, page, row, kv_head, d, kv_mask, stride_vp, stride_vr, stride_vh, stride_vd)
-        acc = acc * alpha[:, None] + mma(p, v, FP32)
-        m_i = m_new
+        m_i, l_i, acc = attend_tile(
+            q, m_i, l_i, acc, K, V, table_row, stride_tp, tok, tok_mask, visible, kv_head, d, d_mask,
+            qk_scale, stride_kp, stride_kr, stride_kh, stride_kd, stride_vp, stride_vr, stride_vh, stride_vd,
+            PAGE, FP32,
+        )
 
     out = acc / l_i[:, None]
     tl.store(OUT + (q_start + rows)[:, None] * stride_ot + head * stride_oh + d[None, :] * stride_od, out, mask=q_mask)
@@ -94,26 +87,21 @@ def paged_prefill_attention(
     Rows past `cu_seqlens_q[-1]` (padding) are left as they are in `out`. Pass `max_seqlen_q`
     to spare a device sync.
     """
-    num_tokens, num_heads, head_dim = q.shape
-    _, page_size, num_kv_heads, _ = k_pages.shape
-    if num_heads % num_kv_heads:
-        raise ValueError(f"{num_heads} query heads cannot share {num_kv_heads} KV heads evenly")
-    if k_pages.dtype != q.dtype or v_pages.dtype != q.dtype:
-        raise ValueError(f"query dtype {q.dtype} differs from cache dtype {k_pages.dtype}")
+    shape = attention_shape(q, k_pages, v_pages)
     batch = cu_seqlens_q.numel() - 1
     out = torch.empty_like(q) if out is None else out
     if max_seqlen_q is None:
         max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max()) if batch else 0
     if batch == 0 or max_seqlen_q == 0:
         return out
-    block_m = 64 if head_dim <= 128 else 32
-    block_m = min(block_m, max(16, triton.next_power_of_2(max_seqlen_q)))
-    block_n = 64 if head_dim <= 128 else 32
-    _prefill_kernel[(triton.cdiv(max_seqlen_q, block_m), batch, num_heads)](
+    block_n = tile_tokens(shape.head_dim)
+    block_m = min(block_n, max(16, triton.next_power_of_2(max_seqlen_q)))  # query tiles no wider than a chunk
+    _prefill_kernel[(triton.cdiv(max_seqlen_q, block_m), batch, shape.num_heads)](
         q, k_pages, v_pages, block_table, cu_seqlens_q, seq_lens_k, out,
         scale * math.log2(math.e),
         *q.stride(), *k_pages.stride(), *v_pages.stride(), *block_table.stride(), *out.stride(),
-        GROUP=num_heads // num_kv_heads, PAGE=page_size, HEAD_DIM=head_dim,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=head_dim_block(head_dim), FP32=dot_in_fp32(q.dtype, q.device),
+        GROUP=shape.group, PAGE=shape.page_size, HEAD_DIM=shape.head_dim,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=head_dim_block(shape.head_dim),
+        FP32=dot_in_fp32(q.dtype, q.device),
     )
     return out
