@@ -41,10 +41,9 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypedDict
 
-from typing_extensions import Unpack  # typing.Unpack is 3.11+
-
 import torch
 import torch.distributed as dist
+from typing_extensions import Unpack  # typing.Unpack is 3.11+
 
 from patches.transformers_cb import DistributedHelper
 
