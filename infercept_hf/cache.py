@@ -16,12 +16,16 @@ Models with sliding-window layers keep ring-ordered block tables, so only whole-
 moves are allowed there (`supports_partial` is False).
 
 Accounting is exact and checked by `check_integrity()`: every device block is free or
-owned by exactly one request, every host block likewise.
+owned by exactly one request, every host block likewise. Per-request block counts and their
+totals are kept as running figures, updated wherever a block table changes, because the
+scheduler and the stats read them several times per request per step; `check_integrity()`
+recounts them from the tables.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -97,6 +101,8 @@ class InterceptPagedCache(PagedAttentionCache):
             )
         self.block_size = block_size
         self.supports_partial = list(self.cache_allocators) == [FULL_ATTENTION]
+        # most models have one attention type: per-request figures then need no max over allocators
+        self._only_allocator = next(iter(self.cache_allocators.values())) if len(self.cache_allocators) == 1 else None
         # The host pool mirrors the device pool's split between allocators (one per attention type).
         self.host = {
             name: HostPool(num_host_blocks, alloc.bytes_per_block, device) for name, alloc in self.cache_allocators.items()
@@ -104,6 +110,11 @@ class InterceptPagedCache(PagedAttentionCache):
         self.bytes_per_token = sum(a.bytes_per_block // a.tokens_per_page for a in self.cache_allocators.values())
         self.swapped_out_bytes = 0
         self.swapped_in_bytes = 0
+        # whole-model blocks per request (the max over allocators) and their sums; see _sync_device / _sync_host
+        self._device_held: dict[str, int] = {}
+        self._host_held: dict[str, int] = {}
+        self._device_used = 0
+        self._host_used = 0
         self.pipeline = SwapPipeline(swap_mode or SwapPipeline.default_mode(torch.device(device)))
 
     # ------------------------------------------------------------------ capacity
@@ -125,15 +136,20 @@ class InterceptPagedCache(PagedAttentionCache):
         return sectors <= self.pool.num_sectors
 
     def device_blocks(self, rid: str) -> int:
-        return max((len(a.block_table.get(rid, ())) for a in self.cache_allocators.values()), default=0)
+        """Whole-model device blocks the request holds (the most over allocators)."""
+        return self._device_held.get(rid, 0)
 
     def host_blocks(self, rid: str) -> int:
-        return max((len(h.tables.get(rid, ())) for h in self.host.values()), default=0)
+        """Whole-model host blocks the request holds (the most over allocators)."""
+        return self._host_held.get(rid, 0)
 
     def free_device_blocks(self) -> int:
         """Free whole-model blocks (the smallest over allocators, counting unclaimed sectors)."""
+        free_sectors = self.pool.num_free_sectors
+        if (a := self._only_allocator) is not None:
+            return self.pool.count_free_blocks(a.index) + free_sectors * a.blocks_per_sector
         return min(
-            self.pool.count_free_blocks(a.index) + self.pool.num_free_sectors * a.blocks_per_sector
+            self.pool.count_free_blocks(a.index) + free_sectors * a.blocks_per_sector
             for a in self.cache_allocators.values()
         )
 
@@ -145,10 +161,12 @@ class InterceptPagedCache(PagedAttentionCache):
         return next(iter(self.host.values())).num_blocks
 
     def used_device_blocks(self) -> int:
-        return sum(self.device_blocks(rid) for rid in self.request_ids())
+        """Sum of `device_blocks` over every request."""
+        return self._device_used
 
     def used_host_blocks(self) -> int:
-        return sum(self.host_blocks(rid) for rid in self.request_ids())
+        """Sum of `host_blocks` over every request."""
+        return self._host_used
 
     def request_ids(self) -> set[str]:
         ids: set[str] = set()
@@ -157,6 +175,51 @@ class InterceptPagedCache(PagedAttentionCache):
         for h in self.host.values():
             ids.update(h.tables)
         return ids
+
+    # ------------------------------------------------------------------ running counts
+    def _count_device(self, rid: str) -> int:
+        """`device_blocks` recounted from the allocators' block tables."""
+        if (a := self._only_allocator) is not None:
+            return len(a.block_table.get(rid, ()))
+        return max((len(a.block_table.get(rid, ())) for a in self.cache_allocators.values()), default=0)
+
+    def _count_host(self, rid: str) -> int:
+        """`host_blocks` recounted from the host pools' tables."""
+        return max((len(h.tables.get(rid, ())) for h in self.host.values()), default=0)
+
+    def _sync_device(self, rid: str) -> None:
+        """Refresh the request's device count and the total after its block tables changed."""
+        new = self._count_device(rid)
+        old = self._device_held.pop(rid, 0)
+        if new:
+            self._device_held[rid] = new
+        self._device_used += new - old
+
+    def _sync_host(self, rid: str) -> None:
+        """Refresh the request's host count and the total after its host tables changed."""
+        new = self._count_host(rid)
+        old = self._host_held.pop(rid, 0)
+        if new:
+            self._host_held[rid] = new
+        self._host_used += new - old
+
+    def can_store_request_tokens(self, state: Any, request_len: int, dry_run: bool = False) -> bool:
+        """transformers' allocation, keeping the running device counts in step."""
+        stored = super().can_store_request_tokens(state, request_len, dry_run)
+        if stored and not dry_run:
+            self._sync_device(state.request_id)
+        return stored
+
+    def free_blocks(self, request_id: str, no_cache: bool = False) -> None:
+        """transformers' release of a request's device blocks, keeping the running counts in step."""
+        super().free_blocks(request_id, no_cache)
+        self._sync_device(request_id)
+
+    def free_all_requests(self, clear_ledgers: bool = False) -> None:
+        """transformers' release of every request's device blocks, keeping the running counts in step."""
+        super().free_all_requests(clear_ledgers)
+        for rid in list(self._device_held):
+            self._sync_device(rid)
 
     # ------------------------------------------------------------------ allocation
     def allocate(self, rid: str, past_len: int, new_tokens: int) -> bool:
@@ -168,6 +231,8 @@ class InterceptPagedCache(PagedAttentionCache):
         return self.can_store_request_tokens(state, new_tokens)
 
     def blocks_needed(self, rid: str, past_len: int, new_tokens: int) -> int:
+        if (a := self._only_allocator) is not None:
+            return a.needs_new_blocks(rid, past_len, new_tokens)
         return max(a.needs_new_blocks(rid, past_len, new_tokens) for a in self.cache_allocators.values())
 
     def free(self, rid: str) -> None:
@@ -176,6 +241,7 @@ class InterceptPagedCache(PagedAttentionCache):
         self.free_blocks(rid, no_cache=True)
         for h in self.host.values():
             h.give_back(h.tables.pop(rid, []))
+        self._sync_host(rid)
 
     # ------------------------------------------------------------------ moves
     def _tail_count(self, rid: str, num_blocks: int | None, have: int) -> int:
@@ -206,6 +272,8 @@ class InterceptPagedCache(PagedAttentionCache):
             self.swapped_out_bytes += len(dev_ids) * alloc.bytes_per_block
             done = lambda a=alloc, ids=dev_ids: self.pool.free_blocks(a.index, ids)  # noqa: E731
             self.pipeline.submit(Transfer(alloc, dev_ids, host_ids, True, done, host.storage))
+        self._sync_device(rid)
+        self._sync_host(rid)
         if wait:
             self.pipeline.finish()
         return n
@@ -227,6 +295,8 @@ class InterceptPagedCache(PagedAttentionCache):
             self.swapped_in_bytes += len(dev_ids) * alloc.bytes_per_block
             done = lambda h=host, ids=host_ids: h.give_back(ids)  # noqa: E731
             self.pipeline.submit(Transfer(alloc, dev_ids, host_ids, False, done, host.storage))
+        self._sync_device(rid)
+        self._sync_host(rid)
         return True
 
     def finish_transfers(self) -> None:
@@ -250,6 +320,7 @@ class InterceptPagedCache(PagedAttentionCache):
             self.pool.free_blocks(alloc.index, dropped)
             if not table:
                 alloc.block_table.pop(rid, None)
+        self._sync_device(rid)
         return n
 
     def discard_host(self, rid: str, num_blocks: int | None = None) -> int:
@@ -262,6 +333,7 @@ class InterceptPagedCache(PagedAttentionCache):
             host.give_back(dropped)
             if not table:
                 host.tables.pop(rid, None)
+        self._sync_host(rid)
         return n
 
     def _room_for_host_tail(self, rid: str) -> bool:
@@ -308,6 +380,13 @@ class InterceptPagedCache(PagedAttentionCache):
             assert len(owned) == len(set(owned)), f"host block owned twice ({name})"
             assert not set(owned) & set(host.free), f"host block both free and owned ({name})"
             assert len(owned) + len(host.free) == host.num_blocks, f"host block leaked ({name})"
+        ids = self.request_ids()
+        device = {rid: n for rid in ids if (n := self._count_device(rid))}
+        host_held = {rid: n for rid in ids if (n := self._count_host(rid))}
+        assert self._device_held == device, f"running device counts {self._device_held} != tables {device}"
+        assert self._host_held == host_held, f"running host counts {self._host_held} != tables {host_held}"
+        assert self._device_used == sum(device.values()), "running device total disagrees with the tables"
+        assert self._host_used == sum(host_held.values()), "running host total disagrees with the tables"
 
     def is_empty(self) -> bool:
         return not self.request_ids()

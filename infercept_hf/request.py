@@ -15,6 +15,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from .outputs import InterceptionRecord, RequestEvent, RequestResult
@@ -33,7 +34,7 @@ class Status(enum.Enum):
     FINISHED = "finished"
 
 
-@dataclass
+@dataclass(eq=False)  # identity: the scheduler's `req in queue` scans must not compare token logs field by field
 class Request:
     request_id: int
     tokens: list[int]
@@ -69,9 +70,10 @@ class Request:
         self.queue_key = self.arrival_time
         self.segment_start = len(self.tokens)
 
-    @property
+    @cached_property
     def rid(self) -> str:
-        """The key of this request in the paged cache's block tables."""
+        """The key of this request in the paged cache's block tables (`request_id` never changes;
+        cached because the scheduler and stats look it up many times per step)."""
         return str(self.request_id)
 
     @property

@@ -54,25 +54,31 @@ class EngineStats:
                     _add(c.request, "waste_discard", waste * own / recompute)
 
     def record_step(self, scheduler: Any, now: float) -> None:
-        """Integrate paused requests' device memory over the time since the last step."""
+        """Integrate paused requests' device memory over the time since the last step.
+
+        Runs every engine step over every paused request, so the loop binds what it reads
+        once; the cache's counts and totals are O(1) lookups."""
+        device_blocks = self.cache.device_blocks
+        bytes_per_block = self.bytes_per_block
+        dt = None if self._last_t is None else now - self._last_t
         paused_blocks = 0
         for r in scheduler.paused:
-            blocks = self.cache.device_blocks(r.rid)
+            blocks = device_blocks(r.rid)
             paused_blocks += blocks
-            if self._last_t is not None and blocks:
-                _add(r, "waste_preserve", (now - self._last_t) * blocks * self.bytes_per_block)
-        if self._last_t is not None:
-            self.waste["preserve"] += (now - self._last_t) * paused_blocks * self.bytes_per_block
+            if dt is not None and blocks:
+                _add(r, "waste_preserve", dt * blocks * bytes_per_block)
+        if dt is not None:
+            self.waste["preserve"] += dt * paused_blocks * bytes_per_block
         self._last_t = now
+        used = self.cache.used_device_blocks()
         new_swap_s = self.cache.pipeline.seconds - self.swap_s
         if new_swap_s > 0:
-            self.waste["swap"] += new_swap_s * self.cache.used_device_blocks() * self.bytes_per_block
+            self.waste["swap"] += new_swap_s * used * bytes_per_block
             self.swap_s = self.cache.pipeline.seconds
-        running = self.cache.used_device_blocks() - paused_blocks
         self.timeline.append(
             {
                 "t": now,
-                "running": running,
+                "running": used - paused_blocks,
                 "preserved": paused_blocks,
                 "swapped_host": self.cache.used_host_blocks(),
                 "free": self.cache.free_device_blocks(),
