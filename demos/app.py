@@ -80,7 +80,7 @@ def build_app(model: Any, tokenizer: Any, tools: list[ih.Tool], policy: str = "m
             async for event in ticking(session.ask(question), TICK_S):
                 if event is not None:
                     turn.apply(event)
-                turn.watch(list(engine.scheduler.paused))
+                turn.watch(engine.pause_placements())
                 if event is None or event.kind != "token" or time.monotonic() - last >= STREAM_EVERY_S:
                     last = time.monotonic()
                     yield shown + turn.messages(), "", gr.skip()

@@ -29,13 +29,6 @@ IDLE_GAP_S = 0.5
 MAX_POINTS = 400  # per series: enough for a smooth line, few enough to redraw every tick
 
 
-def discarded_tokens(engine: ih.InterceptEngine) -> int:
-    """Tokens whose KV was computed, dropped, and is not rebuilt yet: the recompute still owed."""
-    scheduler = engine.scheduler
-    live = [*list(scheduler.paused), *list(scheduler.waiting), *list(scheduler.running)]
-    return sum(max(0, r.high_water - r.num_cached) for r in live)
-
-
 class MemoryMonitor:
     """Samples the engine that `get_engine()` returns now (the session may swap it) every `period_s`."""
 
@@ -54,9 +47,9 @@ class MemoryMonitor:
             engine = self.get_engine()
             if engine is None or engine.closed:
                 continue
-            scheduler = engine.scheduler
-            busy = bool(scheduler.running or scheduler.waiting or scheduler.paused)
-            now = (discarded_tokens(engine), engine.stats_.recomputed_tokens)
+            stats = engine.stats()
+            busy = bool(stats["running"] or stats["waiting"] or stats["paused"])
+            now = (stats["recompute_owed_tokens"], stats["recomputed_tokens"])
             if busy or now != last:  # idle and unchanged: nothing new to draw
                 self.samples.append({"t": time.monotonic(), "discarded": now[0], "recomputed": now[1]})
                 last = now

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import html
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -131,14 +131,12 @@ class Turn:
         elif event.kind == "finish":
             self._finish(event.result)
 
-    def watch(self, paused: Sequence[Any]) -> None:
-        """Note where this request's open pause keeps its KV now (`paused`: the scheduler's paused requests)."""
+    def watch(self, placements: Mapping[int, tuple[str, dict[str, float]]]) -> None:
+        """Note where this request's open pause keeps its KV now (`InterceptEngine.pause_placements()`)."""
         steps = self.steps
-        if not steps or steps[-1].answer is not None:
+        if not steps or steps[-1].answer is not None or self.request_id not in placements:
             return
-        for req in paused:
-            if req.request_id == self.request_id:
-                steps[-1].saw(req.strategy, req.waste)
+        steps[-1].saw(*placements[self.request_id])
 
     def _close_text_before_call(self, tool: str) -> None:
         """The call's own text moves into its panel; what the model wrote before it stays as text."""

@@ -318,30 +318,17 @@ class TensorParallelEngine(InterceptEngine):
         self._check_open()
         if not self.is_driver:
             return self._follow(until_close=False)
-        results: dict[int, RequestResult] = {}
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
+        return super().run(progress)
 
-            bar = tqdm(total=len(self._requests), desc="requests", unit="req")
-        while True:
-            with self._lock:
-                if self._closed:
-                    break
-                if not self._requests:
-                    self._exchange("return")
-                    break
-                self._exchange("step")
-                finished = self._replica_step()
-            self._dispatch_events()
-            results.update((r.request_id, r) for r in finished)
-            if bar is not None and finished:
-                bar.update(len(finished))
-            if not finished:
-                self.wait_for_work()
-        if bar is not None:
-            bar.close()
-        return results
+    def _run_step(self) -> list[RequestResult] | None:
+        """The driver's iteration of `run()`: every rank steps along, and returns with it."""
+        if self._closed:
+            return None
+        if not self._requests:
+            self._exchange("return")
+            return None
+        self._exchange("step")
+        return self._replica_step()
 
     def close(self) -> None:
         """Every rank calls it; a worker keeps mirroring the driver until the driver closes too."""

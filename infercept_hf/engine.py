@@ -306,9 +306,9 @@ class InterceptEngine:
             bar = tqdm(total=len(self._requests), desc="requests", unit="req")
         while True:
             with self._lock:
-                if self._closed or not self._requests:
-                    break
-                finished = self._step()
+                finished = self._run_step()
+            if finished is None:
+                break
             self._dispatch_events()
             results.update((r.request_id, r) for r in finished)
             if bar is not None and finished:
@@ -318,6 +318,12 @@ class InterceptEngine:
         if bar is not None:
             bar.close()
         return results
+
+    def _run_step(self) -> list[RequestResult] | None:
+        """One iteration of `run()`, under the lock; None once there is nothing left to drive."""
+        if self._closed or not self._requests:
+            return None
+        return self._step()
 
     def wait_for_work(self, timeout: float = IDLE_POLL_S) -> None:
         """Sleep until a step could do something: a request is runnable, a tool answered, a
@@ -464,6 +470,13 @@ class InterceptEngine:
             out = self.stats_.snapshot(self.scheduler)
             out["duration_estimates"] = self.estimator.snapshot()
             return out
+
+    def pause_placements(self) -> dict[int, tuple[str, dict[str, float]]]:
+        """`{request_id: (strategy, waste figures)}` for every paused request: where its KV lies
+        now (it may move again before the tool returns) and the figures the policy compared.
+        A consistent snapshot, taken under the step lock, for live views such as the demo's."""
+        with self._lock:
+            return {r.request_id: (r.strategy, dict(r.waste)) for r in self.scheduler.paused}
 
     @property
     def closed(self) -> bool:

@@ -361,7 +361,7 @@ class Scheduler:
         host) need more device blocks than are free. Without pressure, preserved memory is memory
         nobody could use: keeping it wastes nothing, and discarding it would only buy
         recomputation. (The paper compares the waste figures regardless; in simulation, waiting
-        for pressure cut min-waste's normalized latency by 20-40% under load, docs/BENCHMARK.md.)"""
+        for pressure cut min-waste's normalized latency by up to 38% under load, docs/BENCHMARK.md.)"""
         need = sum(self.cache.blocks_needed(r.rid, r.num_cached, r.uncached + 1) for r in self.running)
         need += sum(self.cache.blocks_needed(r.rid, r.num_cached, r.uncached) for r in self.waiting)
         return need > self.cache.free_device_blocks()

@@ -109,6 +109,12 @@ class EngineStats:
             "forward_s": self.forward_s,
             "forward_tokens": self.forward_tokens,
             "recomputed_tokens": self.recomputed_tokens,
+            # computed once, dropped, not rebuilt yet: the recomputation still owed
+            "recompute_owed_tokens": sum(
+                max(0, r.high_water - r.num_cached)
+                for queue in (scheduler.running, scheduler.waiting, scheduler.paused)
+                for r in queue
+            ),
             "recompute_share": self.recompute_forward_s / self.forward_s if self.forward_s else 0.0,
             "swapped_out_bytes": c.swapped_out_bytes,
             "swapped_in_bytes": c.swapped_in_bytes,

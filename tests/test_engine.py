@@ -8,6 +8,7 @@ import pytest
 import infercept_hf as ih
 from conftest import TEST_COST, prompts_for, reference_scripted
 from infercept_hf.request import TELEMETRY_KEYS
+from reliability_helpers import ManualClock
 
 
 def make_engine(model, policy="min-waste", **kw):
@@ -150,3 +151,22 @@ def test_generate_rejects_mismatched_interceptions(llama):
     with pytest.raises(ValueError, match="left padding"):
         ih.generate(llama, ids, attention_mask=torch.tensor([[1, 1, 0], [1, 1, 1]]), max_new_tokens=2,
                     cost_model=TEST_COST)
+
+
+def test_pause_placements_and_owed_recompute_are_live(llama):
+    """The live view a UI polls: where a paused request's KV lies, and the recomputation still owed."""
+    clock = ManualClock()
+    engine = make_engine(llama, "discard", num_blocks=64, clock=clock)
+    rid = engine.add_request(prompts_for(13, [10])[0], max_new_tokens=6, interceptions=ih.Scripted([(3, 1.0, [5])]))
+    assert engine.pause_placements() == {}
+    while not engine.pause_placements():
+        engine.step()
+    strategy, waste = engine.pause_placements()[rid]
+    assert strategy == "discard" and set(waste) == {"preserve", "discard", "swap"}
+    # prompt (10) + 2 generated tokens had KV; the 3rd was sampled but never fed back
+    assert engine.stats()["recompute_owed_tokens"] == 12
+    clock.advance(1.0)
+    results = run_checked(engine)
+    assert results[rid].finish_reason == "length"
+    assert engine.pause_placements() == {} and engine.stats()["recompute_owed_tokens"] == 0
+    assert engine.stats()["recomputed_tokens"] == 12
