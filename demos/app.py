@@ -80,7 +80,8 @@ def build_app(model: Any, tokenizer: Any, tools: list[ih.Tool], policy: str = "m
             async for event in ticking(session.ask(question), TICK_S):
                 if event is not None:
                     turn.apply(event)
-                turn.watch(engine.pause_placements())
+                if turn.open_step is not None:  # placements take the engine's step lock: only when it can matter
+                    turn.watch(engine.pause_placements())
                 if event is None or event.kind != "token" or time.monotonic() - last >= STREAM_EVERY_S:
                     last = time.monotonic()
                     yield shown + turn.messages(), "", gr.skip()

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from infercept_hf.bench import runner
+from infercept_hf.bench.__main__ import max_positions
 from infercept_hf.bench.presets import PRESETS, get_preset
 from infercept_hf.bench.simulator import meta_model
 from infercept_hf.bench.workloads import KINDS, MIX, generate_trace
@@ -73,19 +74,14 @@ def _row(policy: str, summary: dict) -> dict:
     ), strict=True))
 
 
-def _max_positions(model: torch.nn.Module) -> int | None:
-    config = model.config.get_text_config()
-    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-
-
 def run(test: LoadTest, model: torch.nn.Module, cost_model: CostModel | None) -> Iterator[dict]:
     """One row per policy, yielded as each run ends (the UI redraws in between)."""
     test.check()
     if test.hardware == REAL:
-        limits = [n for n in (_max_positions(model), test.num_blocks * 16) if n]
+        settings = runner.EngineSettings(num_blocks=test.num_blocks, cost_model=cost_model)
+        limits = [n for n in (max_positions(model), settings.num_blocks * settings.block_size) if n]
         trace = generate_trace(test.mix, test.users, test.rate, test.seed, test.time_scale, test.context_scale,
                                min(limits))
-        settings = runner.EngineSettings(test.num_blocks, 16, 256, None, cost_model)
     else:
         preset = get_preset(test.hardware)
         model = meta_model(preset.make_config())

@@ -18,7 +18,7 @@ import pandas as pd
 
 import infercept_hf as ih
 
-from transcript import byte_seconds
+from transcript import WASTE_ORDER, byte_seconds
 
 BLOCK_SERIES = {"running": "device: running", "preserved": "device: preserved (paused)",
                 "swapped_host": "host: swapped out"}
@@ -99,7 +99,7 @@ def figures_markdown(stats: dict[str, Any], policy: str, model_name: str) -> str
         ("recomputed tokens", str(stats["recomputed_tokens"])),
         ("swapped", f"{stats['swapped_bytes'] / 1e6:.2f} MB"),
         ("waste preserve / swap / discard",
-         " / ".join(byte_seconds(waste[k]) for k in ("preserve", "swap", "discard"))),
+         " / ".join(byte_seconds(waste[k]) for k in WASTE_ORDER)),
         ("finished pauses by strategy", strategies),
     ]
     return "\n".join([f"**{model_name}** under policy **{policy}**", "", "| engine | now |", "|---|---|",

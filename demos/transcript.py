@@ -131,12 +131,17 @@ class Turn:
         elif event.kind == "finish":
             self._finish(event.result)
 
+    @property
+    def open_step(self) -> ToolStep | None:
+        """The pause still waiting for its answer: the only one whose KV the engine may yet move."""
+        steps = self.steps
+        return steps[-1] if steps and steps[-1].answer is None else None
+
     def watch(self, placements: Mapping[int, tuple[str, dict[str, float]]]) -> None:
         """Note where this request's open pause keeps its KV now (`InterceptEngine.pause_placements()`)."""
-        steps = self.steps
-        if not steps or steps[-1].answer is not None or self.request_id not in placements:
-            return
-        steps[-1].saw(*placements[self.request_id])
+        step = self.open_step
+        if step is not None and self.request_id in placements:
+            step.saw(*placements[self.request_id])
 
     def _close_text_before_call(self, tool: str) -> None:
         """The call's own text moves into its panel; what the model wrote before it stays as text."""

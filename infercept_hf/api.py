@@ -106,8 +106,7 @@ def custom_generate(
     if num_blocks is None:
         bs = block_size or 16
         margin = ANSWER_MARGIN_TOKENS if tools else 0
-        need = sum(-(-(len(p) + max_new + a + margin) // bs) for p, a in zip(prompts, answers))
-        num_blocks = need
+        num_blocks = sum(-(-(len(p) + max_new + a + margin) // bs) for p, a in zip(prompts, answers))
     engine = InterceptEngine(
         model,
         tokenizer=tool_tokenizer,

@@ -17,13 +17,12 @@ moves are allowed there (`supports_partial` is False).
 
 Accounting is exact and checked by `check_integrity()`: every device block is free or
 owned by exactly one request, every host block likewise. Per-request block counts and their
-totals are kept as running figures, updated wherever a block table changes, because the
-scheduler and the stats read them several times per request per step; `check_integrity()`
-recounts them from the tables.
+totals are kept as running figures (`_Tally`), resynced wherever a block table changes,
+because the scheduler and the stats read them several times per request per step;
+`check_integrity()` recounts them from the tables.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,8 +32,10 @@ from .offload import SwapPipeline, Transfer
 from patches.transformers_cb import (
     FULL_ATTENTION,
     PagedAttentionCache,
+    blocks_for_tokens,
     cb_config,
     explicit_pool_sizing,
+    free_block_ids,
     single_process_helper,
 )
 
@@ -54,8 +55,9 @@ class HostPool:
     """Host-memory blocks for one allocator; pinned when CUDA is present (faster, async copies)."""
 
     def __init__(self, num_blocks: int, bytes_per_block: int, device: torch.device | str) -> None:
-        pin = torch.cuda.is_available() and torch.device(device).type == "cuda"
-        host_device = "meta" if torch.device(device).type == "meta" else "cpu"
+        kind = torch.device(device).type
+        pin = torch.cuda.is_available() and kind == "cuda"
+        host_device = "meta" if kind == "meta" else "cpu"
         self.storage = torch.empty((num_blocks, bytes_per_block), dtype=torch.uint8, device=host_device, pin_memory=pin)
         self.num_blocks = num_blocks
         self.free: list[int] = list(range(num_blocks - 1, -1, -1))  # pop() hands out the lowest id first
@@ -67,8 +69,31 @@ class HostPool:
         return [self.free.pop() for _ in range(n)]
 
     def give_back(self, ids: list[int]) -> None:
-        self.free.extend(sorted(ids, reverse=True))
+        self.free.extend(ids)
         self.free.sort(reverse=True)
+
+
+class _Tally:
+    """Blocks held per request and their sum, read in O(1); `set` is the one place either changes."""
+
+    __slots__ = ("held", "total")
+
+    def __init__(self) -> None:
+        self.held: dict[str, int] = {}  # requests that hold no block are absent
+        self.total = 0
+
+    def set(self, rid: str, n: int) -> None:
+        self.total += n - self.held.pop(rid, 0)
+        if n:
+            self.held[rid] = n
+
+
+def _pop_tail(table: list[int], n: int) -> list[int]:
+    """Cut the last `n` ids off a block table (in place) and return them in table order."""
+    cut = len(table) - n
+    tail = table[cut:]
+    del table[cut:]
+    return tail
 
 
 class InterceptPagedCache(PagedAttentionCache):
@@ -111,10 +136,8 @@ class InterceptPagedCache(PagedAttentionCache):
         self.swapped_out_bytes = 0
         self.swapped_in_bytes = 0
         # whole-model blocks per request (the max over allocators) and their sums; see _sync_device / _sync_host
-        self._device_held: dict[str, int] = {}
-        self._host_held: dict[str, int] = {}
-        self._device_used = 0
-        self._host_used = 0
+        self._device = _Tally()
+        self._host = _Tally()
         self.pipeline = SwapPipeline(swap_mode or SwapPipeline.default_mode(torch.device(device)))
 
     # ------------------------------------------------------------------ capacity
@@ -131,17 +154,16 @@ class InterceptPagedCache(PagedAttentionCache):
         """
         sectors = 0
         for alloc in self.cache_allocators.values():
-            blocks = alloc._compute_blocks_needed(0, 0, num_tokens)
-            sectors += -(-blocks // alloc.blocks_per_sector)
+            sectors += -(-blocks_for_tokens(alloc, num_tokens) // alloc.blocks_per_sector)
         return sectors <= self.pool.num_sectors
 
     def device_blocks(self, rid: str) -> int:
         """Whole-model device blocks the request holds (the most over allocators)."""
-        return self._device_held.get(rid, 0)
+        return self._device.held.get(rid, 0)
 
     def host_blocks(self, rid: str) -> int:
         """Whole-model host blocks the request holds (the most over allocators)."""
-        return self._host_held.get(rid, 0)
+        return self._host.held.get(rid, 0)
 
     def free_device_blocks(self) -> int:
         """Free whole-model blocks (the smallest over allocators, counting unclaimed sectors)."""
@@ -162,11 +184,11 @@ class InterceptPagedCache(PagedAttentionCache):
 
     def used_device_blocks(self) -> int:
         """Sum of `device_blocks` over every request."""
-        return self._device_used
+        return self._device.total
 
     def used_host_blocks(self) -> int:
         """Sum of `host_blocks` over every request."""
-        return self._host_used
+        return self._host.total
 
     def request_ids(self) -> set[str]:
         ids: set[str] = set()
@@ -189,19 +211,11 @@ class InterceptPagedCache(PagedAttentionCache):
 
     def _sync_device(self, rid: str) -> None:
         """Refresh the request's device count and the total after its block tables changed."""
-        new = self._count_device(rid)
-        old = self._device_held.pop(rid, 0)
-        if new:
-            self._device_held[rid] = new
-        self._device_used += new - old
+        self._device.set(rid, self._count_device(rid))
 
     def _sync_host(self, rid: str) -> None:
         """Refresh the request's host count and the total after its host tables changed."""
-        new = self._count_host(rid)
-        old = self._host_held.pop(rid, 0)
-        if new:
-            self._host_held[rid] = new
-        self._host_used += new - old
+        self._host.set(rid, self._count_host(rid))
 
     def can_store_request_tokens(self, state: Any, request_len: int, dry_run: bool = False) -> bool:
         """transformers' allocation, keeping the running device counts in step."""
@@ -218,7 +232,7 @@ class InterceptPagedCache(PagedAttentionCache):
     def free_all_requests(self, clear_ledgers: bool = False) -> None:
         """transformers' release of every request's device blocks, keeping the running counts in step."""
         super().free_all_requests(clear_ledgers)
-        for rid in list(self._device_held):
+        for rid in list(self._device.held):
             self._sync_device(rid)
 
     # ------------------------------------------------------------------ allocation
@@ -263,9 +277,8 @@ class InterceptPagedCache(PagedAttentionCache):
         if n == 0 or self.free_host_blocks() < n:
             return 0
         for name, alloc in self.cache_allocators.items():
-            table = alloc.block_table[rid]
             host = self.host[name]
-            dev_ids, table[:] = table[len(table) - n :], table[: len(table) - n]
+            dev_ids = _pop_tail(alloc.block_table[rid], n)
             host_ids = host.take(len(dev_ids))
             # the moved blocks precede any host tail already present: device head + host tail
             host.tables[rid] = host_ids + host.tables.get(rid, [])
@@ -303,11 +316,6 @@ class InterceptPagedCache(PagedAttentionCache):
         """Complete outstanding copies and release what they freed (the engine calls this every step)."""
         self.pipeline.finish()
 
-    def update(self, key_states, value_states, layer_idx, kwargs):
-        """transformers' paged write/read, after this layer's swap-ins have landed."""
-        self.pipeline.before_layer(layer_idx)
-        return super().update(key_states, value_states, layer_idx, kwargs)
-
     def discard_device(self, rid: str, num_blocks: int | None = None) -> int:
         """Free the request's last `num_blocks` device blocks (all by default) without saving them."""
         self.pipeline.finish()
@@ -316,8 +324,7 @@ class InterceptPagedCache(PagedAttentionCache):
         n = self._tail_count(rid, num_blocks, self.device_blocks(rid))
         for alloc in self.cache_allocators.values():
             table = alloc.block_table.get(rid, [])
-            dropped, table[:] = table[len(table) - n :], table[: len(table) - n]
-            self.pool.free_blocks(alloc.index, dropped)
+            self.pool.free_blocks(alloc.index, _pop_tail(table, n))
             if not table:
                 alloc.block_table.pop(rid, None)
         self._sync_device(rid)
@@ -329,20 +336,16 @@ class InterceptPagedCache(PagedAttentionCache):
         n = self._tail_count(rid, num_blocks, self.host_blocks(rid))
         for host in self.host.values():
             table = host.tables.get(rid, [])
-            dropped, table[:] = table[len(table) - n :], table[: len(table) - n]
-            host.give_back(dropped)
+            host.give_back(_pop_tail(table, n))
             if not table:
                 host.tables.pop(rid, None)
         self._sync_host(rid)
         return n
 
     def _room_for_host_tail(self, rid: str) -> bool:
-        """Room on device for the whole host tail: allocators share the free sectors, so count them once."""
-        sectors = 0
-        for name, alloc in self.cache_allocators.items():
-            missing = len(self.host[name].tables.get(rid, ())) - self.pool.count_free_blocks(alloc.index)
-            sectors += max(0, -(-missing // alloc.blocks_per_sector))
-        return sectors <= self.pool.num_free_sectors
+        """Room on device for the whole host tail (transformers' admission check, allocators sharing free sectors)."""
+        tail = {name: len(host.tables.get(rid, ())) for name, host in self.host.items()}
+        return self.count_storable_requests([tail]) == 1
 
     def _take_device_blocks(self, alloc, n: int) -> list[int]:
         while self.pool.count_free_blocks(alloc.index) < n:
@@ -352,41 +355,36 @@ class InterceptPagedCache(PagedAttentionCache):
     # ------------------------------------------------------------------ integrity
     def check_integrity(self) -> None:
         """Raise AssertionError unless free + owned = total with no block owned twice, on device and host."""
-        flying_dev = {id(a): [b for t in self.pipeline.in_flight() if t.alloc is a and t.to_host for b in t.dev_ids]
-                      for a in self.cache_allocators.values()}
+        in_flight = self.pipeline.in_flight()
+        free_sectors = set(self.pool.free_sectors)
+        claimed: set[int] = set()
         for alloc in self.cache_allocators.values():
-            owned = [b for table in alloc.block_table.values() for b in table] + flying_dev[id(alloc)]
+            owned = [b for table in alloc.block_table.values() for b in table]
+            owned += [b for t in in_flight if t.alloc is alloc and t.to_host for b in t.dev_ids]
             assert len(owned) == len(set(owned)), f"device block owned twice: {sorted(owned)}"
-            free_leaves = [b for tree in self.pool._free_blocks[alloc.index].trees.values() for b in tree]
+            free_leaves = free_block_ids(self, alloc)
             assert not set(owned) & set(free_leaves), "device block both free and owned"
             bps = alloc.blocks_per_sector
-            sectors = {b // bps for b in owned} | {b // bps for b in free_leaves}
-            assert not sectors & set(self.pool.free_sectors), "block inside a free sector"
-        claimed = set()
-        for alloc in self.cache_allocators.values():
-            bps = alloc.blocks_per_sector
-            tables = [b for t in alloc.block_table.values() for b in t] + flying_dev[id(alloc)]
-            leaves = [b for tree in self.pool._free_blocks[alloc.index].trees.values() for b in tree]
-            mine = {b // bps for b in tables + leaves}
+            mine = {b // bps for b in owned + free_leaves}
+            assert not mine & free_sectors, "block inside a free sector"
             assert not mine & claimed, "sector claimed by two allocators"
             claimed |= mine
             # every block of every claimed sector is either owned or free
-            assert len(tables) + len(leaves) == len(mine) * bps, "device blocks leaked inside a sector"
+            assert len(owned) + len(free_leaves) == len(mine) * bps, "device blocks leaked inside a sector"
         assert len(claimed) + len(self.pool.free_sectors) == self.pool.num_sectors, "device sector leaked"
         for name, host in self.host.items():
             owned = [b for t in host.tables.values() for b in t]
-            owned += [b for t in self.pipeline.in_flight() if not t.to_host and t.host_storage is host.storage
-                      for b in t.host_ids]
+            owned += [b for t in in_flight if not t.to_host and t.host_storage is host.storage for b in t.host_ids]
             assert len(owned) == len(set(owned)), f"host block owned twice ({name})"
             assert not set(owned) & set(host.free), f"host block both free and owned ({name})"
             assert len(owned) + len(host.free) == host.num_blocks, f"host block leaked ({name})"
         ids = self.request_ids()
         device = {rid: n for rid in ids if (n := self._count_device(rid))}
         host_held = {rid: n for rid in ids if (n := self._count_host(rid))}
-        assert self._device_held == device, f"running device counts {self._device_held} != tables {device}"
-        assert self._host_held == host_held, f"running host counts {self._host_held} != tables {host_held}"
-        assert self._device_used == sum(device.values()), "running device total disagrees with the tables"
-        assert self._host_used == sum(host_held.values()), "running host total disagrees with the tables"
+        assert self._device.held == device, f"running device counts {self._device.held} != tables {device}"
+        assert self._host.held == host_held, f"running host counts {self._host.held} != tables {host_held}"
+        assert self._device.total == sum(device.values()), "running device total disagrees with the tables"
+        assert self._host.total == sum(host_held.values()), "running host total disagrees with the tables"
 
     def is_empty(self) -> bool:
         return not self.request_ids()

@@ -12,9 +12,10 @@ comes from rank 0 (the driver), once per step:
 
     driver (rank 0)                             every rank
     add_request / cancel -> inbox
-    run(): broadcast ("step", inbox)   ------>  replay the inbox (adds, cancels)
-           clock() -> broadcast time   ------>  same `now` on every rank (each clock read in a step)
-           poll tools -> broadcast     ------>  resume the same requests with the same answers
+    run(): broadcast ("step", inbox,   ------>  replay the inbox (adds, cancels)
+                      now, answers)             the step's `now`; resume the same requests
+                                                 with the answers the driver polled at `now`
+           clock() -> broadcast time   ------>  same time on every rank (each later clock read)
            sample (real samplers)      ------>  the same token ids
                                                  every rank: schedule, forward (collective),
                                                  swap its own shard, finish / pause
@@ -39,7 +40,7 @@ import hashlib
 import os
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, TypedDict
+from typing import Any, NamedTuple, TypedDict
 
 import torch
 import torch.distributed as dist
@@ -54,8 +55,8 @@ from .profiler import fit_linear, load_or_profile, measure_forward, saturation_p
 from .request import Request
 from .runner import Chunk, ModelRunner
 from .sampling import Sampler
-from .tools import Scripted, Tool
-from .tp_replica import DriverSampledRunner, ReplicatedClock, ReplicaToolExecutor, driver_only
+from .tools import Answer, Scripted, Tool
+from .tp_replica import ReplicatedClock, ReplicaToolExecutor, VerifiedRunner, driver_only
 from .tp_sizing import rank_kv_bytes_per_token, rank_pool_sizes
 
 __all__ = [
@@ -176,6 +177,15 @@ class ReplicaOptions(TypedDict, total=False):
     max_tool_workers: int
 
 
+class _Message(NamedTuple):
+    """What the driver broadcasts before each step, and to end a `run()` or to close."""
+
+    command: str  # "step", "return" or "close"
+    events: list[tuple]  # the adds and cancels since the last message, in the driver's order
+    now: float | None = None  # a step's time: its first clock read on every rank
+    answers: Sequence[tuple[int, Answer]] = ()  # (request id, answer) the driver polled at `now`
+
+
 class TensorParallelEngine(InterceptEngine):
     """`InterceptEngine` over a tensor-parallel model: one replica per rank, driven by rank 0.
 
@@ -222,8 +232,8 @@ class TensorParallelEngine(InterceptEngine):
         cost = helper.tp_broadcast_object_from_rank_0(cost_model)  # the driver's choice decides who measures
         if cost is None:
             cost = helper.tp_broadcast_object_from_rank_0(self._measure_cost(model, dtype, rank_kv))
-        self._samplers: dict[int, Sampler] = {}
         self._inbox: list[tuple] = []
+        self._answers: Sequence[tuple[int, Answer]] = ()  # the current step's, from the driver
         super().__init__(
             model,
             num_blocks=num_blocks,
@@ -232,9 +242,9 @@ class TensorParallelEngine(InterceptEngine):
             host_pool_bytes=num_host_blocks * rank_kv * tp_size * sizes.block_size,
             cost_model=cost,
             clock=ReplicatedClock(clock, helper),
-            executor=lambda m, c: DriverSampledRunner(
-                ModelRunner(m, c, attention_backend), helper, self._samplers, self._verify if verify_replicas else None
-            ),
+            executor=(lambda m, c: VerifiedRunner(ModelRunner(m, c, attention_backend), self._verify))
+            if verify_replicas else None,
+            attention_backend=attention_backend,
             distributed_helper=helper,
             **options,
         )
@@ -270,20 +280,17 @@ class TensorParallelEngine(InterceptEngine):
         the next step. On a worker: ignored, returns None."""
         if not self.is_driver:
             return None
-        with self._lock:
-            arrival = self.clock.source() if arrival_time is None else arrival_time
-            rid = super().add_request(prompt_ids, max_new_tokens, tools, interceptions, None, eos_token_id,
-                                      arrival, on_event)
+        with self._lock:  # queued and in the inbox together: no step sends one without the other
+            rid = super().add_request(prompt_ids, max_new_tokens, tools, interceptions, sampler, eos_token_id,
+                                      arrival_time, on_event)
             req = self._requests[rid]
-            if sampler is not None:
-                self._samplers[rid] = sampler
             replica = dict(
                 prompt_ids=req.tokens[: req.prompt_len],
                 max_new_tokens=req.max_new_tokens,
                 tools=[dataclasses.replace(t, fn=driver_only) for t in req.tools],
                 interceptions=req.scripted,
                 eos_token_id=sorted(req.eos_token_ids),
-                arrival_time=arrival,
+                arrival_time=req.arrival_time,
             )
             self._inbox.append(("add", rid, replica))
         return rid
@@ -292,43 +299,41 @@ class TensorParallelEngine(InterceptEngine):
         """On the driver as `InterceptEngine.cancel`, replayed on the workers; False on a worker."""
         if not self.is_driver:
             return False
-        with self._lock:
-            t = self.clock.source()
-            with self.clock.frozen(t):
-                cancelled = super().cancel(request_id)
-            if cancelled:
-                self._inbox.append(("cancel", request_id, t))
-        return cancelled
+        return super().cancel(request_id)
+
+    def _cancel(self, req: Request) -> None:
+        """The driver queues each cancel, at its time, for the workers to replay (under the lock
+        that cancels it, so no step sends one without the other). Those that `close()` makes are
+        never sent: every rank's own close cancels the rest."""
+        super()._cancel(req)
+        if self.is_driver:
+            self._inbox.append(("cancel", req.request_id, req.finish_time))
 
     # ------------------------------------------------------------------ the loop
     def step(self) -> list[RequestResult]:
         """One step on every rank (driver only: workers mirror it inside `run()`)."""
         if not self.is_driver:
             raise RuntimeError("on a worker rank call run(): it mirrors every step the driver takes")
-        with self._lock:
-            self._check_open()
-            self._exchange("step")
-            results = self._replica_step()
-        self._dispatch_events()
-        return results
+        return super().step()
 
     def run(self, progress: bool = False) -> dict[int, RequestResult]:
         """Driver: as `InterceptEngine.run`, every rank stepping along. Worker: mirror the driver
         until its `run()` returns or it closes the engine; returns the same results."""
+        if self.is_driver:
+            return super().run(progress)
         self._check_open()
-        if not self.is_driver:
-            return self._follow(until_close=False)
-        return super().run(progress)
+        return self._follow(until_close=False)
 
     def _run_step(self) -> list[RequestResult] | None:
-        """The driver's iteration of `run()`: every rank steps along, and returns with it."""
-        if self._closed:
-            return None
-        if not self._requests:
+        """The driver's iteration of `run()`: when it returns, the workers' `run()` returns too."""
+        if not self._closed and not self._requests:
             self._exchange("return")
-            return None
-        self._exchange("step")
-        return self._replica_step()
+        return super()._run_step()
+
+    def _step(self) -> list[RequestResult]:
+        """The driver's step: send the workers their inputs, then step as every replica does."""
+        self._check_open()
+        return self._replica_step(self._exchange("step"))
 
     def close(self) -> None:
         """Every rank calls it; a worker keeps mirroring the driver until the driver closes too."""
@@ -349,22 +354,30 @@ class TensorParallelEngine(InterceptEngine):
     def _follow(self, until_close: bool) -> dict[int, RequestResult]:
         results: dict[int, RequestResult] = {}
         while True:
-            command, events = self._exchange(None)
+            message = self._exchange(None)
             with self._lock:
-                self._replay(events)
-                if command == "close":
+                self._replay(message.events)
+                if message.command == "close":
                     self._shut_down()
                     return results
-                if command == "step":
-                    results.update((r.request_id, r) for r in self._replica_step())
+                if message.command == "step":
+                    results.update((r.request_id, r) for r in self._replica_step(message))
                 elif not until_close:
                     return results
 
-    def _exchange(self, command: str | None) -> tuple[str, list[tuple]]:
-        """The driver's command and the inputs that reached it since the last one, on every rank."""
+    def _exchange(self, command: str | None) -> _Message:
+        """The driver's command and the inputs that reached it since the last one, on every rank.
+
+        A step's message also carries the step's time and the tool answers the driver polled
+        at it, so that nothing more need be broadcast before the step schedules."""
         message = None
         if self.is_driver:
-            message, self._inbox = (command, self._inbox), []
+            message = _Message(command, self._inbox)
+            if command == "step":
+                now = self.clock()
+                answers = [(r.request_id, a) for r in self.scheduler.paused if (a := r.pending.poll(now)) is not None]
+                message = message._replace(now=now, answers=answers)
+            self._inbox = []
         return self.helper.tp_broadcast_object_from_rank_0(message)
 
     def _replay(self, events: list[tuple]) -> None:
@@ -380,22 +393,27 @@ class TensorParallelEngine(InterceptEngine):
                 with self.clock.frozen(payload):
                     super().cancel(rid)
 
-    def _replica_step(self) -> list[RequestResult]:
-        with self.clock.synced():
-            results = self._step()
+    def _replica_step(self, message: _Message) -> list[RequestResult]:
+        self._answers = message.answers
+        with self.clock.synced(message.now):
+            results = super()._step()
         if self.verify_replicas:
             self._verify()
-        for r in results:
-            self._samplers.pop(r.request_id, None)
         return results
 
     def _collect_answers(self, now: float, done: list[Request]) -> None:
-        """The driver polls its tool calls and scripted deadlines; every rank resumes the same requests."""
-        answers = None
-        if self.is_driver:
-            answers = [(r.request_id, a) for r in list(self.scheduler.paused) if (a := r.pending.poll(now)) is not None]
-        for rid, answer in self.helper.tp_broadcast_object_from_rank_0(answers):
+        """Every rank resumes the requests whose answers came with the step (polled by the driver
+        at `now`, the step's first clock read)."""
+        answers, self._answers = self._answers, ()
+        for rid, answer in answers:
             self._resume(self._requests[rid], answer, now, done)
+
+    def _sample(self, requests: list[Request], logits: torch.Tensor) -> list[int]:
+        """The driver samples (only its requests hold their real samplers); every rank appends its tokens."""
+        mine = super()._sample(requests, logits) if self.is_driver else [0] * len(requests)
+        tokens = torch.tensor(mine, dtype=torch.long)
+        dist.broadcast(tokens, src=self.helper.tp_root_global_rank, group=self.helper.cpu_comm_group)
+        return tokens.tolist()
 
     # ------------------------------------------------------------------ replica check
     def state_digest(self, chunks: Sequence[Chunk] = ()) -> int:

@@ -278,15 +278,15 @@ class InterceptEngine:
         if plan.chunks:
             t0 = self.clock()
             logits = self.runner.forward(plan.chunks)
-            sampled = [c for c in plan.chunks if c.sample]
-            tokens = sample_batch([c.request.sampler for c in sampled], [c.request.tokens for c in sampled], logits)
+            sampled = [c.request for c in plan.chunks if c.sample]
+            tokens = self._sample(sampled, logits)
             self.stats_.record_forward(plan, self.clock() - t0)
             for c in plan.chunks:
                 c.request.num_cached += c.length
                 c.request.high_water = max(c.request.high_water, c.request.num_cached)
             now = self.clock()
-            for c, tok in zip(sampled, tokens):
-                self._append_token(c.request, tok, now, done)
+            for req, tok in zip(sampled, tokens):
+                self._append_token(req, tok, now, done)
         self.cache.finish_transfers()
         self.stats_.record_step(self.scheduler, self.clock())
         for r in done:
@@ -340,6 +340,11 @@ class InterceptEngine:
         if timeout > 0:
             self._wakeup.wait(timeout)
 
+    def _sample(self, requests: list[Request], logits: torch.Tensor) -> list[int]:
+        """One token per row of `logits`, by each request's sampler (a hook: under tensor
+        parallelism every rank takes the driver's tokens)."""
+        return sample_batch([r.sampler for r in requests], [r.tokens for r in requests], logits)
+
     # ------------------------------------------------------------------ per-token work
     def _append_token(self, req: Request, tok: int, now: float, done: list[Request]) -> None:
         req.tokens.append(tok)
@@ -364,13 +369,15 @@ class InterceptEngine:
     def _maybe_pause(self, req: Request, now: float) -> None:
         pending: PendingCall | None = None
         segment = req.next_segment
-        if segment is not None and len(req.generated_since_resume()) >= segment.n_tokens:
+        matcher = self._matchers.get(req.request_id)
+        if segment is not None and req.segment_len >= segment.n_tokens:
             pending = ScriptedCall(segment, now, req.scripted.name)
-        elif req.request_id in self._matchers:
-            hit = self._matchers[req.request_id].match(req.generated_since_resume())
+        elif matcher is not None:
+            generated = req.generated_since_resume()
+            hit = matcher.match(generated)
             if hit is not None:
                 tool, text = hit
-                call = ToolCall(tool.name, text, req.request_id, tuple(req.generated_since_resume()), now)
+                call = ToolCall(tool.name, text, req.request_id, tuple(generated), now)
                 pending = self.executor.submit(tool, call)
                 pending.future.add_done_callback(lambda _f: self._wakeup.set())
         if pending is None:
@@ -439,10 +446,9 @@ class InterceptEngine:
         req.status = Status.FINISHED
         req.finish_reason = reason
         req.finish_time = now
-        if req.resume_pending_since is not None or (req.interceptions and req.interceptions[-1].returned_at is None):
-            rec = req.interceptions[-1]
-            req.interceptions[-1] = rec._replace(returned_at=rec.returned_at or now)
-            req.resume_pending_since = None
+        if req.interceptions and req.interceptions[-1].returned_at is None:  # ended inside a tool call
+            req.interceptions[-1] = req.interceptions[-1]._replace(returned_at=now)
+        req.resume_pending_since = None
         self.stats_.record_finish(req)
         if req.on_event is not None:
             self._emit(req, "finish", result=req.result())

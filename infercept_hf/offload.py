@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from patches.transformers_cb import block_rows
+
 from .kernels import gather_blocks, scatter_blocks
 
 MODES = ("sync", "cuda", "lazy")
@@ -42,6 +44,11 @@ class Transfer:
     host_storage: torch.Tensor
     layers_done: set[int] = field(default_factory=set)
     staged: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # cuda: (layer, pinned copy) to scatter
+    events: list[torch.cuda.Event] = field(default_factory=list)  # cuda: one per layer, recorded after its copy
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.alloc.layer_indices)
 
 
 class SwapPipeline:
@@ -53,7 +60,6 @@ class SwapPipeline:
         self.mode = mode
         self.pending: list[Transfer] = []
         self.stream = torch.cuda.Stream() if mode == "cuda" else None
-        self.events: dict[int, torch.cuda.Event] = {}
         self.seconds = 0.0  # wall time spent copying outside the forward (sync mode: all of it)
 
     @staticmethod
@@ -64,7 +70,7 @@ class SwapPipeline:
     def submit(self, transfer: Transfer) -> None:
         if self.mode == "sync":
             t0 = time.perf_counter()
-            for layer in range(self._num_layers(transfer)):
+            for layer in range(transfer.num_layers):
                 self._copy_layer(transfer, layer)
             transfer.on_done()
             self.seconds += time.perf_counter() - t0
@@ -73,11 +79,11 @@ class SwapPipeline:
         if self.mode == "cuda":
             self.stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(self.stream):
-                for layer in range(self._num_layers(transfer)):
+                for layer in range(transfer.num_layers):
                     self._copy_layer(transfer, layer)
                     event = torch.cuda.Event()
                     event.record(self.stream)
-                    self.events[self._layer_key(transfer, layer)] = event
+                    transfer.events.append(event)
 
     # ------------------------------------------------------------------ the two rules
     def before_layer(self, layer_idx: int) -> None:
@@ -87,10 +93,8 @@ class SwapPipeline:
                 continue
             local = t.alloc.layer_indices.index(layer_idx)
             if self.mode == "cuda":
-                event = self.events.get(self._layer_key(t, local))
-                if event is not None:
-                    torch.cuda.current_stream().wait_event(event)
-            elif local not in t.layers_done:
+                torch.cuda.current_stream().wait_event(t.events[local])
+            else:
                 self._copy_layer(t, local)
 
     def finish(self) -> None:
@@ -100,11 +104,9 @@ class SwapPipeline:
         t0 = time.perf_counter()
         if self.mode == "cuda":
             self.stream.synchronize()
-            self.events.clear()
         for t in self.pending:
-            for layer in range(self._num_layers(t)):
-                if layer not in t.layers_done:
-                    self._copy_layer(t, layer)
+            for layer in range(t.num_layers):
+                self._copy_layer(t, layer)
             for layer, pinned in t.staged:  # device->host copies have landed in pinned memory
                 self._scatter_host(t, layer, pinned)
             t.on_done()
@@ -117,36 +119,27 @@ class SwapPipeline:
 
     # ------------------------------------------------------------------ copies
     @staticmethod
-    def _num_layers(t: Transfer) -> int:
-        return len(t.alloc.layer_indices)
-
-    @staticmethod
-    def _layer_key(t: Transfer, layer: int) -> int:
-        return id(t) * 1024 + layer
-
-    @staticmethod
     def _ids(ids: list[int], device: torch.device) -> torch.Tensor:
         return torch.tensor(ids, dtype=torch.long, device=device)
 
     @staticmethod
     def _staging(t: Transfer, device: torch.device, pin: bool = False) -> torch.Tensor:
         """Contiguous rows of one layer's bytes for every block of the transfer."""
-        span = t.host_storage.shape[1] // len(t.alloc.layer_indices)
+        span = t.host_storage.shape[1] // t.num_layers
         return torch.empty((len(t.dev_ids), span), dtype=torch.uint8, device=device, pin_memory=pin)
 
     def _scatter_host(self, t: Transfer, layer: int, rows: torch.Tensor) -> None:
-        n = len(t.alloc.layer_indices)
-        scatter_blocks(rows, t.host_storage, self._ids(t.host_ids, rows.device), layer, n, backend="torch")
+        scatter_blocks(rows, t.host_storage, self._ids(t.host_ids, rows.device), layer, t.num_layers, backend="torch")
 
     def _copy_layer(self, t: Transfer, layer: int) -> None:
-        """Copy one layer's keys and values of every block in the transfer (the kernels' gather/scatter)."""
+        """Copy one layer's keys and values of every block in the transfer (the kernels' gather/scatter), once."""
         if layer in t.layers_done:
             return
         t.layers_done.add(layer)
         if not t.dev_ids:
             return
-        n = len(t.alloc.layer_indices)
-        view = t.alloc._copy_view
+        n = t.num_layers
+        view = block_rows(t.alloc)
         d = self._ids(t.dev_ids, view.device)
         if t.to_host:
             rows = gather_blocks(view, d, self._staging(t, view.device), layer, n)

@@ -10,6 +10,10 @@ Every iteration the scheduler ranks paused requests by `min(W_preserve, W_discar
 largest first, spends the swap budget (the KV that can cross the host link behind one
 forward pass) from the top, and preserves or discards the rest, whichever wastes less.
 No torch here: the simulator and the tests run this without a model.
+
+The public functions validate their arguments; the scheduler ranks every paused request
+every iteration, so the per-request arithmetic lives in unchecked `_` helpers that the
+public functions (and the ranking, after checking its shared arguments once) call.
 """
 from __future__ import annotations
 
@@ -44,11 +48,17 @@ class CostModel:
     def t_fwd(self, n_tokens: int) -> float:
         """Forward time for a batch of `n_tokens`; an empty batch runs no forward at all."""
         _check_non_negative(n_tokens=n_tokens)
-        return self.fwd_per_token_s * n_tokens + self.fwd_fixed_s if n_tokens else 0.0
+        return self._t_fwd(n_tokens)
 
     def t_swap(self, n_tokens: int) -> float:
         """Time to copy `n_tokens` of KV over the host link in one direction."""
         _check_non_negative(n_tokens=n_tokens)
+        return self._t_swap(n_tokens)
+
+    def _t_fwd(self, n_tokens: int) -> float:
+        return self.fwd_per_token_s * n_tokens + self.fwd_fixed_s if n_tokens else 0.0
+
+    def _t_swap(self, n_tokens: int) -> float:
         return n_tokens * self.kv_bytes_per_token / self.swap_bytes_per_s
 
 
@@ -59,6 +69,10 @@ def preserve_waste(context_tokens: int, remaining_pause_s: float, cost: CostMode
     an estimate (`estimator.DurationEstimator.remaining`).
     """
     _check_non_negative(context_tokens=context_tokens, remaining_pause_s=remaining_pause_s)
+    return _preserve_waste(context_tokens, remaining_pause_s, cost)
+
+
+def _preserve_waste(context_tokens: int, remaining_pause_s: float, cost: CostModel) -> float:
     return remaining_pause_s * context_tokens * cost.kv_bytes_per_token
 
 
@@ -76,9 +90,19 @@ def discard_waste(context_tokens: int, other_tokens: int, cost: CostModel, chunk
     `~T_fwd(C)*C*M/2 + n*T_fwd(C/n)*C_other*M`; a chunk at least as large as `C` gives
     exactly the un-chunked figure.
     """
-    _check_non_negative(context_tokens=context_tokens, other_tokens=other_tokens)
+    _check_non_negative(context_tokens=context_tokens)
+    _check_batch_inputs(other_tokens, chunk_tokens)
+    return _discard_waste(context_tokens, other_tokens, cost, chunk_tokens)
+
+
+def _check_batch_inputs(other_tokens: int, chunk_tokens: int | None) -> None:
+    """The arguments every paused request of one ranking shares, checked once for all of them."""
+    _check_non_negative(other_tokens=other_tokens)
     if chunk_tokens is not None and chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens!r}")
+
+
+def _discard_waste(context_tokens: int, other_tokens: int, cost: CostModel, chunk_tokens: int | None) -> float:
     c = context_tokens if chunk_tokens is None else min(chunk_tokens, context_tokens)
     if c == 0:
         return 0.0
@@ -86,7 +110,8 @@ def discard_waste(context_tokens: int, other_tokens: int, cost: CostModel, chunk
     # closed form of the sum, so a long context in small chunks costs O(1): the full chunks
     # have R_k = k*c for k = 1..full, the last (if any) ends with R = C
     resident_sum = c * full * (full + 1) // 2
-    waste = cost.t_fwd(c) * (resident_sum + full * other_tokens) + cost.t_fwd(last) * (context_tokens + other_tokens)
+    # `last` keeps the checked `t_fwd`: an infinite (float) context makes it NaN, which it refuses
+    waste = cost._t_fwd(c) * (resident_sum + full * other_tokens) + cost.t_fwd(last) * (context_tokens + other_tokens)
     return waste * cost.kv_bytes_per_token
 
 
@@ -100,11 +125,13 @@ def swap_waste(context_tokens: int, batch_tokens: int, cost: CostModel, budget_t
     """
     _check_non_negative(context_tokens=context_tokens, batch_tokens=batch_tokens)
     if budget_tokens is None:
-        stalled = context_tokens
-    else:
-        _check_non_negative(budget_tokens=budget_tokens)
-        stalled = max(0, context_tokens - budget_tokens)
-    return 2 * cost.t_swap(stalled) * batch_tokens * cost.kv_bytes_per_token
+        return _swap_waste(context_tokens, batch_tokens, cost)
+    _check_non_negative(budget_tokens=budget_tokens)
+    return _swap_waste(max(0, context_tokens - budget_tokens), batch_tokens, cost)
+
+
+def _swap_waste(stalled_tokens: int, batch_tokens: int, cost: CostModel) -> float:
+    return 2 * cost._t_swap(stalled_tokens) * batch_tokens * cost.kv_bytes_per_token
 
 
 def swap_budget_tokens(batch_tokens: int, cost: CostModel) -> int:
@@ -180,10 +207,16 @@ def waste_figures(view: PausedView, other_tokens: int, cost: CostModel, chunk_to
     use without its head. Swap is the stalled figure for the device part: what moving it
     outside the budget would cost, the reason min-waste swaps only within the budget.
     """
+    _check_batch_inputs(other_tokens, chunk_tokens)
+    return _waste_figures(view, other_tokens, cost, chunk_tokens)
+
+
+def _waste_figures(view: PausedView, other_tokens: int, cost: CostModel, chunk_tokens: int | None) -> WasteFigures:
+    """`waste_figures` without the checks: `PausedView` validated its fields when it was built."""
     return WasteFigures(
-        preserve=preserve_waste(view.device_tokens, view.expected_remaining_s, cost),
-        discard=discard_waste(view.context_tokens, other_tokens, cost, chunk_tokens),
-        swap=swap_waste(view.device_tokens, other_tokens, cost),
+        preserve=_preserve_waste(view.device_tokens, view.expected_remaining_s, cost),
+        discard=_discard_waste(view.context_tokens, other_tokens, cost, chunk_tokens),
+        swap=_swap_waste(view.device_tokens, other_tokens, cost),
     )
 
 
@@ -193,7 +226,10 @@ def rank_by_waste(
     """Paused requests by `min(W_preserve, W_discard)`, largest first: the order in which the
     swap budget is spent, since swapping within the budget removes that waste. Ties go to
     the earliest arrival, then the lowest id, so the order is deterministic."""
-    figures = [(v, waste_figures(v, other_tokens, cost, chunk_tokens)) for v in paused]
+    views = list(paused)
+    if views:  # an empty ranking never looked at its other arguments
+        _check_batch_inputs(other_tokens, chunk_tokens)
+    figures = [(v, _waste_figures(v, other_tokens, cost, chunk_tokens)) for v in views]
     return sorted(figures, key=lambda vf: (-vf[1].least, vf[0].arrival_time, vf[0].request_id))
 
 

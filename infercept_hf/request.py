@@ -87,6 +87,11 @@ class Request:
             return None
         return self.scripted.segments[self.num_pauses]
 
+    @property
+    def segment_len(self) -> int:
+        """`len(generated_since_resume())` without copying the tokens: checked after every token."""
+        return len(self.tokens) - self.segment_start
+
     def generated_since_resume(self) -> list[int]:
         return self.tokens[self.segment_start :]
 

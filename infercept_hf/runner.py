@@ -157,15 +157,13 @@ class ModelRunner:
         dev = self.device
         tables = [page_table(self.cache, c.request.rid, 0) for c in chunks]
         width = max(len(t) for t in tables)
-        block_table = torch.zeros((len(chunks), width), dtype=torch.int32)
-        for i, t in enumerate(tables):
-            block_table[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
+        block_table = [t + [0] * (width - len(t)) for t in tables]  # padded rows: one tensor, one copy
         return {
             "cache": self.cache,
             "write_index": write_index,
             "cu_seq_lens_q": torch.tensor(cu_q, dtype=torch.int32, device=dev),
             "max_length_q": max(c.length for c in chunks),
-            "infercept_block_table": block_table.to(dev),
+            "infercept_block_table": torch.tensor(block_table, dtype=torch.int32, device=dev),
             "infercept_seq_lens_k": torch.tensor([c.start + c.length for c in chunks], dtype=torch.int32, device=dev),
             "infercept_backend": "triton",
             "infercept_calls": set(),

@@ -22,11 +22,12 @@ from .estimator import DurationEstimator
 from .policy import (
     CostModel,
     PausedView,
-    choose_preserve_or_discard,
+    WasteFigures,
     host_victims,
     rank_by_waste,
     split_swap_budget,
     swap_budget_tokens,
+    waste_figures,
 )
 from .request import Request, Status
 from .runner import Chunk
@@ -38,6 +39,11 @@ POLICIES = ("discard", "discard-head", "preserve", "swap", "min-waste")
 def queue_order(req: Request) -> tuple[float, int]:
     """Who is ahead in the queue: `queue_key`, ties broken by id, so that every pass agrees."""
     return req.queue_key, req.request_id
+
+
+def _as_dict(figs: WasteFigures) -> dict[str, float]:
+    """A request's `waste`: the figures the policy compared, by strategy name."""
+    return {"preserve": figs.preserve, "discard": figs.discard, "swap": figs.swap}
 
 
 def check_policy(policy: str) -> str:
@@ -56,7 +62,6 @@ class SwapIteration:
 @dataclass
 class StepPlan:
     chunks: list[Chunk] = field(default_factory=list)
-    swap_tokens: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -124,14 +129,14 @@ class Scheduler:
         plan = StepPlan()
         swapped_in_before = self.cache.swapped_in_bytes
         self.running.sort(key=lambda r: (r.uncached > 1, r.queue_key))  # decodes first, then prefills
-        decodes = sum(1 for r in self.running if r.uncached == 1)
         budget = self.max_batch_tokens
-        prefill_budget = self._prefill_budget(decodes)
+        prefill_budget = self._prefill_budget()
         scheduled: set[int] = set()
         for req in list(self.running):
-            if req not in self.running:  # preempted while making room for an older one
+            if req.status is not Status.RUNNING:  # preempted while making room for an older one
                 continue
-            n = min(req.uncached, budget, prefill_budget if req.uncached > 1 else 1)
+            prefill = req.uncached > 1  # `_reserve` never changes `req`'s own cached length
+            n = min(req.uncached, budget, prefill_budget if prefill else 1)
             if n == 0:
                 continue
             if not self._reserve(req, n, now, protected=scheduled):
@@ -140,7 +145,7 @@ class Scheduler:
             plan.chunks.append(Chunk(req, req.num_cached, n))
             scheduled.add(req.request_id)
             budget -= n
-            if req.uncached > 1:
+            if prefill:
                 prefill_budget -= n
         budget = min(budget, prefill_budget)
         self.waiting.sort(key=queue_order)
@@ -158,11 +163,11 @@ class Scheduler:
             budget -= n
         if self.policy == "min-waste":
             swap_in_tokens = (self.cache.swapped_in_bytes - swapped_in_before) // self.cache.bytes_per_token
-            plan.swap_tokens = swap_in_tokens + self._min_waste(now, plan.num_tokens, swap_in_tokens)
+            self._min_waste(now, plan.num_tokens, swap_in_tokens)
         return plan
 
-    def _prefill_budget(self, decodes: int) -> int:
-        """Tokens for prompt, answer and recompute chunks this iteration.
+    def _prefill_budget(self) -> int:
+        """Tokens for prompt, answer and recompute chunks this iteration (the chunk size of a recompute).
 
         min-waste recomputes in chunks that fill the device up to its saturation point S next to
         the running decodes (INFERCEPT's chunked recomputation), so no decode stalls behind a long
@@ -170,6 +175,7 @@ class Scheduler:
         """
         if self.policy != "min-waste":
             return self.max_batch_tokens
+        decodes = sum(1 for r in self.running if r.uncached == 1)
         return max(1, min(self.max_batch_tokens, self.cost.saturation_tokens) - decodes)
 
     # ------------------------------------------------------------------ memory
@@ -288,8 +294,8 @@ class Scheduler:
         truth = req.pending.expected_duration if req.pending and self.estimator.oracle else None
         return self.estimator.remaining(tool, now - req.paused_at, truth)
 
-    def _others_tokens(self, exclude: Request | None = None) -> int:
-        return sum(r.num_cached for r in self.running if r is not exclude)
+    def _others_tokens(self) -> int:
+        return sum(r.num_cached for r in self.running)
 
     def _view(self, req: Request, now: float) -> PausedView:
         return PausedView(
@@ -303,17 +309,13 @@ class Scheduler:
         )
 
     def _waste_figures(self, req: Request, now: float) -> dict[str, float]:
-        ranked = rank_by_waste([self._view(req, now)], self._others_tokens(), self.cost, self._chunk_tokens())
-        figs = ranked[0][1]
-        return {"preserve": figs.preserve, "discard": figs.discard, "swap": figs.swap}
+        figs = waste_figures(self._view(req, now), self._others_tokens(), self.cost, self._prefill_budget())
+        return _as_dict(figs)
 
-    def _chunk_tokens(self) -> int:
-        return self._prefill_budget(sum(1 for r in self.running if r.uncached == 1))
-
-    def _min_waste(self, now: float, batch_tokens: int, swap_in_tokens: int) -> int:
+    def _min_waste(self, now: float, batch_tokens: int, swap_in_tokens: int) -> None:
         """Spend what is left of this iteration's swap budget, after the swap-ins of returning
         requests, on the most wasteful paused requests; under memory pressure, preserve or discard
-        the rest, whichever wastes less. Returns the tokens swapped out.
+        the rest, whichever wastes less; `swap_log` notes the budget and what moved.
 
         The budget is the KV that moves over the host link in the time of this iteration's
         forward (`T_swap(N) = T_fwd(B)`): copies that fit hide under compute, so they are spent
@@ -322,6 +324,12 @@ class Scheduler:
         """
         budget = swap_budget_tokens(max(1, batch_tokens), self.cost)
         holders = [r for r in self.paused if self.cache.device_blocks(r.rid) and r.num_cached]
+        moved = self._place_paused(holders, budget, swap_in_tokens, now) if holders else 0
+        self.swap_log.append(SwapIteration(budget, swap_in_tokens, moved))
+
+    def _place_paused(self, holders: list[Request], budget: int, swap_in_tokens: int, now: float) -> int:
+        """`_min_waste` for paused requests that hold device KV: swap out, preserve or discard each.
+        Returns the tokens swapped out."""
         bs = self.cache.block_size
         out_budget, _ = split_swap_budget(
             budget,
@@ -331,29 +339,29 @@ class Scheduler:
             free_host_tokens=(self.cache.free_host_blocks() + sum(self.cache.host_blocks(r.rid) for r in self.paused)) * bs,
             free_device_tokens=self.cache.free_device_blocks() * bs,
         )
-        others = self._others_tokens()
-        chunk = self._chunk_tokens()
         pressure = self._memory_pressure()
-        ranked = rank_by_waste([self._view(r, now) for r in holders], others, self.cost, chunk)
+        views = [self._view(r, now) for r in holders]
+        ranked = rank_by_waste(views, self._others_tokens(), self.cost, self._prefill_budget())
         by_id = {r.request_id: r for r in holders}
         moved = 0
         for view, figs in ranked:
             req = by_id[view.request_id]
-            req.waste = {"preserve": figs.preserve, "discard": figs.discard, "swap": figs.swap}
+            req.waste = _as_dict(figs)
             have = self.cache.device_blocks(req.rid)
             n = min(have, (out_budget - moved) // bs)
-            if n > 0 and (n == have or self.cache.supports_partial):
+            if self._can_swap(n, have):
                 self._make_host_room(n, view, now)
                 n = min(n, self.cache.free_host_blocks())
-                if n > 0 and (n == have or self.cache.supports_partial):
-                    moved += self._swap_out(req, n, wait=False) * bs
-                    req.strategy = self._placement(req)
-                    continue
-            if pressure and choose_preserve_or_discard(view, others, self.cost, chunk) == "discard":
+            if self._can_swap(n, have):
+                moved += self._swap_out(req, n, wait=False) * bs
+            elif pressure and figs.best == "discard":  # the budget did not reach it: the cheaper of the two
                 self._discard(req)
             req.strategy = self._placement(req)
-        self.swap_log.append(SwapIteration(budget, swap_in_tokens, moved))
         return moved
+
+    def _can_swap(self, n: int, have: int) -> bool:
+        """Whether `n` of a request's `have` device blocks can move: all of them, or a tail where the cache allows."""
+        return n > 0 and (n == have or self.cache.supports_partial)
 
     def _memory_pressure(self) -> bool:
         """Whether paused KV stands in anyone's way: the running requests (the rest of their prompt

@@ -36,7 +36,9 @@ class EngineStats:
         self.timeline: list[dict[str, float]] = []
 
     def record_forward(self, plan: Any, seconds: float) -> None:
-        recompute = sum(max(0, min(c.start + c.length, c.request.high_water) - c.start) for c in plan.chunks)
+        # per chunk, the tokens below its request's high-water mark: computed before, dropped, computed again
+        owners = [(c.request, n) for c in plan.chunks if (n := min(c.start + c.length, c.request.high_water) - c.start) > 0]
+        recompute = sum(n for _, n in owners)
         tokens = plan.num_tokens
         self.steps += 1
         self.forward_s += seconds
@@ -47,11 +49,9 @@ class EngineStats:
             self.recompute_forward_s += share
             waste = share * self.cache.used_device_blocks() * self.bytes_per_block
             self.waste["discard"] += waste
-            for c in plan.chunks:
-                own = max(0, min(c.start + c.length, c.request.high_water) - c.start)
-                if own:
-                    _add(c.request, "recomputed_tokens", own)
-                    _add(c.request, "waste_discard", waste * own / recompute)
+            for req, own in owners:
+                _add(req, "recomputed_tokens", own)
+                _add(req, "waste_discard", waste * own / recompute)
 
     def record_step(self, scheduler: Any, now: float) -> None:
         """Integrate paused requests' device memory over the time since the last step.

@@ -323,24 +323,26 @@ class ToolExecutor:
 
 @dataclass
 class TriggerMatcher:
-
     """Finds the tool call that the tokens generated since the last resumption complete.
 
-    Only the tail of the segment is decoded each step (`window` tokens), so the per-token
+    Only the tail of the segment is decoded each step (`_window` tokens), so the per-token
     cost does not grow with the segment; the whole segment is decoded once, on a match.
     """
 
     tools: Sequence[Tool]
     tokenizer: Any = None
-    _windows: dict[str, int] = field(default_factory=dict)
+    _window: int = field(init=False, default=0)  # tail tokens decoded per step: twice the longest string `end`
 
     def __post_init__(self) -> None:
         names = [t.name for t in self.tools]
         if len(set(names)) != len(names):
             raise ValueError(f"tool names must be unique, got {names}")
-        if any(t.needs_tokenizer for t in self.tools) and self.tokenizer is None:
-            bad = [t.name for t in self.tools if t.needs_tokenizer]
+        text_tools = [t for t in self.tools if t.needs_tokenizer]
+        if text_tools and self.tokenizer is None:
+            bad = [t.name for t in text_tools]
             raise ValueError(f"tools {bad} match a string `end` on decoded text and need a tokenizer; pass tokenizer=")
+        if text_tools:
+            self._window = max(16, 2 * max(len(t.end) for t in text_tools))
 
     def match(self, segment_ids: Sequence[int]) -> tuple[Tool, str] | None:
         """Return (tool, call text) if the segment's last token completes a call."""
@@ -354,8 +356,7 @@ class TriggerMatcher:
                     return tool, self._call_text_ids(tool, segment_ids[:-n])
                 continue
             if tail_text is None:
-                window = max(16, 2 * max(len(t.end) for t in self.tools if isinstance(t.end, str)))
-                tail_text = self.tokenizer.decode(list(segment_ids[-window:]), skip_special_tokens=False)
+                tail_text = self.tokenizer.decode(list(segment_ids[-self._window :]), skip_special_tokens=False)
             if tool.end in tail_text:
                 text = self.tokenizer.decode(list(segment_ids), skip_special_tokens=False)
                 before = text[: text.index(tool.end)]

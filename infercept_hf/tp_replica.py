@@ -1,4 +1,4 @@
-"""The pieces that keep tensor-parallel replicas identical: the driver's clock, tokens and tool calls.
+"""The pieces that keep tensor-parallel replicas identical: the driver's clock and tool calls.
 
 See `distributed.py` for the design. Each piece replaces one local source of difference
 between ranks with the driver's value, broadcast over transformers' gloo CPU group.
@@ -16,17 +16,17 @@ import torch.distributed as dist
 from patches.transformers_cb import DistributedHelper
 
 from .runner import Chunk, ModelRunner
-from .sampling import GREEDY, Sampler, sample_batch
 from .tools import Answer, PendingCall, Tool, ToolCall
 
 
 class ReplicatedClock:
     """The engine's clock: every rank reads the driver's time.
 
-    Inside a step each read is one broadcast from the driver (every replica reads the clock
-    at the same points, so the broadcasts pair up). Outside a step the driver reads its own
-    clock (arrivals, idle waits) and a worker repeats the last shared time; `frozen(t)`
-    replays an event (an arrival, a cancel) at the time the driver recorded for it.
+    A step's first read is the time the driver sent with the step; each later read inside it
+    is one broadcast from the driver (every replica reads the clock at the same points, so the
+    broadcasts pair up). Outside a step the driver reads its own clock (arrivals, idle waits)
+    and a worker repeats the last shared time; `frozen(t)` replays an event (a cancel) at the
+    time the driver recorded for it.
     """
 
     def __init__(self, source: Callable[[], float], helper: DistributedHelper) -> None:
@@ -34,6 +34,7 @@ class ReplicatedClock:
         self.helper = helper
         self.last = source()
         self._synced = False
+        self._start: float | None = None
         self._frozen: float | None = None
 
     def __call__(self) -> float:
@@ -41,18 +42,22 @@ class ReplicatedClock:
             return self._frozen
         if not self._synced:
             return self.source() if self.helper.is_tp_driver else self.last
+        if self._start is not None:
+            self.last, self._start = self._start, None
+            return self.last
         t = torch.tensor([self.source() if self.helper.is_tp_driver else 0.0], dtype=torch.float64)
         dist.broadcast(t, src=self.helper.tp_root_global_rank, group=self.helper.cpu_comm_group)
         self.last = float(t)
         return self.last
 
     @contextmanager
-    def synced(self) -> Iterator[None]:
-        self._synced = True
+    def synced(self, start: float) -> Iterator[None]:
+        """One step, whose first read is `start` (the driver's time, sent with the step)."""
+        self._synced, self._start = True, start
         try:
             yield
         finally:
-            self._synced = False
+            self._synced, self._start = False, None
 
     @contextmanager
     def frozen(self, t: float) -> Iterator[None]:
@@ -91,36 +96,14 @@ class ReplicaToolExecutor:
         pass
 
 
-class DriverSampledRunner:
-    """Runs the forward on every rank, then hands back the driver's tokens as one-hot logits.
+class VerifiedRunner:
+    """Checks that the replicas agree on the batch before the forward: a diverged plan must not
+    reach the model's collectives."""
 
-    The driver samples with the requests' real samplers (kept on the driver only); the
-    engines then take an argmax of logits that are 0 at the driver's token and -inf
-    elsewhere, so every replica appends exactly the driver's tokens.
-    """
-
-    def __init__(
-        self,
-        inner: ModelRunner,
-        helper: DistributedHelper,
-        samplers: dict[int, Sampler],
-        verify: Callable[[list[Chunk]], None] | None,
-    ) -> None:
+    def __init__(self, inner: ModelRunner, verify: Callable[[list[Chunk]], None]) -> None:
         self.inner = inner
-        self.helper = helper
-        self.samplers = samplers
         self.verify = verify
 
     def forward(self, chunks: list[Chunk]) -> torch.Tensor:
-        if self.verify is not None:
-            self.verify(chunks)  # before the model's collectives: a diverged plan must not reach them
-        logits = self.inner.forward(chunks)
-        sampled = [c.request for c in chunks if c.sample]
-        tokens = torch.zeros(len(sampled), dtype=torch.long)
-        if self.helper.is_tp_driver:
-            samplers = [self.samplers.get(r.request_id, GREEDY) for r in sampled]
-            tokens = torch.tensor(sample_batch(samplers, [r.tokens for r in sampled], logits), dtype=torch.long)
-        dist.broadcast(tokens, src=self.helper.tp_root_global_rank, group=self.helper.cpu_comm_group)
-        one_hot = torch.full((len(sampled), logits.shape[-1]), float("-inf"))
-        one_hot[torch.arange(len(sampled)), tokens] = 0.0
-        return one_hot
+        self.verify(chunks)
+        return self.inner.forward(chunks)

@@ -11,8 +11,9 @@ activations::
                            + latency)                                    per collective
 
 A measured TP forward (`measure_forward` on the sharded model, all ranks together) already
-contains that term; `tensor_parallel_cost` derives it from single-device figures where no
-TP hardware is at hand (the simulator's multi-GPU presets).
+contains that term; `tensor_parallel_cost` derives it from single-device figures, to plan a
+TP deployment without TP hardware at hand. (The simulator's multi-GPU presets do not use it:
+`bench.simulator.HardwareModel.forward_seconds` adds the same all-reduce term to its roofline.)
 """
 from __future__ import annotations
 
@@ -51,14 +52,13 @@ def tensor_parallel_cost(
         raise ValueError(f"need tp_size >= 1, bandwidth > 0, latency >= 0; got {tp_size}, "
                          f"{allreduce_bytes_per_s}, {allreduce_latency_s}")
     config = config.get_text_config()
-    collectives = ALL_REDUCES_PER_LAYER * config.num_hidden_layers
+    collectives = ALL_REDUCES_PER_LAYER * config.num_hidden_layers if tp_size > 1 else 0
     ring = 2 * (tp_size - 1) / tp_size
     per_token = ring * config.hidden_size * dtype.itemsize / allreduce_bytes_per_s
-    comm = tp_size > 1
     return dataclasses.replace(
         single,
-        fwd_per_token_s=single.fwd_per_token_s / tp_size + collectives * per_token * comm,
-        fwd_fixed_s=single.fwd_fixed_s + collectives * allreduce_latency_s * comm,
+        fwd_per_token_s=single.fwd_per_token_s / tp_size + collectives * per_token,
+        fwd_fixed_s=single.fwd_fixed_s + collectives * allreduce_latency_s,
         kv_bytes_per_token=max(1, single.kv_bytes_per_token // tp_size),
     )
 

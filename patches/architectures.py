@@ -101,8 +101,7 @@ def paged_cache_config(model: Any) -> Any:
     check_supported(model)
     config = model.config.get_text_config()
     adapter = _KV_HEADS.get(config.model_type)
-    heads = adapter(config) if adapter else find_num_key_value_heads(config)
-    if heads == find_num_key_value_heads(config):
+    if adapter is None or (heads := adapter(config)) == find_num_key_value_heads(config):
         return config
     config = copy.copy(config)
     config.num_key_value_heads = heads

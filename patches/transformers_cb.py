@@ -14,20 +14,15 @@ is never mutated: a plain `model(...)` or `model.generate(...)` works at any tim
 """
 from __future__ import annotations
 
+import threading
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from transformers.cache_utils import Cache
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
-import threading
-from contextlib import contextmanager
-
 from transformers.generation.continuous_batching import cache as _cb_cache
-from transformers.generation.continuous_batching.cache import (
-    PagedAttentionCache,
-    PagedAttentionMemoryHandler,
-    group_layers_by_attn_type,
-)
+from transformers.generation.continuous_batching.cache import PagedAttentionCache, PagedAttentionMemoryHandler
 from transformers.generation.continuous_batching.cache_allocators import FULL_ATTENTION, SLIDING_ATTENTION
 from transformers.generation.continuous_batching.distributed import DistributedHelper
 from transformers.generation.continuous_batching.utils import (
@@ -38,17 +33,25 @@ from transformers.generation.continuous_batching.utils import (
 
 __all__ = [
     "FULL_ATTENTION",
+    "KERNEL_ATTENTION",
     "SLIDING_ATTENTION",
+    "DistributedHelper",
     "PagedAttentionCache",
     "PagedKVView",
     "UnsupportedModelError",
-    "attention_layer_groups",
+    "attention_implementation",
+    "block_rows",
+    "blocks_for_tokens",
     "build_packed_mask",
     "cb_config",
+    "explicit_pool_sizing",
     "find_head_dim",
     "find_num_key_value_heads",
+    "free_block_ids",
+    "page_table",
+    "register_kernel_attention",
+    "routes_attention_through_interface",
     "single_process_helper",
-    "explicit_pool_sizing",
 ]
 
 
@@ -106,8 +109,19 @@ def single_process_helper() -> DistributedHelper:
     return DistributedHelper(None, None)
 
 
-def attention_layer_groups(config: Any) -> dict[str, list[int]]:
-    return group_layers_by_attn_type(config)
+def blocks_for_tokens(alloc: Any, num_tokens: int) -> int:
+    """Blocks of one allocator that a request of `num_tokens` tokens holds (sliding layers stop at the window)."""
+    return alloc._compute_blocks_needed(0, 0, num_tokens)
+
+
+def free_block_ids(cache: PagedAttentionCache, alloc: Any) -> list[int]:
+    """The free blocks inside the sectors `alloc` has claimed (not the unclaimed sectors)."""
+    return [b for tree in cache.pool._free_blocks[alloc.index].trees.values() for b in tree]
+
+
+def block_rows(alloc: Any) -> torch.Tensor:
+    """The allocator's cache as `[num_blocks, bytes_per_block]` uint8, one row per block: the handle for copies."""
+    return alloc._copy_view
 
 
 def build_packed_mask(
@@ -145,8 +159,9 @@ class PagedKVView(Cache):
         if layer_idx not in self.updated_layers:
             self._check_geometry(key_states, layer_idx)
         self.updated_layers.add(layer_idx)
+        # every read of this layer's pages (ours below, or a paged-kernel attention's) follows its swap-ins
+        self.cache.pipeline.before_layer(layer_idx)
         if not self.write:
-            self.cache.pipeline.before_layer(layer_idx)
             return key_states, value_states
         home, store = key_states.device, self.cache.cache_tensor.device
         if home == store:
@@ -179,16 +194,6 @@ class PagedKVView(Cache):
     @property
     def is_sliding(self) -> list[bool]:
         return []
-
-
-def logits_processors(model: Any, generation_config: Any, prompt_len: int) -> Any:
-    """transformers' own logits-processor list for a GenerationConfig (temperature, top-k/p, penalties...)."""
-    return model._get_logits_processor(generation_config, input_ids_seq_length=prompt_len, device=str(model.device))
-
-
-def resolve_generation_config(model: Any, generation_config: Any, **kwargs: Any) -> tuple[Any, dict]:
-    """The model's defaults merged with the caller's config and keyword overrides, as `generate` does it."""
-    return model._prepare_generation_config(generation_config, **kwargs)
 
 
 KERNEL_ATTENTION = "infercept_paged"

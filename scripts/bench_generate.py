@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig
+from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
 import infercept_hf as ih
 
@@ -42,10 +45,13 @@ def main() -> None:
         mask[i, width - len(pr):] = 1
     ids, mask = ids.to(device), mask.to(device)
     total = args.batch * args.new
-    cost = ih.CostModel(1e-4, 1e-3, 1e10, 1, 256)
+    # a fixed cost model: the same chunk budget (S) on every machine, and no profiling run
+    cost = ih.CostModel(fwd_per_token_s=1e-4, fwd_fixed_s=1e-3, swap_bytes_per_s=1e10, kv_bytes_per_token=1,
+                        saturation_tokens=256)
 
-    def timed(name, fn):
-        fn()  # warm-up
+    def timed(name: str, fn: Callable[[], Any]) -> None:
+        """Time the second of two calls: the first pays for warm-up (allocations, caches)."""
+        fn()
         t0 = time.perf_counter()
         fn()
         dt = time.perf_counter() - t0
@@ -56,7 +62,6 @@ def main() -> None:
     timed("infercept_hf.generate", lambda: ih.generate(model, ids, attention_mask=mask, max_new_tokens=args.new,
                                                        do_sample=False, pad_token_id=0, cost_model=cost))
     gen_cfg = GenerationConfig(max_new_tokens=args.new, do_sample=False, eos_token_id=None, pad_token_id=0)
-    from transformers.generation.configuration_utils import ContinuousBatchingConfig
     cb = ContinuousBatchingConfig(num_blocks=args.batch * ((width + args.new) // 16 + 2), page_size=16,
                                   max_batch_tokens=256, use_async_batching=False, auto_switch_to_flash=False,
                                   allow_block_sharing=False)

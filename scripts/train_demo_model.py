@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, GenerationConfig
+from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerFast
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -32,7 +32,7 @@ IGNORE = -100
 POOL = 512  # dialogues drawn at a time, sorted by length so a batch wastes little padding
 
 
-def encode(tokenizer, pieces: list[Piece]) -> tuple[list[int], list[int]]:
+def encode(tokenizer: PreTrainedTokenizerFast, pieces: list[Piece]) -> tuple[list[int], list[int]]:
     """Token ids and labels; labels are IGNORE where the text is context, not model output."""
     ids: list[int] = []
     labels: list[int] = []
@@ -43,7 +43,8 @@ def encode(tokenizer, pieces: list[Piece]) -> tuple[list[int], list[int]]:
     return ids, labels
 
 
-def batches(tokenizer, seed: int, batch_tokens: int, copy_steps: int) -> Iterator[tuple[torch.Tensor, ...]]:
+def batches(tokenizer: PreTrainedTokenizerFast, seed: int, batch_tokens: int,
+            copy_steps: int) -> Iterator[tuple[torch.Tensor, ...]]:
     """Endless padded batches of about `batch_tokens` tokens (rows x longest row).
 
     The first `copy_steps` batches hold only echo dialogues: a small model trained on the
@@ -110,7 +111,8 @@ def main(argv: list[str] | None = None) -> None:
     model.train()
     started = time.perf_counter()
     running = 0.0
-    for step, (ids, mask, labels) in zip(range(args.steps), batches(tokenizer, args.seed, args.batch_tokens, args.copy_steps)):
+    stream = batches(tokenizer, args.seed, args.batch_tokens, args.copy_steps)
+    for step, (ids, mask, labels) in zip(range(args.steps), stream):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, args.steps, args.lr, args.warmup)
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
@@ -132,12 +134,11 @@ def main(argv: list[str] | None = None) -> None:
     model.save_pretrained(args.out)
     tokenizer.save_pretrained(args.out)
     info = {"steps": args.steps, "copy_steps": args.copy_steps, "seed": args.seed, "batch_tokens": args.batch_tokens,
-            "lr": args.lr,
-            "parameters": n_params, "train_seconds": round(train_seconds, 1), "torch": torch.__version__}
+            "lr": args.lr, "parameters": n_params, "train_seconds": round(train_seconds, 1), "torch": torch.__version__}
     if not args.no_eval:
         for name, score in evaluate_all(model, tokenizer).items():
             info[name] = f"{score.correct}/{score.total}"
-            print(f"{name:30s} {score.correct:3d}/{score.total:<3d} {100 * score.accuracy:5.1f}%", flush=True)
+            print(score.line(name), flush=True)
     (args.out / "train_info.json").write_text(json.dumps(info, indent=2) + "\n")
     print(f"saved to {args.out} after {train_seconds:.0f} s of training", flush=True)
 

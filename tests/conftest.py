@@ -43,6 +43,9 @@ CONFIGS = {
 # Fixed, cheap cost figures so tests never profile; min-waste still sees real trade-offs.
 TEST_COST = CostModel(fwd_per_token_s=1e-4, fwd_fixed_s=1e-3, swap_bytes_per_s=1e9, kv_bytes_per_token=512,
                       saturation_tokens=64)
+# The parity scenario's pool: `scripted_batch`'s 4 rows of up to ~47 tokens do not fit in 13 blocks of 4,
+# so every policy has to swap, discard or preempt.
+TIGHT_POOL = dict(num_blocks=13, block_size=4, host_pool_bytes=8 * 4 * 1024)
 
 
 def tiny_model(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32, attn: str | None = None):
@@ -68,6 +71,18 @@ def llama():
 def prompts_for(seed: int, lengths: list[int]) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in lengths]
+
+
+def scripted_batch() -> tuple[list[list[int]], list[Scripted]]:
+    """The parity scenario: four prompts of mixed lengths, several scripted tool pauses per row."""
+    prompts = prompts_for(2, [6, 13, 9, 17])
+    trace = [
+        Scripted([(5, 0.01, [7, 8, 9]), (4, 0.03, [10])]),
+        Scripted([(3, 0.02, [11, 12, 13, 14, 15, 16]), (6, 0.0, [17, 18])]),
+        Scripted([(7, 0.04, [19])]),
+        Scripted([(2, 0.0, [20, 21]), (2, 0.01, [22]), (3, 0.02, [23, 24, 25])]),
+    ]
+    return prompts, trace
 
 
 def left_pad(prompts: list[list[int]], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,10 +4,13 @@ The bundled demo model is used when its weights are installed. Without them a ti
 Llama stands in, with a stand-in calculator that fires on the first token the model
 generates and answers 5535: the app's plumbing (events, panels, strategies) is still
 exercised end to end, only the model's arithmetic is not.
+
+Importing this module skips the importing test module where gradio is not installed.
 """
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import sys
 from collections.abc import Iterator
@@ -15,11 +18,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import infercept_hf as ih
 from conftest import TEST_COST
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is first imported
+pytest.importorskip("gradio", reason="the demo needs gradio: pip install -e '.[demo]'")
+# For a test module's `pytestmark`: gradio's own pandas use warns.
+GRADIO_WARNINGS = pytest.mark.filterwarnings("ignore:.*(no_silent_downcasting|copy keyword).*")
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "demos"))

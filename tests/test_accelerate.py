@@ -11,10 +11,9 @@ import torch
 from accelerate import dispatch_model
 
 import infercept_hf as ih
-from conftest import TEST_COST, left_pad, reference_scripted, tiny_model
+from conftest import TEST_COST, TIGHT_POOL, left_pad, reference_scripted, scripted_batch, tiny_model
 from infercept_hf.memory import CPU_DEVICE_CAP_BLOCKS, HOST_TO_DEVICE_RATIO, MemoryView, default_pool_sizes
 from patches.placement import execution_device, largest_offloaded_module_bytes
-from test_generate_parity import _scripted_batch
 
 MAPS = {
     "layers split cpu/disk": {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
@@ -31,7 +30,7 @@ def dispatched(device_map: dict[str, str], offload_dir) -> torch.nn.Module:
 
 @pytest.fixture(scope="module")
 def expected():
-    prompts, trace = _scripted_batch()
+    prompts, trace = scripted_batch()
     plain = tiny_model("llama")
     return [reference_scripted(plain, p, s, 16) for p, s in zip(prompts, trace)]
 
@@ -41,10 +40,10 @@ def expected():
 def test_dispatched_model_gives_the_undispatched_models_tokens(placement, policy, expected, tmp_path):
     model = dispatched(MAPS[placement], tmp_path)
     assert any(p.device.type == "meta" for p in model.parameters())  # really offloaded
-    prompts, trace = _scripted_batch()
+    prompts, trace = scripted_batch()
     ids, mask = left_pad(prompts)
     out = ih.generate(model, ids, attention_mask=mask, interceptions=trace, policy=policy, max_new_tokens=16,
-                      num_blocks=13, block_size=4, host_pool_bytes=8 * 4 * 1024, cost_model=TEST_COST)
+                      cost_model=TEST_COST, **TIGHT_POOL)
     assert [out[i, ids.shape[1]:].tolist()[: len(e)] for i, e in enumerate(expected)] == expected
 
 
@@ -57,7 +56,7 @@ def test_execution_device_is_where_accelerate_computes(tmp_path):
 
 def test_default_pools_serve_a_dispatched_model(expected, tmp_path):
     model = dispatched(MAPS["layers split cpu/disk"], tmp_path)
-    prompts, trace = _scripted_batch()
+    prompts, trace = scripted_batch()
     with ih.InterceptEngine(model, cost_model=TEST_COST) as engine:
         assert engine.cache.num_blocks == CPU_DEVICE_CAP_BLOCKS  # a tiny model: the CPU cap binds
         assert engine.cache.num_host_blocks <= HOST_TO_DEVICE_RATIO * CPU_DEVICE_CAP_BLOCKS

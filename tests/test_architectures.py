@@ -1,6 +1,6 @@
 """Every architecture of the support matrix under every policy: exact tokens, or a clear refusal.
 
-The parity scenario is test_generate_parity's tight pool: four left-padded prompts of mixed
+The parity scenario is conftest's `scripted_batch` in `TIGHT_POOL`: four left-padded prompts of mixed
 lengths, several scripted tool pauses per row, a pool too small to hold them all, against
 plain transformers re-running `generate` after each answer. The outcomes this file records
 *are* the support matrix: its last test renders them and requires docs/SUPPORT_MATRIX.md and
@@ -38,8 +38,8 @@ from transformers import (
 )
 
 import infercept_hf as ih
-from conftest import _SMALL, CONFIGS, TEST_COST, VOCAB, left_pad, prompts_for, reference_scripted, tiny_model
-from test_generate_parity import _scripted_batch
+from conftest import (_SMALL, CONFIGS, TEST_COST, TIGHT_POOL, VOCAB, left_pad, prompts_for, reference_scripted,
+                      scripted_batch, tiny_model)
 
 ROOT = Path(__file__).resolve().parents[1]
 MATRIX_FILE = ROOT / "docs" / "SUPPORT_MATRIX.md"
@@ -47,7 +47,6 @@ README_FILE = ROOT / "README.md"
 README_BEGIN, README_END = "<!-- support-matrix:begin -->", "<!-- support-matrix:end -->"
 WRITE_ENV = "INFERCEPT_WRITE_SUPPORT_MATRIX"
 MAX_NEW = 16
-TIGHT_POOL = dict(num_blocks=13, block_size=4, host_pool_bytes=8 * 4 * 1024)
 WINDOW = 12  # sliding window of the tiny configs: shorter than the contexts, so it matters
 
 # Tiny configs beyond conftest's, added to its table so `tiny_model` builds them all alike.
@@ -128,7 +127,7 @@ def kv_layout(model: torch.nn.Module) -> tuple[str, str]:
 @pytest.mark.parametrize("arch", SUPPORTED)
 def test_scripted_interceptions_are_exact(arch, policy):
     model = model_for(arch)
-    prompts, trace = _scripted_batch()
+    prompts, trace = scripted_batch()
     if arch not in _expected:
         _expected[arch] = [reference_scripted(model, p, s, MAX_NEW) for p, s in zip(prompts, trace)]
     row = RESULTS.setdefault(("parity", arch), {})

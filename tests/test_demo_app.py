@@ -9,14 +9,9 @@ from types import SimpleNamespace
 
 import pytest
 
-pytestmark = pytest.mark.filterwarnings("ignore:.*(no_silent_downcasting|copy keyword).*")  # gradio's own pandas use
-os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is first imported
-pytest.importorskip("gradio", reason="the demo needs gradio: pip install -e '.[demo]'")
-gradio_client = pytest.importorskip("gradio_client", reason="the demo tests need `pip install gradio_client`")
-
-import infercept_hf as ih  # noqa: E402
-from demo_helpers import (  # noqa: E402
+from demo_helpers import (  # skips this module without gradio
     ANSWER,
+    GRADIO_WARNINGS,
     QUESTION,
     ROOT,
     chat_model,
@@ -26,6 +21,11 @@ from demo_helpers import (  # noqa: E402
     text_of,
     tool_messages,
 )
+
+pytestmark = GRADIO_WARNINGS
+gradio_client = pytest.importorskip("gradio_client", reason="the demo tests need `pip install gradio_client`")
+
+import infercept_hf as ih  # noqa: E402
 from infercept_hf.demo.tokenizer import build_tokenizer  # noqa: E402
 from infercept_hf.outputs import InterceptionRecord, RequestEvent, RequestResult  # noqa: E402
 from load_test import REAL  # noqa: E402

@@ -12,12 +12,18 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.filterwarnings("ignore:.*(no_silent_downcasting|copy keyword).*")  # gradio's own pandas use
-os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is first imported
-pytest.importorskip("gradio", reason="the demo needs gradio: pip install -e '.[demo]'")
-sync_api = pytest.importorskip("playwright.sync_api", reason="the browser test needs `pip install playwright`")
+from demo_helpers import (  # skips this module without gradio
+    ANSWER,
+    GRADIO_WARNINGS,
+    QUESTION,
+    ROOT,
+    chat_model,
+    one_torch_thread,
+    running_app,
+)
 
-from demo_helpers import ANSWER, QUESTION, ROOT, chat_model, one_torch_thread, running_app  # noqa: E402
+pytestmark = GRADIO_WARNINGS
+sync_api = pytest.importorskip("playwright.sync_api", reason="the browser test needs `pip install playwright`")
 
 CHROMIUM = os.environ.get("INFERCEPT_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import infercept_hf as ih
-from conftest import TEST_COST, left_pad, prompts_for, reference_scripted, tiny_model
+from conftest import TEST_COST, TIGHT_POOL, left_pad, prompts_for, reference_scripted, scripted_batch, tiny_model
 
 ARCHS = ["llama", "qwen2", "gpt2"]
 
@@ -19,27 +19,15 @@ def test_without_interceptions_equals_model_generate(arch):
     assert torch.equal(got, expected)
 
 
-def _scripted_batch():
-    prompts = prompts_for(2, [6, 13, 9, 17])
-    trace = [
-        ih.Scripted([(5, 0.01, [7, 8, 9]), (4, 0.03, [10])]),
-        ih.Scripted([(3, 0.02, [11, 12, 13, 14, 15, 16]), (6, 0.0, [17, 18])]),
-        ih.Scripted([(7, 0.04, [19])]),
-        ih.Scripted([(2, 0.0, [20, 21]), (2, 0.01, [22]), (3, 0.02, [23, 24, 25])]),
-    ]
-    return prompts, trace
-
-
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("policy", ih.POLICIES)
 def test_scripted_interceptions_match_reference_in_a_tight_pool(arch, policy):
     model = tiny_model(arch)
-    prompts, trace = _scripted_batch()
+    prompts, trace = scripted_batch()
     ids, mask = left_pad(prompts)
     max_new = 16
-    # 4 rows of up to ~47 tokens: 13 blocks of 4 cannot hold them all at once.
     out = ih.generate(model, ids, attention_mask=mask, interceptions=trace, policy=policy, max_new_tokens=max_new,
-                      num_blocks=13, block_size=4, host_pool_bytes=8 * 4 * 1024, cost_model=TEST_COST)
+                      cost_model=TEST_COST, **TIGHT_POOL)
     for i, (p, s) in enumerate(zip(prompts, trace)):
         expected = reference_scripted(model, p, s, max_new)
         row = out[i, ids.shape[1]:].tolist()[: len(expected)]

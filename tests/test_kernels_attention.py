@@ -8,13 +8,12 @@ by conftest.py before triton is imported): shapes are tiny.
 """
 from __future__ import annotations
 
-import zlib
-
 import pytest
 import torch
 
 from infercept_hf.kernels import paged_decode_attention, paged_prefill_attention
 from infercept_hf.kernels.reference import decode_attention_ref, prefill_attention_ref
+from kernel_helpers import layer_page_views, seeded
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 NUM_LAYERS = 2  # the "interleaved" layout mimics a 2-layer model and reads layer 1
@@ -27,19 +26,11 @@ BF16 = pytest.param(
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 
 
-def seeded(*key: object) -> torch.Generator:
-    """A fresh generator per case, so every case draws its own inputs, reproducibly."""
-    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
-
-
 def page_views(num_blocks: int, page: int, heads: int, dim: int, dtype: torch.dtype, layout: str):
     """NaN-filled K/V page views and the page index of each block in them."""
     if layout == "interleaved":  # transformers' full-attention allocator: [L0 K | L0 V | L1 K | L1 V] per block
         rows = torch.full((num_blocks * 2 * NUM_LAYERS * page, heads, dim), float("nan"), dtype=dtype)
-        k_pages = rows[2 * 1 * page :].view(-1, page, heads, dim)
-        v_pages = rows[(2 * 1 + 1) * page :].view(-1, page, heads, dim)
-        num_pages = min(len(k_pages), len(v_pages))
-        return k_pages[:num_pages], v_pages[:num_pages], torch.arange(num_blocks) * 2 * NUM_LAYERS
+        return *layer_page_views(rows, 1, page), torch.arange(num_blocks) * 2 * NUM_LAYERS
     padded = torch.full((2, num_blocks, page, heads, dim + 16), float("nan"), dtype=dtype)
     return padded[0, ..., :dim], padded[1, ..., :dim], torch.arange(num_blocks)
 

@@ -12,14 +12,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import LlamaConfig
-from transformers.generation.configuration_utils import ContinuousBatchingConfig
 from transformers.generation.continuous_batching.cache import PagedAttentionCache
-from transformers.generation.continuous_batching.distributed import DistributedHelper
 from transformers.generation.continuous_batching.requests import RequestState
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from infercept_hf.kernels.attention import infercept_paged_attention
+from kernel_helpers import paged_attention_cache
 
 HEADS, KV_HEADS, HEAD_DIM, LAYERS = 4, 2, 24, 2
 STEPS = [{"a": 7, "b": 5}, {"a": 1, "b": 3}, {"a": 1, "b": 1}, {"b": 6}]  # query tokens per request
@@ -27,11 +25,7 @@ FULL = "full_attention"
 
 
 def new_cache() -> PagedAttentionCache:
-    config = LlamaConfig(vocab_size=32, hidden_size=HEADS * HEAD_DIM, intermediate_size=32, num_hidden_layers=LAYERS,
-                         num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM)
-    cb_config = ContinuousBatchingConfig(num_blocks=12, page_size=4, max_batch_tokens=64, allow_block_sharing=False,
-                                         max_memory_percent=0.5, max_blocks_per_request=0, use_async_batching=False)
-    return PagedAttentionCache(config, cb_config, "cpu", DistributedHelper(None, None), dtype=torch.float32)
+    return paged_attention_cache(LAYERS, HEADS, KV_HEADS, HEAD_DIM, num_blocks=12, device="cpu")
 
 
 def packed_mask(past: list[int], q_lens: list[int]) -> torch.Tensor:

@@ -7,24 +7,15 @@ neighbouring row) fails as surely as a missing one. Triton runs in its interpret
 """
 from __future__ import annotations
 
-import zlib
-
 import pytest
 import torch
-from transformers import LlamaConfig
-from transformers.generation.configuration_utils import ContinuousBatchingConfig
-from transformers.generation.continuous_batching.cache import PagedAttentionCache
-from transformers.generation.continuous_batching.distributed import DistributedHelper
 
 from infercept_hf.kernels import gather_blocks, scatter_blocks, write_kv
 from infercept_hf.kernels.reference import gather_blocks_ref, scatter_blocks_ref, write_kv_ref
 from infercept_hf.kernels.kv_copy import WORDS_PER_PROGRAM
+from kernel_helpers import layer_page_views, paged_attention_cache, seeded
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def seeded(*key: object) -> torch.Generator:
-    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
 
 
 def random_bytes(shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
@@ -35,15 +26,6 @@ def kv_storage(num_blocks: int, layers: int, page: int, heads: int, dim: int, dt
                g: torch.Generator) -> torch.Tensor:
     """Random rows laid out like transformers' full-attention cache: `[blocks * 2 * layers * page, H, D]`."""
     return torch.randn(num_blocks * 2 * layers * page, heads, dim, generator=g).to(dtype).to(DEVICE)
-
-
-def layer_page_views(rows: torch.Tensor, layer: int, page: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """transformers' per-layer views: layer i's keys start at row 2iP, its values at (2i+1)P."""
-    heads, dim = rows.shape[1:]
-    k_pages = rows[2 * layer * page :].view(-1, page, heads, dim)
-    v_pages = rows[(2 * layer + 1) * page :].view(-1, page, heads, dim)
-    n = min(len(k_pages), len(v_pages))
-    return k_pages[:n], v_pages[:n]
 
 
 @pytest.mark.parametrize(
@@ -112,17 +94,13 @@ def test_gather_then_scatter_match_reference(layer_bytes, layer):
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_layer_by_layer_swap_round_trip_on_transformers_cache(backend):
     """Swap every block of a real PagedAttentionCache out layer by layer, wipe it, swap it back."""
-    config = LlamaConfig(vocab_size=32, hidden_size=48, intermediate_size=32, num_hidden_layers=3,
-                         num_attention_heads=2, num_key_value_heads=1, head_dim=24)
-    cb_config = ContinuousBatchingConfig(num_blocks=8, page_size=4, max_batch_tokens=64, allow_block_sharing=False,
-                                         max_memory_percent=0.5, max_blocks_per_request=0, use_async_batching=False)
-    cache = PagedAttentionCache(config, cb_config, DEVICE, DistributedHelper(None, None), dtype=torch.float32)
+    layers = 3
+    cache = paged_attention_cache(layers, heads=2, kv_heads=1, head_dim=24, num_blocks=8, device=DEVICE)
     allocator = cache.cache_allocators["full_attention"]
     copy_view = allocator._copy_view
     copy_view.copy_(random_bytes(tuple(copy_view.shape), seeded("swap")).to(DEVICE))
     before = copy_view.clone()
     block_ids = torch.tensor([7, 2, 5], device=DEVICE)
-    layers = config.num_hidden_layers
     staged = [torch.empty(3, copy_view.shape[1] // layers, dtype=torch.uint8, device=DEVICE) for _ in range(layers)]
 
     for layer in range(layers):

@@ -23,10 +23,10 @@ from infercept_hf.policy import (
     swap_waste,
 )
 
-COST = CostModel(fwd_per_token_s=0.5, fwd_fixed_s=2.0, swap_bytes_per_s=128.0, kv_bytes_per_token=4,
-                 saturation_tokens=64)
-NO_FIXED = CostModel(fwd_per_token_s=0.5, fwd_fixed_s=0.0, swap_bytes_per_s=128.0, kv_bytes_per_token=4,
-                     saturation_tokens=64)
+COST_FIELDS = dict(fwd_per_token_s=0.5, fwd_fixed_s=2.0, swap_bytes_per_s=128.0, kv_bytes_per_token=4,
+                   saturation_tokens=64)
+COST = CostModel(**COST_FIELDS)
+NO_FIXED = CostModel(**{**COST_FIELDS, "fwd_fixed_s": 0.0})
 
 
 def view(rid: int, context: int, remaining: float, arrival: float = 0.0, device: int | None = None,
@@ -45,20 +45,14 @@ def test_cost_model_times():
 
 @pytest.mark.parametrize("field", ["fwd_per_token_s", "fwd_fixed_s"])
 def test_cost_model_rejects_negative_times(field):
-    kwargs = dict(fwd_per_token_s=0.5, fwd_fixed_s=2.0, swap_bytes_per_s=128.0, kv_bytes_per_token=4,
-                  saturation_tokens=64)
-    kwargs[field] = -1.0
     with pytest.raises(ValueError):
-        CostModel(**kwargs)
+        CostModel(**{**COST_FIELDS, field: -1.0})
 
 
 @pytest.mark.parametrize("field", ["swap_bytes_per_s", "kv_bytes_per_token", "saturation_tokens"])
 def test_cost_model_rejects_zero_rates(field):
-    kwargs = dict(fwd_per_token_s=0.5, fwd_fixed_s=2.0, swap_bytes_per_s=128.0, kv_bytes_per_token=4,
-                  saturation_tokens=64)
-    kwargs[field] = 0
     with pytest.raises(ValueError):
-        CostModel(**kwargs)
+        CostModel(**{**COST_FIELDS, field: 0})
 
 
 def test_cost_model_rejects_negative_tokens():

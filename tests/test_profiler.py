@@ -38,6 +38,13 @@ def no_measuring(monkeypatch):
     monkeypatch.setattr(profiler, "profile_link", refuse)
 
 
+@pytest.fixture
+def fake_measurements(monkeypatch):
+    """Fixed measurements: t = n/8 s for n tokens, a 1 GB/s link."""
+    monkeypatch.setattr(profiler, "measure_forward", lambda model: [(8, 1.0), (16, 2.0)])
+    monkeypatch.setattr(profiler, "profile_link", lambda device: 1e9)
+
+
 # ---------------------------------------------------------------- fitting
 def test_fit_linear_exact():
     assert fit_linear([(1, 3.0), (2, 5.0), (3, 7.0)]) == (2.0, 1.0)  # t = 2n + 1
@@ -116,19 +123,15 @@ def test_cache_written_then_reread(model, tmp_path, request):
     assert load_or_profile(model, torch.float32, "cpu", cache_dir=tmp_path) == first
 
 
-def test_cache_dir_from_environment(model, tmp_path, monkeypatch):
+def test_cache_dir_from_environment(model, tmp_path, monkeypatch, fake_measurements):
     monkeypatch.setenv("INFERCEPT_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(profiler, "measure_forward", lambda model: [(8, 1.0), (16, 2.0)])
-    monkeypatch.setattr(profiler, "profile_link", lambda device: 1e9)
     cost = load_or_profile(model, torch.float32, "cpu")
     assert cost == CostModel(fwd_per_token_s=0.125, fwd_fixed_s=0.0, swap_bytes_per_s=1e9, kv_bytes_per_token=256,
                              saturation_tokens=8)  # t = n/8 exactly; per token flat from 8 on
     assert len(list(tmp_path.glob("*.json"))) == 1
 
 
-def test_cache_is_keyed_by_dtype(model, tmp_path, monkeypatch):
-    monkeypatch.setattr(profiler, "measure_forward", lambda model: [(8, 1.0), (16, 2.0)])
-    monkeypatch.setattr(profiler, "profile_link", lambda device: 1e9)
+def test_cache_is_keyed_by_dtype(model, tmp_path, fake_measurements):
     load_or_profile(model, torch.float32, "cpu", cache_dir=tmp_path)
     load_or_profile(model, torch.float16, "cpu", cache_dir=tmp_path)
     assert len(list(tmp_path.glob("*.json"))) == 2
@@ -156,9 +159,7 @@ def test_partial_override_measures_only_the_rest(model, tmp_path, monkeypatch):
     assert calls == ["fwd", "link"]  # forward came from the cache, the link was measured once
 
 
-def test_corrupt_cache_is_remeasured(model, tmp_path, monkeypatch):
-    monkeypatch.setattr(profiler, "measure_forward", lambda model: [(8, 1.0), (16, 2.0)])
-    monkeypatch.setattr(profiler, "profile_link", lambda device: 1e9)
+def test_corrupt_cache_is_remeasured(model, tmp_path, fake_measurements):
     load_or_profile(model, torch.float32, "cpu", cache_dir=tmp_path)
     path = next(tmp_path.glob("*.json"))
     path.write_text("{not json")

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import pytest
 
 import infercept_hf as ih
-from conftest import TEST_COST, VOCAB, prompts_for, reference_scripted, tiny_model
+from conftest import TEST_COST, VOCAB, prompts_for, reference_scripted
 from infercept_hf.bench.presets import A100_80G, gpt_j_6b
 from infercept_hf.bench.simulator import HardwareModel, meta_model, sim_engine
 from reliability_helpers import CharTokenizer
@@ -48,6 +48,13 @@ def fault_tool(kind: str, end: list[int], name: str, answer: list[int]) -> ih.To
     timeout = 0.05 if kind.startswith("hang") else None
     on_error = "fail" if kind.endswith("-fail") else "answer"
     return ih.Tool(name, end=end, fn=fn, timeout=timeout, on_error=on_error)
+
+
+def close_releasing_hangs(engine: ih.InterceptEngine) -> None:
+    """Close a soak's engine, letting its hanging tools' threads exit; the next soak's tools hang again."""
+    HANG.set()
+    engine.close()
+    HANG.clear()
 
 
 @dataclass
@@ -176,9 +183,7 @@ def test_simulator_soak(policy):
                     engine.wait_for_work(0.005)
         tally.check(engine)
     finally:
-        HANG.set()
-        engine.close()
-        HANG.clear()
+        close_releasing_hangs(engine)
     for rid, r in tally.results.items():
         if tally.kinds[rid] in CLEAN and r.finish_reason == "length":
             assert r.token_ids == expected[rid], f"request {rid} ({tally.kinds[rid]})"
@@ -234,9 +239,7 @@ def real_soak(llama, policy: str, frequent_tokens: list[int], n: int) -> Tally:
             engine.wait_for_work(0.01)
         tally.check(engine)
     finally:
-        HANG.set()
-        engine.close()
-        HANG.clear()
+        close_releasing_hangs(engine)
     for rid, (prompt, script, max_new) in list(scripted.items())[:4]:
         if tally.results[rid].finish_reason == "length":
             assert tally.results[rid].token_ids == reference_scripted(llama, prompt, script, max_new)

@@ -28,6 +28,7 @@ from ..outputs import InterceptionRecord, RequestResult
 
 if TYPE_CHECKING:
     from tqdm.auto import tqdm
+    from transformers.generation.continuous_batching import ContinuousBatchingManager
 
     from .runner import EngineSettings, Job
 
@@ -69,7 +70,8 @@ class _Transcript:
         paused_at = times[-1]
         self.submit_at = paused_at + seg.pause_s
         self.interceptions.append(
-            InterceptionRecord(self.job.scripted.name, "", paused_at, self.submit_at, None, STRATEGY, len(seg.answer_ids), {})
+            InterceptionRecord(self.job.scripted.name, "", paused_at, self.submit_at, None, STRATEGY,
+                               len(seg.answer_ids), {})
         )
         self.context += list(seg.answer_ids)
         self.piece += 1
@@ -93,7 +95,8 @@ class _Transcript:
 
 
 class _TokenCounter:
-    """Counts the tokens and seconds of every forward of `model` while installed."""
+    """Counts the tokens and seconds of every forward of `model` inside its `with` block; the
+    hooks come off on the way out, also when a run raises, so the model is left as it was."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.tokens = 0
@@ -103,6 +106,13 @@ class _TokenCounter:
             model.register_forward_pre_hook(self._before, with_kwargs=True),
             model.register_forward_hook(self._after),
         ]
+
+    def __enter__(self) -> _TokenCounter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
 
     def _before(self, _module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
@@ -114,8 +124,6 @@ class _TokenCounter:
 
     def stats(self, transcripts: Sequence[_Transcript]) -> dict[str, Any]:
         """Engine-style figures: every context token but the last needs one pass; more is recomputation."""
-        for handle in self._handles:
-            handle.remove()
         needed = sum(len(t.context) - 1 for t in transcripts)
         return {
             "forward_s": self.seconds,
@@ -148,47 +156,56 @@ def run_hf_cb(
     )
     manager.warmup()  # builds the cache and batch processor before the clock starts, as the engine's are
     manager.start()
-    counter = _TokenCounter(model)
-    t0 = time.perf_counter()
-    transcripts = [_Transcript(job, t0 + job.request.arrival_s) for job in jobs]
+    with _TokenCounter(model) as counter:
+        t0 = time.perf_counter()
+        transcripts = [_Transcript(job, t0 + job.request.arrival_s) for job in jobs]
+        try:
+            results = _serve_pieces(manager, transcripts, progress)
+            duration = time.perf_counter() - t0
+        finally:
+            manager.stop(block=True, timeout=10)
+            manager.destroy()
+    return results, duration, counter.stats(transcripts)
+
+
+def _serve_pieces(
+    manager: ContinuousBatchingManager, transcripts: Sequence[_Transcript], progress: tqdm | None
+) -> list[RequestResult]:
+    """Submit each transcript's pieces to the running `manager` as they fall due (arrival, then
+    each tool's return) until every request has ended; results in transcript order."""
     due = [(t.submit_at, i) for i, t in enumerate(transcripts)]
     heapq.heapify(due)
     active = 0
     results: dict[int, RequestResult] = {}
-    try:
-        while len(results) < len(transcripts):
-            now = time.perf_counter()
-            while due and due[0][0] <= now:
-                _, i = heapq.heappop(due)
-                t = transcripts[i]
-                manager.add_request(t.context, request_id=f"{i}.{t.piece}", max_new_tokens=t.next_length(),
-                                    record_timestamps=True, eos_token_id=-1)
-                active += 1
-            timeout = POLL_S if not due else min(POLL_S, max(0.0, due[0][0] - time.perf_counter()))
-            out = manager.get_result(timeout=timeout) if active else None
-            if out is None:
-                if not active:
-                    time.sleep(timeout)
-                if active and not manager.is_running():
-                    raise RuntimeError("transformers' continuous batching loop stopped unexpectedly")
-                continue
-            active -= 1
-            i = int(out.request_id.split(".")[0])
+    while len(results) < len(transcripts):
+        now = time.perf_counter()
+        while due and due[0][0] <= now:
+            _, i = heapq.heappop(due)
             t = transcripts[i]
-            if out.error is not None:
-                results[i] = t.result("error", str(out.error))
-            elif t.record(list(out.generated_tokens), list(out.timestamps)):
-                heapq.heappush(due, (t.submit_at, i))
-                continue
-            else:
-                results[i] = t.result()
-            if progress is not None:
-                progress.update(1)
-        duration = time.perf_counter() - t0
-    finally:
-        manager.stop(block=True, timeout=10)
-        manager.destroy()
-    return [results[i] for i in sorted(results)], duration, counter.stats(transcripts)
+            manager.add_request(t.context, request_id=f"{i}.{t.piece}", max_new_tokens=t.next_length(),
+                                record_timestamps=True, eos_token_id=-1)
+            active += 1
+        timeout = POLL_S if not due else min(POLL_S, max(0.0, due[0][0] - time.perf_counter()))
+        out = manager.get_result(timeout=timeout) if active else None
+        if out is None:
+            if not active:
+                time.sleep(timeout)
+            if active and not manager.is_running():
+                raise RuntimeError("transformers' continuous batching loop stopped unexpectedly")
+            continue
+        active -= 1
+        i = int(out.request_id.split(".")[0])
+        t = transcripts[i]
+        if out.error is not None:
+            results[i] = t.result("error", str(out.error))
+        elif t.record(list(out.generated_tokens), list(out.timestamps)):
+            heapq.heappush(due, (t.submit_at, i))
+            continue
+        else:
+            results[i] = t.result()
+        if progress is not None:
+            progress.update(1)
+    return [results[i] for i in sorted(results)]
 
 
 class _Stamps(BaseStreamer):
@@ -207,28 +224,31 @@ class _Stamps(BaseStreamer):
         pass
 
 
+def _generate_pieces(model: torch.nn.Module, t: _Transcript) -> None:
+    """One request, a `generate` per piece, each started when it falls due (arrival, then each tool's return)."""
+    while True:
+        time.sleep(max(0.0, t.submit_at - time.perf_counter()))
+        ids = torch.tensor([t.context], device=model.device)
+        n = t.next_length()
+        stamps = _Stamps()
+        # greedy, exactly n tokens: min_new_tokens keeps EOS out, as the engine's runs disable it
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
+                             min_new_tokens=n, pad_token_id=0, streamer=stamps)
+        if not t.record(out[0, ids.shape[1]:].tolist(), stamps.times):
+            return
+
+
 @torch.inference_mode()
 def run_hf_generate(
     model: torch.nn.Module, jobs: Sequence[Job], progress: tqdm | None = None
 ) -> tuple[list[RequestResult], float, dict[str, Any]]:
     """Replay `jobs` one at a time with `model.generate`, sleeping through every tool call."""
-    counter = _TokenCounter(model)
-    t0 = time.perf_counter()
-    transcripts = []
-    for job in jobs:
-        t = _Transcript(job, t0 + job.request.arrival_s)
-        transcripts.append(t)
-        while True:
-            time.sleep(max(0.0, t.submit_at - time.perf_counter()))
-            ids = torch.tensor([t.context], device=model.device)
-            n = t.next_length()
-            stamps = _Stamps()
-            # greedy, exactly n tokens: min_new_tokens keeps EOS out, as the engine's runs disable it
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
-                                 min_new_tokens=n, pad_token_id=0, streamer=stamps)
-            if not t.record(out[0, ids.shape[1]:].tolist(), stamps.times):
-                break
-        if progress is not None:
-            progress.update(1)
-    duration = time.perf_counter() - t0
+    with _TokenCounter(model) as counter:
+        t0 = time.perf_counter()
+        transcripts = [_Transcript(job, t0 + job.request.arrival_s) for job in jobs]
+        for t in transcripts:
+            _generate_pieces(model, t)
+            if progress is not None:
+                progress.update(1)
+        duration = time.perf_counter() - t0
     return [t.result() for t in transcripts], duration, counter.stats(transcripts)

@@ -70,13 +70,10 @@ def _tpot(result: RequestResult, exclude_tool: bool) -> float | None:
     return span / (result.num_generated - 1)
 
 
-def _good(result: RequestResult, slo: Mapping[str, float]) -> bool:
-    """Every SLO holds (vLLM's rule: a single-token output counts as TPOT 0)."""
-    measured = {
-        "ttft_ms": (result.first_token_time - result.arrival_time) * 1000.0,
-        "tpot_ms": (_tpot(result, exclude_tool=True) or 0.0) * 1000.0,
-        "e2el_ms": (result.finish_time - result.arrival_time - result.tool_seconds) * 1000.0,
-    }
+def _good(ttft_s: float, tpot_excl_s: float | None, e2el_excl_s: float, slo: Mapping[str, float]) -> bool:
+    """Every SLO holds on one request's reported figures (vLLM's rule: a single-token output,
+    `tpot_excl_s` None, counts as TPOT 0)."""
+    measured = {"ttft_ms": ttft_s * 1000.0, "tpot_ms": (tpot_excl_s or 0.0) * 1000.0, "e2el_ms": e2el_excl_s * 1000.0}
     return all(measured[k] <= limit for k, limit in slo.items())
 
 
@@ -96,7 +93,8 @@ def summarize(
     e2els = [r.finish_time - r.arrival_time for r in done]
     e2els_excl = [e - r.tool_seconds for e, r in zip(e2els, done)]
     tpots = [t for t in (_tpot(r, exclude_tool=False) for r in done) if t is not None]
-    tpots_excl = [t for t in (_tpot(r, exclude_tool=True) for r in done) if t is not None]
+    tpots_excl_each = [_tpot(r, exclude_tool=True) for r in done]  # None for a single-token output
+    tpots_excl = [t for t in tpots_excl_each if t is not None]
     itls = [gap for r in done for gap in tool_excluded_itls(r)]
     normalized = [r.normalized_latency for r in done]
     records = [rec for r in results for rec in r.interceptions]
@@ -106,21 +104,22 @@ def summarize(
         if rec.resumed_at is not None and rec.returned_at is not None
     ]
     output_tokens = sum(r.num_generated for r in done)
+    completed_rps = len(done) / duration_s
     out: dict[str, Any] = {
         "duration_s": duration_s,
         "requests": len(results),
         "completed": len(done),
         "failed": reasons.count("error"),
         "cancelled": reasons.count("cancelled"),
-        "completed_rps": len(done) / duration_s,
+        "completed_rps": completed_rps,
         "normalized_latency_mean_s": _stat(normalized, "mean"),
         "normalized_latency_p99_s": _stat(normalized, 99),
         "throughput_tok_s": sum(r.num_generated for r in results) / duration_s,
-        "request_throughput": len(done) / duration_s,
+        "request_throughput": completed_rps,  # vLLM's name for it
         "output_throughput": output_tokens / duration_s,
         "total_token_throughput": (output_tokens + sum(r.prompt_len for r in done)) / duration_s,
         "total_output_tokens": output_tokens,
-        "goodput": sum(_good(r, slo) for r in done) / duration_s,
+        "goodput": sum(_good(*figures, slo) for figures in zip(ttfts, tpots_excl_each, e2els_excl)) / duration_s,
         "slo": slo,
         "interceptions": len(records),
         "tool_s_total": sum(rec.tool_seconds for rec in records),

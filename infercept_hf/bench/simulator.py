@@ -10,7 +10,7 @@ Cost model of one iteration (`HardwareModel`, docs/BENCHMARK.md), per GPU of `p`
 (tensor parallelism splits weights, FLOPs and KV evenly):
 
     t_compute = FLOPs / p / (peak * eff.compute)
-        FLOPs = 2 * body_params * T + 2 * head_params * n_sampled + 4 * L * d_attn * sum(len * (start + len/2))
+        FLOPs = 2 * body_params * T + 2 * head_params * n_sampled + 4 * L * d_attn * sum(len * (start + (len+1)/2))
     t_memory  = (weight_bytes + KV bytes read and written) / p / (HBM * eff.hbm)
     t_reduce  = 2 L all-reduces of T * hidden * 2 bytes: 2 L (latency + 2 (p-1)/p * bytes / NVLink)   (p > 1)
     T_fwd     = max(t_compute, t_memory) + t_reduce + step overhead
@@ -118,9 +118,14 @@ class HardwareModel:
             t_reduce = 2 * self.num_layers * (eff.allreduce_latency_s + ring)
         return max(t_compute, t_memory) + t_reduce + eff.step_overhead_s
 
+    @property
+    def host_link_bytes_per_s(self) -> float:
+        """Achieved host-link bandwidth of all GPUs together: each moves its own shard over its own PCIe link."""
+        return self.num_gpus * self.gpu.pcie_bytes_per_s * self.eff.pcie
+
     def swap_seconds(self, nbytes: int) -> float:
-        """Copy time over the host links: every GPU moves its own shard over its own PCIe link."""
-        return nbytes / (self.num_gpus * self.gpu.pcie_bytes_per_s * self.eff.pcie)
+        """Copy time over the host links."""
+        return nbytes / self.host_link_bytes_per_s
 
     # ------------------------------------------------------------------ sizing
     def kv_pool_blocks(self, block_size: int = BLOCK_SIZE) -> int:
@@ -143,7 +148,7 @@ class HardwareModel:
         return CostModel(
             fwd_per_token_s=a,
             fwd_fixed_s=b,
-            swap_bytes_per_s=self.num_gpus * self.gpu.pcie_bytes_per_s * self.eff.pcie,
+            swap_bytes_per_s=self.host_link_bytes_per_s,
             kv_bytes_per_token=self.kv_bytes_per_token,
             saturation_tokens=saturation_point(points),
         )
@@ -171,7 +176,8 @@ class SimExecutor:
     and execution schedule alike.
     """
 
-    def __init__(self, cache: InterceptPagedCache, hardware: HardwareModel, clock: VirtualClock, inner=None) -> None:
+    def __init__(self, cache: InterceptPagedCache, hardware: HardwareModel, clock: VirtualClock,
+                 inner: ModelRunner | None = None) -> None:
         self.cache = cache
         self.hardware = hardware
         self.clock = clock

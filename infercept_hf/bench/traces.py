@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -24,21 +25,11 @@ FIELDS = ("request_id", "arrival_s", "kind", "prompt_len", "segments", "final_to
 REFERENCE_KIND = "reference"
 
 
-def _to_dict(req: TraceRequest) -> dict[str, Any]:
-    return {
-        "request_id": req.request_id,
-        "arrival_s": req.arrival_s,
-        "kind": req.kind,
-        "prompt_len": req.prompt_len,
-        "segments": [[n, p, a] for n, p, a in req.segments],
-        "final_tokens": req.final_tokens,
-    }
-
-
 def save_jsonl(path: str | Path, requests: Iterable[TraceRequest]) -> None:
+    """One line per request; the dataclass's fields are the schema (`FIELDS`, in the same order)."""
     with open(path, "w", encoding="utf-8") as f:
         for req in requests:
-            f.write(json.dumps(_to_dict(req)) + "\n")
+            f.write(json.dumps(asdict(req)) + "\n")
 
 
 def _int(value: Any, label: str) -> int:

@@ -7,7 +7,7 @@ is drawn is documented in docs/WORKLOADS.md; the table below is the single sourc
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -150,10 +150,8 @@ def _scale(n: int, factor: float) -> int:
 
 def _rescale(req: TraceRequest, time_scale: float, context_scale: float) -> TraceRequest:
     segments = [(_scale(n, context_scale), p * time_scale, _scale(a, context_scale)) for n, p, a in req.segments]
-    return TraceRequest(
-        req.request_id, req.arrival_s, req.kind, _scale(req.prompt_len, context_scale), segments,
-        _scale(req.final_tokens, context_scale),
-    )
+    return replace(req, prompt_len=_scale(req.prompt_len, context_scale), segments=segments,
+                   final_tokens=_scale(req.final_tokens, context_scale))
 
 
 def _cap(req: TraceRequest, max_context: int) -> TraceRequest:
@@ -174,7 +172,7 @@ def _cap(req: TraceRequest, max_context: int) -> TraceRequest:
         segments.append((n, p, a))
         used += n + a
     final_tokens = min(req.final_tokens, max_context - used)
-    return TraceRequest(req.request_id, req.arrival_s, req.kind, prompt_len, segments, final_tokens)
+    return replace(req, prompt_len=prompt_len, segments=segments, final_tokens=final_tokens)
 
 
 def generate_trace(

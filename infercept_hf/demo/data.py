@@ -7,7 +7,9 @@ character for character, with one deliberate exception: in `_SWAPPED_ANSWER_SHAR
 the QA dialogues the lookup's answer is replaced by a made-up name. Otherwise the model
 memorises the 46-country knowledge base and never learns to copy the tool's answer,
 which is what it needs for facts it has not seen (a model trained without the swap got
-15 of 36 held-out facts right).
+15 of 36 held-out facts right). The bundled checkpoint, trained with it, also scores
+15 of 36, but its misses are copies with a wrong first letter ("Sadrid" for Madrid):
+`python -m infercept_hf.demo.evaluate --failures` shows them.
 
 Held-out evaluation is disjoint from training by construction: an arithmetic question
 whose `(a, op, b)` hashes into `_HELDOUT_BUCKET` and a QA fact whose `(relation, country)`
@@ -24,7 +26,7 @@ from dataclasses import dataclass
 from .chat_format import EOS, call_text, demo_prompt, wrap_answer
 from .game import ALL_ITEMS, ROOMS, TextGame, next_action
 from .knowledge import COUNTRIES, RELATIONS, lookup
-from .tools import CHAT_INTENTS, calculate, image_file, speech_file
+from .tools import CHAT_INTENTS, calculate, image_file, image_name, speech_file, speech_name
 
 Piece = tuple[str, bool]
 
@@ -220,10 +222,10 @@ def game_question(rng: random.Random, item: str) -> str:
     return rng.choice(_GAME_TEMPLATES).format(i=item)
 
 
-def game_episode(rng: random.Random, item: str | None = None, start: str | None = None) -> list[Piece]:
-    """A shortest-path episode; the start room is what `<act>start item</act>` would have drawn."""
-    item = item or rng.choice(ALL_ITEMS)
-    game = TextGame(start or rng.choice(ROOMS), goal=item)
+def game_episode(rng: random.Random) -> list[Piece]:
+    """A shortest-path episode for a random item from a random start room."""
+    item = rng.choice(ALL_ITEMS)
+    game = TextGame(rng.choice(ROOMS), goal=item)
     pieces: list[Piece] = [(demo_prompt(game_question(rng, item)), False),
                            (call_text("game", f"start {item}"), True), (wrap_answer(game.describe()), False)]
     while item not in game.inventory:
@@ -243,21 +245,18 @@ def image_generation(rng: random.Random) -> list[Piece]:
     else:
         question = f"Draw two pictures: {subjects[0]}; {subjects[1]}."
     pieces: list[Piece] = [(demo_prompt(question), False)]
-    files = []
     for subject in subjects:
-        answer = image_file(subject)
-        files.append(answer[len("[image saved: "):-1])
-        pieces += [(call_text("image", subject), True), (wrap_answer(answer), False)]
+        pieces += [(call_text("image", subject), True), (wrap_answer(image_file(subject)), False)]
+    files = [image_name(subject) for subject in subjects]
     lead = "Here is your image" if len(files) == 1 else "Here are your images"
     return pieces + [(f"{lead}: {' and '.join(files)}.{EOS}", True)]
 
 
 def text_to_speech(rng: random.Random) -> list[Piece]:
     text = f"{rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_STATES)}{rng.choice(_ENDINGS)}"
-    answer = speech_file(text)
-    reply = f"Here is the audio: {answer[len('[audio saved: '):-1]}.{EOS}"
+    reply = f"Here is the audio: {speech_name(text)}.{EOS}"
     question = rng.choice(_TTS_TEMPLATES).format(t=text)
-    return [(demo_prompt(question), False), (call_text("tts", text), True), (wrap_answer(answer), False),
+    return [(demo_prompt(question), False), (call_text("tts", text), True), (wrap_answer(speech_file(text)), False),
             (reply, True)]
 
 

@@ -41,6 +41,10 @@ class Score:
     def accuracy(self) -> float:
         return self.correct / self.total if self.total else 0.0
 
+    def line(self, name: str) -> str:
+        """`name  correct/total  percent`, as this module and the training script print a score."""
+        return f"{name:30s} {self.correct:3d}/{self.total:<3d} {100 * self.accuracy:5.1f}%"
+
     def add(self, ok: bool, transcript: str) -> None:
         self.total += 1
         self.correct += ok
@@ -142,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     model, tokenizer, _ = demo_model(args.path)
     for name, score in evaluate_all(model, tokenizer).items():
-        print(f"{name:30s} {score.correct:3d}/{score.total:<3d} {100 * score.accuracy:5.1f}%")
+        print(score.line(name))
         for failure in score.failures if args.failures else ():
             print("    ", failure)
 

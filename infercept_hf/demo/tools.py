@@ -56,12 +56,22 @@ def slug(text: str) -> str:
     return "_".join(words) or "untitled"
 
 
+def image_name(prompt: str) -> str:
+    """The file the image tool saves `prompt` under (what a reply names)."""
+    return f"{slug(prompt)}.png"
+
+
+def speech_name(text: str) -> str:
+    """The file the speech tool saves `text` under (what a reply names)."""
+    return f"{slug(text)}.wav"
+
+
 def image_file(prompt: str) -> str:
-    return f"[image saved: {slug(prompt)}.png]"
+    return f"[image saved: {image_name(prompt)}]"
 
 
 def speech_file(text: str) -> str:
-    return f"[audio saved: {slug(text)}.wav]"
+    return f"[audio saved: {speech_name(text)}]"
 
 
 # The chatbot augmentation: (question the model asks, replies a user gives, reply template).

@@ -52,10 +52,11 @@ def infercept_paged_attention(
     scale = scaling if scaling is not None else q.shape[-1] ** -0.5
     block_table = kwargs["infercept_block_table"]
     seq_lens_k = kwargs["infercept_seq_lens_k"]
-    out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)  # padding rows, if any, stay 0
-    if q.shape[0] == block_table.shape[0]:
+    if q.shape[0] == block_table.shape[0]:  # decode writes every row: no need to clear them first
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         paged_decode_attention(q, k_pages, v_pages, block_table, seq_lens_k, scale, out=out, backend=backend)
     else:
+        out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)  # padding rows, if any, stay 0
         paged_prefill_attention(q, k_pages, v_pages, block_table, kwargs["cu_seq_lens_q"], seq_lens_k, scale,
                                 max_seqlen_q=kwargs.get("max_length_q"), out=out, backend=backend)
     return out.unsqueeze(0), None

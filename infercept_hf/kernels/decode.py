@@ -13,13 +13,11 @@ Scores are kept in base 2 (scaled by `scale * log2(e)`) so the kernels use `exp2
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
-from .paged_tile import attend_tile, attention_shape, dot_in_fp32, head_dim_block, tile_tokens
+from .paged_tile import attend_tile, attention_shape, base2_scale, head_dim_block
 
 MIN_TOKENS_PER_SPLIT = 256
 MAX_SPLITS = 32
@@ -133,14 +131,12 @@ def paged_decode_attention(
     sync) into equal slices, so size the table to the batch's longest sequence.
     """
     shape = attention_shape(q, k_pages, v_pages)
-    batch, num_heads, head_dim, page_size, num_kv_heads = shape
-    group = shape.group
+    batch, num_heads, head_dim = q.shape
     out = torch.empty_like(q) if out is None else out
-    max_len = block_table.shape[1] * page_size
+    max_len = block_table.shape[1] * shape.page_size
     if num_splits is None:
-        num_splits = default_num_splits(batch, num_kv_heads, max_len, q.device)
-    block_n = tile_tokens(head_dim)
-    tokens_per_split = triton.cdiv(triton.cdiv(max_len, num_splits), block_n) * block_n
+        num_splits = default_num_splits(batch, shape.num_kv_heads, max_len, q.device)
+    tokens_per_split = triton.cdiv(triton.cdiv(max_len, num_splits), shape.block_n) * shape.block_n
     split = num_splits > 1
     if split:
         part = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
@@ -150,14 +146,12 @@ def paged_decode_attention(
     else:  # the kernel writes `out` directly and never touches m, l
         m = l_sum = target = out
         target_strides, stat_strides = (out.stride(0), out.stride(1), 0, out.stride(2)), (0, 0, 0)
-    _decode_kernel[(batch, num_kv_heads, num_splits)](
+    _decode_kernel[(batch, shape.num_kv_heads, num_splits)](
         q, k_pages, v_pages, block_table, seq_lens, target, m, l_sum,
-        scale * math.log2(math.e), tokens_per_split,
+        base2_scale(scale), tokens_per_split,
         *q.stride(), *k_pages.stride(), *v_pages.stride(), *block_table.stride(),
         *target_strides, *stat_strides,
-        GROUP=group, PAGE=page_size, HEAD_DIM=head_dim,
-        BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, BLOCK_D=head_dim_block(head_dim),
-        SPLIT=split, FP32=dot_in_fp32(q.dtype, q.device),
+        **shape.constexprs(), BLOCK_G=max(16, triton.next_power_of_2(shape.group)), SPLIT=split,
     )
     if split:
         _merge_kernel[(batch, num_heads)](

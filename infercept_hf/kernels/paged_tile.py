@@ -7,6 +7,7 @@ ones smaller than the tile (transformers' default is 32, our tests use 4).
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -83,27 +84,41 @@ def tile_tokens(head_dim: int) -> int:
 
 
 class AttentionShape(NamedTuple):
-    """Sizes both attention launchers need; `rows` is the batch (decode) or the packed tokens (prefill)."""
+    """Sizes both attention launchers need, and whether their tiles multiply in float32."""
 
-    rows: int
     num_heads: int
     head_dim: int
     page_size: int
     num_kv_heads: int
+    fp32: bool
 
     @property
     def group(self) -> int:
         return self.num_heads // self.num_kv_heads
+
+    @property
+    def block_n(self) -> int:
+        return tile_tokens(self.head_dim)
+
+    def constexprs(self) -> dict[str, int | bool]:
+        """The compile-time arguments that both kernels pass on to `attend_tile`, chosen in one place."""
+        return dict(GROUP=self.group, PAGE=self.page_size, HEAD_DIM=self.head_dim,
+                    BLOCK_N=self.block_n, BLOCK_D=head_dim_block(self.head_dim), FP32=self.fp32)
+
+
+def base2_scale(scale: float) -> float:
+    """The score scale `attend_tile` takes: scores are kept in base 2, for `exp2`."""
+    return scale * math.log2(math.e)
 
 
 def attention_shape(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor) -> AttentionShape:
     """The sizes of `q [rows, Hq, D]` over pages `[num_pages, P, Hkv, D]`, refusing what a kernel
     cannot run: query heads that do not split evenly into KV groups, or a cache dtype other than
     the query's (one tile multiplies both)."""
-    rows, num_heads, head_dim = q.shape
+    _, num_heads, head_dim = q.shape
     _, page_size, num_kv_heads, _ = k_pages.shape
     if num_heads % num_kv_heads:
         raise ValueError(f"{num_heads} query heads cannot share {num_kv_heads} KV heads evenly")
     if k_pages.dtype != q.dtype or v_pages.dtype != q.dtype:
         raise ValueError(f"query dtype {q.dtype} differs from cache dtype {k_pages.dtype}")
-    return AttentionShape(rows, num_heads, head_dim, page_size, num_kv_heads)
+    return AttentionShape(num_heads, head_dim, page_size, num_kv_heads, dot_in_fp32(q.dtype, q.device))

@@ -10,13 +10,11 @@ keys after the last position its queries can see, and skips the key tiles beyond
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
-from .paged_tile import attend_tile, attention_shape, dot_in_fp32, head_dim_block, tile_tokens
+from .paged_tile import attend_tile, attention_shape, base2_scale
 
 
 @triton.jit
@@ -94,14 +92,11 @@ def paged_prefill_attention(
         max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max()) if batch else 0
     if batch == 0 or max_seqlen_q == 0:
         return out
-    block_n = tile_tokens(shape.head_dim)
-    block_m = min(block_n, max(16, triton.next_power_of_2(max_seqlen_q)))  # query tiles no wider than a chunk
+    block_m = min(shape.block_n, max(16, triton.next_power_of_2(max_seqlen_q)))  # query tiles no wider than a chunk
     _prefill_kernel[(triton.cdiv(max_seqlen_q, block_m), batch, shape.num_heads)](
         q, k_pages, v_pages, block_table, cu_seqlens_q, seq_lens_k, out,
-        scale * math.log2(math.e),
+        base2_scale(scale),
         *q.stride(), *k_pages.stride(), *v_pages.stride(), *block_table.stride(), *out.stride(),
-        GROUP=shape.group, PAGE=shape.page_size, HEAD_DIM=shape.head_dim,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=head_dim_block(shape.head_dim),
-        FP32=dot_in_fp32(q.dtype, q.device),
+        **shape.constexprs(), BLOCK_M=block_m,
     )
     return out

@@ -10,10 +10,6 @@ from __future__ import annotations
 import torch
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.promote_types(dtype, torch.float32)
-
-
 def gather_sequence(pages: torch.Tensor, table_row: torch.Tensor, length: int) -> torch.Tensor:
     """The first `length` tokens of one sequence, `[length, H, D]`, read through its block table row."""
     page_size = pages.shape[1]
@@ -23,7 +19,7 @@ def gather_sequence(pages: torch.Tensor, table_row: torch.Tensor, length: int) -
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, visible: torch.Tensor) -> torch.Tensor:
     """Softmax attention of `q [Tq, Hq, D]` over `k, v [Tk, Hkv, D]` where `visible [Tq, Tk]` allows it."""
-    dtype = _compute_dtype(q.dtype)
+    dtype = torch.promote_types(q.dtype, torch.float32)
     group = q.shape[1] // k.shape[1]
     k = k.to(dtype).repeat_interleave(group, dim=1)
     v = v.to(dtype).repeat_interleave(group, dim=1)
@@ -42,14 +38,10 @@ def decode_attention_ref(
     scale: float,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One query token per sequence (`q [B, Hq, D]`) over its whole cached context."""
-    out = torch.empty_like(q) if out is None else out
-    for b, length in enumerate(seq_lens.tolist()):
-        k = gather_sequence(k_pages, block_table[b], length)
-        v = gather_sequence(v_pages, block_table[b], length)
-        visible = torch.ones(1, length, dtype=torch.bool, device=q.device)
-        out[b] = _attend(q[b : b + 1], k, v, scale, visible)[0].to(out.dtype)
-    return out
+    """One query token per sequence (`q [B, Hq, D]`) over its whole cached context: a prefill of
+    one query each, whose causal mask then hides nothing."""
+    one_query_each = torch.arange(seq_lens.numel() + 1)
+    return prefill_attention_ref(q, k_pages, v_pages, block_table, one_query_each, seq_lens, scale, out)
 
 
 def prefill_attention_ref(
