@@ -195,3 +195,48 @@ def test_tensor_parallel_cost_model(llama):
     assert tp4.swap_bytes_per_s == TEST_COST.swap_bytes_per_s
     assert tp4.saturation_tokens == TEST_COST.saturation_tokens
     assert tensor_parallel_cost(TEST_COST, llama.config, torch.float16, 1, 1e11) == TEST_COST
+
+
+BENCH_ARGS = ["--num-requests", "4", "--qps", "4", "--policies", "discard,min-waste", "--num-blocks", "64",
+              "--block-size", "8", "--max-batch-tokens", "64"]
+
+
+def test_bench_runs_tensor_parallel(llama, tmp_path):
+    """`torchrun -m infercept_hf.bench`: the driver replays the trace, the other rank mirrors it, rank 0
+    alone writes the results; the same requests and tokens as the one-process benchmark."""
+    from infercept_hf.bench.__main__ import main
+
+    llama.save_pretrained(tmp_path / "llama")
+    repo = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p),
+           "OMP_NUM_THREADS": "1", "INFERCEPT_CACHE_DIR": str(tmp_path / "profiles")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "infercept_hf.bench", "--model", str(tmp_path / "llama"), *BENCH_ARGS, "--out", str(tmp_path / "tp")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    threads = torch.get_num_threads()
+    try:
+        main(["--model", str(tmp_path / "llama"), *BENCH_ARGS, "--out", str(tmp_path / "one")])
+    finally:
+        torch.set_num_threads(threads)
+    tp_runs = json.loads((tmp_path / "tp" / "results.json").read_text())["runs"]
+    one_runs = json.loads((tmp_path / "one" / "results.json").read_text())["runs"]
+    assert [r["policy"] for r in tp_runs] == ["discard", "min-waste"]
+    for a, b in zip(tp_runs, one_runs, strict=True):
+        assert a["completed"] == a["requests"] == 4
+        for key in ("completed", "total_output_tokens", "interceptions"):
+            assert a[key] == b[key], key
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--policies", "discard,hf-cb"], "cannot run tensor-parallel"),
+    (["--simulate", "gpt-j-6b/a100-80g"], "without torchrun"),
+    (["--model", "tiny"], "built in memory"),
+])
+def test_bench_refuses_what_cannot_run_tensor_parallel(monkeypatch, capsys, extra, message):
+    from infercept_hf.bench.__main__ import parse_args
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit):
+        parse_args(extra)
+    assert message in capsys.readouterr().err

@@ -2,6 +2,7 @@
 
     infercept-bench --mix mix --num-requests 40 --qps 1,2,4 --policies discard,min-waste,hf-cb --out out/
     infercept-bench --simulate gpt-j-6b/a100-80g --num-requests 600 --qps 1,2,3,4 --out out/sim
+    torchrun --nproc_per_node 2 -m infercept_hf.bench --model PATH --policies discard,min-waste   # tensor parallel
 
 Writes DIR/results.json, DIR/summary.md, DIR/latency_vs_rate.png and DIR/memory_<policy>.png
 (docs/BENCHMARK.md has every flag, figure and the numbers measured here).
@@ -12,6 +13,7 @@ import argparse
 import importlib.util
 import json
 import logging
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -21,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+from ..distributed import is_torchrun, load_tp_model
 from ..memory import default_pool_sizes
 from ..profiler import load_or_profile
 from . import runner
@@ -52,7 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mix", default=MIX, choices=[*KINDS, MIX], help="workload to generate when no --trace is given")
     p.add_argument("--num-requests", type=int, default=40)
     p.add_argument("--qps", default="2", help="request rate(s), comma-separated to sweep")
-    p.add_argument("--policies", help=f"comma list (real default: {REAL_POLICIES}; simulated: {SIM_POLICIES})")
+    p.add_argument("--policies",
+                   help=f"comma list (real default: {REAL_POLICIES}; simulated or under torchrun: {SIM_POLICIES})")
     p.add_argument("--time-scale", type=float, default=None,
                    help="multiplies tool pauses (default 0.02 real, 1 simulated)")
     p.add_argument("--context-scale", type=float, default=None,
@@ -76,9 +80,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.time_scale = 1.0 if simulated else 0.02
     if args.context_scale is None:
         args.context_scale = 1.0 if simulated else 0.5
-    args.policies = runner.check_policies((args.policies or (SIM_POLICIES if simulated else REAL_POLICIES)).split(","))
+    engine_only = simulated or is_torchrun()  # the transformers peers run neither simulated nor sharded
+    args.policies = runner.check_policies((args.policies or (SIM_POLICIES if engine_only else REAL_POLICIES)).split(","))
     if simulated and set(args.policies) & set(runner.PEERS):
         p.error(f"{', '.join(runner.PEERS)} run a real model and cannot be simulated")
+    if is_torchrun():
+        if simulated:
+            p.error("--simulate runs in one process (the llama-3-70b preset models its 8 GPUs): launch it without torchrun")
+        if peers := [q for q in args.policies if q in runner.PEERS]:
+            p.error(f"{', '.join(peers)} cannot run tensor-parallel: leave them out of --policies under torchrun")
+        if args.model in ("tiny", "smollm2"):
+            p.error(f"--model {args.model} is built in memory: under torchrun pass a directory (save_pretrained) or `demo`")
     args.rates = sorted(float(q) for q in args.qps.split(","))
     args.command = "infercept-bench " + shlex.join(sys.argv[1:] if argv is None else argv)
     return args
@@ -103,7 +115,11 @@ def _smollm2() -> torch.nn.Module:
 
 
 def load_model(name: str) -> tuple[torch.nn.Module, str]:
-    """The model to benchmark and the name it is reported under."""
+    """The model to benchmark and the name it is reported under; under torchrun, this rank's shard."""
+    if is_torchrun():
+        from ..demo.model import ASSET_DIR
+
+        return load_tp_model(str(ASSET_DIR) if name == "demo" else name), name
     if name == "demo":
         try:
             from ..demo.model import demo_model
@@ -122,6 +138,10 @@ def load_model(name: str) -> tuple[torch.nn.Module, str]:
 def max_positions(model: torch.nn.Module) -> int | None:
     config = model.config.get_text_config()
     return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
+def is_rank_0() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 # ---------------------------------------------------------------------- traces
@@ -156,8 +176,9 @@ def run_all(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, l
         dtype = next(model.parameters()).dtype
         sizes = default_pool_sizes(model, dtype, args.num_blocks, args.block_size, 0)
         host_bytes = None if args.host_pool_mb is None else int(args.host_pool_mb * 2**20)
-        settings = runner.EngineSettings(sizes.num_blocks, sizes.block_size, args.max_batch_tokens, host_bytes,
-                                         load_or_profile(model, dtype, model.device))
+        # a sharded forward needs every rank: the tensor-parallel engine measures its own cost model
+        cost = None if is_torchrun() else load_or_profile(model, dtype, model.device)
+        settings = runner.EngineSettings(sizes.num_blocks, sizes.block_size, args.max_batch_tokens, host_bytes, cost)
         limits = [n for n in (max_positions(model), sizes.num_blocks * sizes.block_size) if n]
         max_context = min(limits) if limits else None
     vocab = model.config.get_text_config().vocab_size
@@ -166,11 +187,13 @@ def run_all(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, l
         jobs = runner.make_jobs(trace, vocab, args.seed)
         rate = trace_rate(trace, qps, args)
         for policy in args.policies:
-            with tqdm(total=len(jobs), desc=f"{policy} @ {rate:g} req/s", unit="req") as bar:
+            with tqdm(total=len(jobs), desc=f"{policy} @ {rate:g} req/s", unit="req", disable=not is_rank_0()) as bar:
                 if args.simulate:
                     run = runner.run_simulated(preset, model, policy, jobs, bar)
                 else:
                     run = runner.run_real(model, policy, jobs, settings, bar)
+            if run is None:  # a tensor-parallel worker rank
+                continue
             runs.append(runner.summarize_run(policy, rate, run, model=label, simulated=bool(args.simulate),
                                              time_scale=args.time_scale, context_scale=args.context_scale))
             if run.timeline:
@@ -221,8 +244,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     runs, timelines, setup = run_all(args)
-    print(write_outputs(Path(args.out), runs, timelines, setup))
-    print(f"results in {args.out}/")
+    if is_rank_0():  # under torchrun the driver alone holds the results
+        print(write_outputs(Path(args.out), runs, timelines, setup))
+        print(f"results in {args.out}/")
 
 
 if __name__ == "__main__":

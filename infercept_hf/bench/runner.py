@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..distributed import build_engine
 from ..engine import InterceptEngine
 from ..estimator import DurationEstimator
 from ..outputs import RequestResult
@@ -148,19 +149,25 @@ def _finish_engine_run(engine: InterceptEngine, results: list[RequestResult], du
 
 
 def run_real(model: torch.nn.Module, policy: str, jobs: Sequence[Job], settings: EngineSettings,
-             progress: tqdm | None = None) -> Run:
-    """One policy on the real model in real time (peers included)."""
+             progress: tqdm | None = None) -> Run | None:
+    """One policy on the real model in real time (peers included). None on a tensor-parallel
+    worker rank: the driver (rank 0) holds the results."""
     if policy == "hf-cb":
         return Run(*hf_peer.run_hf_cb(model, jobs, settings, progress))
     if policy == "hf-generate":
         return Run(*hf_peer.run_hf_generate(model, jobs, progress))
-    engine = InterceptEngine(
+    # under torchrun a TensorParallelEngine on every rank: the driver replays, the others mirror it
+    engine = build_engine(
         model, policy=_engine_policy(policy), num_blocks=settings.num_blocks, block_size=settings.block_size,
         host_pool_bytes=settings.host_pool_bytes, max_batch_tokens=settings.max_batch_tokens,
         cost_model=settings.cost_model, clock=time.perf_counter,
     )
     if policy == ORACLE:
         _use_oracle(engine)
+    if not getattr(engine, "is_driver", True):
+        engine.run()  # mirrors every step until the driver closes its engine
+        engine.cache.check_integrity()
+        return None
     results, duration = replay(engine, jobs, time.perf_counter, _sleep_until, progress)
     return _finish_engine_run(engine, results, duration)
 
