@@ -89,8 +89,10 @@ class _Tally:
 
 
 def _pop_tail(table: list[int], n: int) -> list[int]:
-    """Cut the last `n` ids off a block table (in place) and return them in table order."""
-    cut = len(table) - n
+    """Cut the last `n` ids off a block table (in place) and return them in table order; all of
+    them when the table is shorter (a sliding-window group holds fewer blocks than a full one,
+    and a whole-request move counts the longest table)."""
+    cut = max(0, len(table) - n)
     tail = table[cut:]
     del table[cut:]
     return tail

@@ -144,6 +144,27 @@ def test_scripted_interceptions_are_exact(arch, policy):
     assert got == _expected[arch], f"{arch} under {policy}: rows differ from plain transformers"
 
 
+@pytest.mark.parametrize("move", ["swap_out", "discard_device"])
+def test_a_whole_move_empties_every_layer_group(move):
+    """Sliding-window layers hold fewer blocks than full-attention ones: a whole-request move
+    (the only kind such models allow) must still take every block of every group."""
+    engine = ih.InterceptEngine(model_for("gemma3"), policy="preserve", num_blocks=32, block_size=4,
+                                host_pool_bytes=1 << 20, cost_model=TEST_COST)
+    rid = engine._requests[engine.add_request(prompts_for(5, [17])[0], max_new_tokens=4)].rid
+    engine.step()  # the prompt's KV: 5 full-attention blocks, 3 sliding ones (window 12)
+    cache = engine.cache
+    before = [len(a.block_table[rid]) for a in cache.cache_allocators.values()]
+    assert sorted(before) == [3, 5]
+    getattr(cache, move)(rid)
+    assert all(not a.block_table.get(rid) for a in cache.cache_allocators.values())
+    cache.check_integrity()
+    if move == "swap_out":
+        assert [len(h.tables[rid]) for h in cache.host.values()] == before
+        assert cache.swap_in(rid)
+        assert [len(a.block_table[rid]) for a in cache.cache_allocators.values()] == before
+    engine.close()
+
+
 @pytest.mark.parametrize("arch", REFUSED_AT_BUILD)
 def test_unsupported_architecture_is_refused_when_the_engine_is_built(arch):
     model = model_for(arch)
