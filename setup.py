@@ -8,7 +8,10 @@ setup(
     long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["infercept_hf", "infercept_hf.*", "patches", "patches.*"]),
+    # patches/ is a top-level folder of the repository but installs inside the package, as
+    # infercept_hf.patches: a top-level `patches` package would collide with any other of that name.
+    packages=[*find_packages(include=["infercept_hf", "infercept_hf.*"]), "infercept_hf.patches"],
+    package_dir={"infercept_hf.patches": "patches"},
     package_data={"infercept_hf": ["assets/**/*", "assets/*"]},
     include_package_data=True,
     install_requires=[

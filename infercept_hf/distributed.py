@@ -46,7 +46,8 @@ import torch
 import torch.distributed as dist
 from typing_extensions import Unpack  # typing.Unpack is 3.11+
 
-from patches.transformers_cb import DistributedHelper
+from .patches.paged_pool import allocators, block_tables
+from .patches.tp_group import TPGroup
 
 from .engine import InterceptEngine
 from .outputs import RequestResult
@@ -139,8 +140,8 @@ def build_engine(
     return InterceptEngine(model, policy=policy, **engine_kwargs)
 
 
-def _helper_for(model: torch.nn.Module, cpu_group_timeout: float | None) -> DistributedHelper:
-    """transformers' helper for this model's mesh, after the checks that make its errors clear."""
+def _group_for(model: torch.nn.Module, cpu_group_timeout: float | None) -> TPGroup:
+    """The tensor-parallel group of this model's mesh, after the checks that make its errors clear."""
     if not (dist.is_available() and dist.is_initialized()) or not getattr(model, "tp_size", None):
         raise TensorParallelError(
             "TensorParallelEngine needs a model sharded by transformers under torchrun: launch with "
@@ -156,16 +157,15 @@ def _helper_for(model: torch.nn.Module, cpu_group_timeout: float | None) -> Dist
     backend = dist.get_backend()
     if model.device.type == "cpu" and backend != "gloo":
         raise TensorParallelError(f"CPU ranks need the gloo backend, but the process group uses {backend!r}")
-    mesh = getattr(model, "_device_mesh", None)  # where transformers' own continuous batching finds it
-    helper = DistributedHelper(mesh, cpu_group_timeout, tp_plan=getattr(model, "tp_plan", None))
-    if helper.tp_size != model.tp_size:
+    group = TPGroup.for_model(model, cpu_group_timeout)
+    if group.size != model.tp_size:
         raise TensorParallelError(f"the model's device mesh has no {model.tp_size}-way 'tp' dimension")
-    if not helper.are_kv_heads_tp_ed():
+    if not group.shards_kv_heads():
         raise TensorParallelError(
             f"{type(model).__name__}'s tp_plan does not shard `self_attn.k_proj` / `v_proj`, the layers by which "
             "transformers' paged cache splits KV heads across ranks: this model is not supported under TP"
         )
-    return helper
+    return group
 
 
 class ReplicaOptions(TypedDict, total=False):
@@ -219,19 +219,19 @@ class TensorParallelEngine(InterceptEngine):
         if unknown:  # before any collective: every rank fails alike, and at once
             raise TypeError(f"TensorParallelEngine got unexpected arguments {sorted(unknown)}; besides its own "
                             f"it takes {sorted(ReplicaOptions.__optional_keys__)}")
-        helper = _helper_for(model, cpu_group_timeout)
-        self.helper = helper
+        group = _group_for(model, cpu_group_timeout)
+        self.group = group
         self.verify_replicas = verify_replicas
         dtype = next(model.parameters()).dtype
-        tp_size = helper.tp_size
+        tp_size = group.size
         ranks_per_host = int(os.environ.get("LOCAL_WORLD_SIZE", tp_size))
         sizes = rank_pool_sizes(model, dtype, num_blocks, block_size, host_pool_bytes, tp_size, ranks_per_host)
-        agreed = helper.tp_all_reduce_min(torch.tensor([sizes.num_blocks, sizes.num_host_blocks]), on_cpu=True)
+        agreed = group.all_reduce_min(torch.tensor([sizes.num_blocks, sizes.num_host_blocks]))
         num_blocks, num_host_blocks = agreed.tolist()
         rank_kv = rank_kv_bytes_per_token(model.config, dtype, tp_size)
-        cost = helper.tp_broadcast_object_from_rank_0(cost_model)  # the driver's choice decides who measures
+        cost = group.broadcast_object(cost_model)  # the driver's choice decides who measures
         if cost is None:
-            cost = helper.tp_broadcast_object_from_rank_0(self._measure_cost(model, dtype, rank_kv))
+            cost = group.broadcast_object(self._measure_cost(model, dtype, rank_kv))
         self._inbox: list[tuple] = []
         self._answers: Sequence[tuple[int, Answer]] = ()  # the current step's, from the driver
         super().__init__(
@@ -241,11 +241,11 @@ class TensorParallelEngine(InterceptEngine):
             # the engine divides by whole-model block bytes; this makes it arrive at num_host_blocks
             host_pool_bytes=num_host_blocks * rank_kv * tp_size * sizes.block_size,
             cost_model=cost,
-            clock=ReplicatedClock(clock, helper),
+            clock=ReplicatedClock(clock, group),
             executor=(lambda m, c: VerifiedRunner(ModelRunner(m, c, attention_backend), self._verify))
             if verify_replicas else None,
             attention_backend=attention_backend,
-            distributed_helper=helper,
+            distributed_helper=group.helper,
             **options,
         )
         if not self.is_driver:
@@ -254,7 +254,7 @@ class TensorParallelEngine(InterceptEngine):
     def _measure_cost(self, model: torch.nn.Module, dtype: torch.dtype, rank_kv: int) -> CostModel | None:
         """T_fwd of the sharded forward (all ranks run it: it is collective); the driver fits it."""
         points = measure_forward(model)
-        if not self.helper.is_tp_driver:
+        if not self.group.is_driver:
             return None
         a, b = fit_linear(points)
         return load_or_profile(model, dtype, model.device, fwd_per_token_s=a, fwd_fixed_s=b,
@@ -262,7 +262,7 @@ class TensorParallelEngine(InterceptEngine):
 
     @property
     def is_driver(self) -> bool:
-        return self.helper.is_tp_driver
+        return self.group.is_driver
 
     # ------------------------------------------------------------------ driver-side input
     def add_request(
@@ -348,8 +348,7 @@ class TensorParallelEngine(InterceptEngine):
 
     def _shut_down(self) -> None:
         super().close()
-        dist.barrier(group=self.helper.cpu_comm_group)  # nobody tears the group down under a late receiver
-        self.helper.destroy_cpu_comm_group()
+        self.group.close()
 
     def _follow(self, until_close: bool) -> dict[int, RequestResult]:
         results: dict[int, RequestResult] = {}
@@ -378,7 +377,7 @@ class TensorParallelEngine(InterceptEngine):
                 answers = [(r.request_id, a) for r in self.scheduler.paused if (a := r.pending.poll(now)) is not None]
                 message = message._replace(now=now, answers=answers)
             self._inbox = []
-        return self.helper.tp_broadcast_object_from_rank_0(message)
+        return self.group.broadcast_object(message)
 
     def _replay(self, events: list[tuple]) -> None:
         """Workers apply the driver's adds and cancels in the driver's order, at the driver's times."""
@@ -411,9 +410,7 @@ class TensorParallelEngine(InterceptEngine):
     def _sample(self, requests: list[Request], logits: torch.Tensor) -> list[int]:
         """The driver samples (only its requests hold their real samplers); every rank appends its tokens."""
         mine = super()._sample(requests, logits) if self.is_driver else [0] * len(requests)
-        tokens = torch.tensor(mine, dtype=torch.long)
-        dist.broadcast(tokens, src=self.helper.tp_root_global_rank, group=self.helper.cpu_comm_group)
-        return tokens.tolist()
+        return self.group.broadcast(torch.tensor(mine, dtype=torch.long)).tolist()
 
     # ------------------------------------------------------------------ replica check
     def state_digest(self, chunks: Sequence[Chunk] = ()) -> int:
@@ -422,7 +419,7 @@ class TensorParallelEngine(InterceptEngine):
         batch = [(c.request.request_id, c.start, c.length) for c in chunks]
         queues = [[(r.request_id, r.status.value, r.num_cached, len(r.tokens), r.tokens[-1], r.strategy) for r in q]
                   for q in (s.waiting, s.running, s.paused)]
-        device = [sorted((rid, tuple(t)) for rid, t in a.block_table.items()) for a in cache.cache_allocators.values()]
+        device = [sorted((rid, tuple(t)) for rid, t in block_tables(a).items()) for a in allocators(cache).values()]
         host = [sorted((rid, tuple(t)) for rid, t in h.tables.items()) for h in cache.host.values()]
         blob = repr((batch, queues, device, host, self._next_id, cache.free_device_blocks(), cache.free_host_blocks()))
         return int.from_bytes(hashlib.blake2b(blob.encode(), digest_size=7).digest(), "big")
@@ -431,8 +428,7 @@ class TensorParallelEngine(InterceptEngine):
         """Checked before each forward and after each step: a rank with a forward and one without
         still pair up their all-gathers here, so a divergence raises instead of deadlocking."""
         mine = torch.tensor([self.state_digest(chunks)], dtype=torch.int64)
-        every = [torch.zeros_like(mine) for _ in range(self.helper.tp_size)]
-        dist.all_gather(every, mine, group=self.helper.cpu_comm_group)
+        every = self.group.all_gather(mine)
         if len({int(d) for d in every}) > 1:
             raise ReplicaDivergenceError(
                 f"step {self.stats_.steps}: scheduler state differs across ranks (digests {[int(d) for d in every]})"

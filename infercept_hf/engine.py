@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from patches.architectures import paged_cache_config
-from patches.placement import execution_device
+from .patches.architectures import paged_cache_config
+from .patches.placement import execution_device
 
 from .cache import InterceptPagedCache
 from .estimator import DurationEstimator

@@ -9,7 +9,7 @@ Explicit `num_blocks` / `block_size` / `host_pool_bytes` always win. Otherwise:
 - host swap pool: available RAM less a safety margin (and less the device pool when that, too,
   is RAM), times `HOST_FRACTION`, at most `HOST_TO_DEVICE_RATIO` device pools.
 
-For a model placed by accelerate, "the device" is `patches.placement.execution_device`.
+For a model placed by accelerate, "the device" is `patches.placement.execution_device` (`infercept_hf.patches` once installed).
 """
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ import psutil
 import torch
 from accelerate.utils import get_max_memory
 
-from patches.architectures import paged_cache_config
-from patches.placement import execution_device, largest_offloaded_module_bytes
+from .patches.architectures import paged_cache_config
+from .patches.placement import execution_device, largest_offloaded_module_bytes
 
 from .profiler import kv_bytes_per_token
 

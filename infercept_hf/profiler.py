@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from patches.placement import execution_device
-from patches.transformers_cb import find_head_dim, find_num_key_value_heads
+from .patches.placement import execution_device
+from .patches.transformers_cb import find_head_dim, find_num_key_value_heads
 
 from .policy import CostModel
 

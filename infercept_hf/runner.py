@@ -14,15 +14,14 @@ from dataclasses import dataclass
 
 import torch
 
-from patches.placement import execution_device
-from patches.transformers_cb import (
-    FULL_ATTENTION,
+from .patches.placement import execution_device
+from .patches.paged_pool import page_table, seqlen_k
+from .patches.transformers_cb import (
     SLIDING_ATTENTION,
     PagedKVView,
     UnsupportedModelError,
     attention_implementation,
     build_packed_mask,
-    page_table,
     register_kernel_attention,
     routes_attention_through_interface,
 )
@@ -55,7 +54,7 @@ def resolve_attention_backend(name: str, model: torch.nn.Module, cache: Intercep
     """
     if name not in ATTENTION_BACKENDS:
         raise ValueError(f"unknown attention_backend {name!r}; choose one of {ATTENTION_BACKENDS}")
-    fits_kernels = routes_attention_through_interface(model) and list(cache.cache_allocators) == [FULL_ATTENTION]
+    fits_kernels = routes_attention_through_interface(model) and cache.full_attention_only
     if name == "auto":
         from .kernels import triton_available
 
@@ -98,17 +97,17 @@ class ModelRunner:
         ids: list[int] = []
         pos: list[int] = []
         cu_q = [0]
-        cu_k = {name: [0] for name in cache.cache_allocators}
-        read: list[list[int]] = [[] for _ in cache.cache_allocators]
-        write: list[list[int]] = [[] for _ in cache.cache_allocators]
+        cu_k = {name: [0] for name in cache.allocators}
+        read: list[list[int]] = [[] for _ in cache.allocators]
+        write: list[list[int]] = [[] for _ in cache.allocators]
         keep: list[int] = []
         for c in chunks:
             req = c.request
             ids.extend(req.tokens[c.start : c.start + c.length])
             pos.extend(range(c.start, c.start + c.length))
             cu_q.append(cu_q[-1] + c.length)
-            for name, alloc in cache.cache_allocators.items():
-                cu_k[name].append(cu_k[name][-1] + alloc.get_seqlen_k(c.start, c.length))
+            for name, alloc in cache.allocators.items():
+                cu_k[name].append(cu_k[name][-1] + seqlen_k(alloc, c.start, c.length))
             cache.extend_read_and_write_indices(req.rid, c.start, c.length, read, write)
             if c.sample:
                 keep.append(cu_q[-1] - 1)

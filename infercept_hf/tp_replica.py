@@ -11,9 +11,8 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
-from patches.transformers_cb import DistributedHelper
+from .patches.tp_group import TPGroup
 
 from .runner import Chunk, ModelRunner
 from .tools import Answer, PendingCall, Tool, ToolCall
@@ -29,9 +28,9 @@ class ReplicatedClock:
     time the driver recorded for it.
     """
 
-    def __init__(self, source: Callable[[], float], helper: DistributedHelper) -> None:
+    def __init__(self, source: Callable[[], float], group: TPGroup) -> None:
         self.source = source
-        self.helper = helper
+        self.group = group
         self.last = source()
         self._synced = False
         self._start: float | None = None
@@ -41,13 +40,12 @@ class ReplicatedClock:
         if self._frozen is not None:
             return self._frozen
         if not self._synced:
-            return self.source() if self.helper.is_tp_driver else self.last
+            return self.source() if self.group.is_driver else self.last
         if self._start is not None:
             self.last, self._start = self._start, None
             return self.last
-        t = torch.tensor([self.source() if self.helper.is_tp_driver else 0.0], dtype=torch.float64)
-        dist.broadcast(t, src=self.helper.tp_root_global_rank, group=self.helper.cpu_comm_group)
-        self.last = float(t)
+        t = torch.tensor([self.source() if self.group.is_driver else 0.0], dtype=torch.float64)
+        self.last = float(self.group.broadcast(t))
         return self.last
 
     @contextmanager

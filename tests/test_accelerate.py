@@ -13,7 +13,7 @@ from accelerate import dispatch_model
 import infercept_hf as ih
 from conftest import TEST_COST, TIGHT_POOL, left_pad, reference_scripted, scripted_batch, tiny_model
 from infercept_hf.memory import CPU_DEVICE_CAP_BLOCKS, HOST_TO_DEVICE_RATIO, MemoryView, default_pool_sizes
-from patches.placement import execution_device, largest_offloaded_module_bytes
+from infercept_hf.patches.placement import execution_device, largest_offloaded_module_bytes
 
 MAPS = {
     "layers split cpu/disk": {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",

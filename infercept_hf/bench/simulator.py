@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from patches.transformers_cb import find_head_dim
+from ..patches.transformers_cb import find_head_dim
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from ..cache import InterceptPagedCache
