@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from .model_spec import ModelSpec
 from .offload import SwapPipeline, Transfer
 from .patches import paged_pool as pp
 from .patches.transformers_cb import (
@@ -102,14 +103,12 @@ class InterceptPagedCache(PagedAttentionCache):
 
     def __init__(
         self,
-        config,
+        spec: ModelSpec,
         *,
         num_blocks: int,
         block_size: int,
         num_host_blocks: int,
         max_batch_tokens: int,
-        dtype: torch.dtype,
-        device: torch.device | str,
         distributed_helper=None,
         swap_mode: str | None = None,
     ) -> None:
@@ -117,14 +116,16 @@ class InterceptPagedCache(PagedAttentionCache):
             raise ValueError(
                 f"need num_blocks >= 1, block_size >= 1, num_host_blocks >= 0; got {num_blocks}, {block_size}, {num_host_blocks}"
             )
+        device = spec.device
         with explicit_pool_sizing():
             super().__init__(
-                config,
+                spec.config,
                 cb_config(num_blocks, block_size, max_batch_tokens),
                 device,
                 distributed_helper or single_process_helper(),
-                dtype=dtype,
+                dtype=spec.dtype,
             )
+        self.spec = spec
         self.block_size = block_size
         self.allocators = pp.allocators(self)
         self.full_attention_only = list(self.allocators) == [FULL_ATTENTION]
@@ -134,6 +135,7 @@ class InterceptPagedCache(PagedAttentionCache):
         self.host = {
             name: HostPool(num_host_blocks, pp.bytes_per_block(alloc), device) for name, alloc in self.allocators.items()
         }
+        # the pool's KV bytes per token: `spec.kv_bytes_per_token`, or this rank's share of it under TP
         self.bytes_per_token = sum(pp.bytes_per_block(a) // pp.tokens_per_block(a) for a in self.allocators.values())
         self.swapped_out_bytes = 0
         self.swapped_in_bytes = 0

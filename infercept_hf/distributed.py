@@ -50,6 +50,7 @@ from .patches.paged_pool import allocators, block_tables
 from .patches.tp_group import TPGroup
 
 from .engine import InterceptEngine
+from .model_spec import ModelSpec
 from .outputs import RequestResult
 from .policy import CostModel
 from .profiler import fit_linear, load_or_profile, measure_forward, saturation_point
@@ -222,16 +223,16 @@ class TensorParallelEngine(InterceptEngine):
         group = _group_for(model, cpu_group_timeout)
         self.group = group
         self.verify_replicas = verify_replicas
-        dtype = next(model.parameters()).dtype
+        spec = ModelSpec.of(model)
         tp_size = group.size
         ranks_per_host = int(os.environ.get("LOCAL_WORLD_SIZE", tp_size))
-        sizes = rank_pool_sizes(model, dtype, num_blocks, block_size, host_pool_bytes, tp_size, ranks_per_host)
+        sizes = rank_pool_sizes(spec, num_blocks, block_size, host_pool_bytes, tp_size, ranks_per_host)
         agreed = group.all_reduce_min(torch.tensor([sizes.num_blocks, sizes.num_host_blocks]))
         num_blocks, num_host_blocks = agreed.tolist()
-        rank_kv = rank_kv_bytes_per_token(model.config, dtype, tp_size)
+        rank_kv = rank_kv_bytes_per_token(spec, tp_size)
         cost = group.broadcast_object(cost_model)  # the driver's choice decides who measures
         if cost is None:
-            cost = group.broadcast_object(self._measure_cost(model, dtype, rank_kv))
+            cost = group.broadcast_object(self._measure_cost(model, spec, rank_kv))
         self._inbox: list[tuple] = []
         self._answers: Sequence[tuple[int, Answer]] = ()  # the current step's, from the driver
         super().__init__(
@@ -246,18 +247,19 @@ class TensorParallelEngine(InterceptEngine):
             if verify_replicas else None,
             attention_backend=attention_backend,
             distributed_helper=group.helper,
+            model_spec=spec,
             **options,
         )
         if not self.is_driver:
             self.executor = ReplicaToolExecutor()
 
-    def _measure_cost(self, model: torch.nn.Module, dtype: torch.dtype, rank_kv: int) -> CostModel | None:
+    def _measure_cost(self, model: torch.nn.Module, spec: ModelSpec, rank_kv: int) -> CostModel | None:
         """T_fwd of the sharded forward (all ranks run it: it is collective); the driver fits it."""
-        points = measure_forward(model)
+        points = measure_forward(model, spec=spec)
         if not self.group.is_driver:
             return None
         a, b = fit_linear(points)
-        return load_or_profile(model, dtype, model.device, fwd_per_token_s=a, fwd_fixed_s=b,
+        return load_or_profile(model, spec, fwd_per_token_s=a, fwd_fixed_s=b,
                                saturation_tokens=saturation_point(points), kv_bytes_per_token=rank_kv)
 
     @property

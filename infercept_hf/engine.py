@@ -19,12 +19,10 @@ from typing import Any
 
 import torch
 
-from .patches.architectures import paged_cache_config
-from .patches.placement import execution_device
-
 from .cache import InterceptPagedCache
 from .estimator import DurationEstimator
 from .memory import default_pool_sizes
+from .model_spec import ModelSpec
 from .outputs import InterceptionRecord, RequestEvent, RequestResult
 from .policy import CostModel
 from .profiler import load_or_profile
@@ -82,12 +80,14 @@ class InterceptEngine:
         executor: Callable[[torch.nn.Module, InterceptPagedCache], Any] | None = None,
         attention_backend: str = "auto",
         distributed_helper: Any = None,
+        model_spec: ModelSpec | None = None,
     ) -> None:
         """`executor(model, cache)` builds what runs each batch (`.forward(chunks) -> logits`): the
         default `ModelRunner` runs the model; the simulator passes one that advances a virtual `clock`
         by a cost model instead, so the same scheduler and policy code is measured at GPU scale.
         `distributed_helper` (transformers' `DistributedHelper`) gives the cache this rank's share of
-        KV heads under tensor parallelism (`distributed.TensorParallelEngine`)."""
+        KV heads under tensor parallelism (`distributed.TensorParallelEngine`). `model_spec` is
+        `ModelSpec.of(model)`, for a caller that worked it out already (tensor parallel, to size pools)."""
         self.model = model
         self.tokenizer = tokenizer
         self.policy = check_policy(policy)
@@ -97,28 +97,22 @@ class InterceptEngine:
         if distributed_helper is None and (getattr(model, "tp_size", None) or 1) > 1:
             raise ValueError(f"the model is sharded across {model.tp_size} ranks (tensor parallel): serve it with "
                              "infercept_hf.distributed.TensorParallelEngine (or build_engine) on every rank")
-        config = paged_cache_config(model)
-        dtype = next(model.parameters()).dtype
-        device = execution_device(model)
-        sizes = default_pool_sizes(model, dtype, num_blocks, block_size, host_pool_bytes)
+        self.spec = model_spec or ModelSpec.of(model)
+        sizes = default_pool_sizes(self.spec, num_blocks, block_size, host_pool_bytes)
         self.cache = InterceptPagedCache(
-            config,
+            self.spec,
             num_blocks=sizes.num_blocks,
             block_size=sizes.block_size,
             num_host_blocks=sizes.num_host_blocks,
             max_batch_tokens=max_batch_tokens,
-            dtype=dtype,
-            device=device,
             distributed_helper=distributed_helper,
         )
-        self.cost = cost_model or load_or_profile(model, dtype, device)
+        self.cost = cost_model or load_or_profile(model, self.spec)
         self.estimator = DurationEstimator()
         self.scheduler = Scheduler(self.cache, policy, max_batch_tokens, self.cost, self.estimator)
         self.runner = executor(model, self.cache) if executor else ModelRunner(model, self.cache, attention_backend)
         self.executor = ToolExecutor(max_tool_workers)
         self.stats_ = EngineStats(self.cache)
-        self.max_positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-        self.vocab_size = config.vocab_size
         self._requests: dict[int, Request] = {}
         self._matchers: dict[int, TriggerMatcher] = {}
         self._next_id = 0
@@ -131,6 +125,14 @@ class InterceptEngine:
         gen_cfg = getattr(model, "generation_config", None)
         eos = getattr(gen_cfg, "eos_token_id", None)
         self.default_eos = frozenset([eos] if isinstance(eos, int) else (eos or []))
+
+    @property
+    def max_positions(self) -> int | None:
+        return self.spec.max_positions
+
+    @property
+    def vocab_size(self) -> int:
+        return self.spec.vocab_size
 
     # ------------------------------------------------------------------ requests
     def add_request(

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 import torch
 
-from .patches.placement import execution_device
 from .patches.paged_pool import page_table, seqlen_k
 from .patches.transformers_cb import (
     SLIDING_ATTENTION,
@@ -82,11 +81,11 @@ class ModelRunner:
         self.backend = resolve_attention_backend(attention_backend, model, cache)
         if self.backend == "triton":
             self.kernel_name = register_kernel_attention(_kernel_attention)
-        self.device = execution_device(model)
-        self.mask_dtype = next(model.parameters()).dtype
-        if not self.mask_dtype.is_floating_point:
-            self.mask_dtype = torch.float32
-        self.sliding_window = getattr(model.config.get_text_config(), "sliding_window", None) or 1
+        spec = cache.spec
+        self.device = spec.device
+        self.mask_dtype = spec.mask_dtype
+        self.sliding_window = spec.sliding_window or 1
+        self.num_layers = spec.num_layers
         self.takes_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
         self._checked = False
 
@@ -170,7 +169,7 @@ class ModelRunner:
 
     def _check_routing(self, view: PagedKVView) -> None:
         """Refuse models that never wrote through `past_key_values`: their tokens would be wrong."""
-        num_layers = self.model.config.get_text_config().num_hidden_layers
+        num_layers = self.num_layers
         if len(view.updated_layers) != num_layers:
             arch = type(self.model).__name__
             raise UnsupportedModelError(

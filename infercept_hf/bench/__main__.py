@@ -25,6 +25,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from ..distributed import is_torchrun, load_tp_model
 from ..memory import default_pool_sizes
+from ..model_spec import ModelSpec
 from ..profiler import load_or_profile
 from . import runner
 from .metrics import results_json
@@ -136,8 +137,7 @@ def load_model(name: str) -> tuple[torch.nn.Module, str]:
 
 
 def max_positions(model: torch.nn.Module) -> int | None:
-    config = model.config.get_text_config()
-    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    return ModelSpec.of(model).max_positions
 
 
 def is_rank_0() -> bool:
@@ -173,13 +173,13 @@ def run_all(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, l
         label, max_context, settings = preset.name, preset.max_context, None
     else:
         model, label = load_model(args.model)
-        dtype = next(model.parameters()).dtype
-        sizes = default_pool_sizes(model, dtype, args.num_blocks, args.block_size, 0)
+        spec = ModelSpec.of(model)
+        sizes = default_pool_sizes(spec, args.num_blocks, args.block_size, 0)
         host_bytes = None if args.host_pool_mb is None else int(args.host_pool_mb * 2**20)
         # a sharded forward needs every rank: the tensor-parallel engine measures its own cost model
-        cost = None if is_torchrun() else load_or_profile(model, dtype, model.device)
+        cost = None if is_torchrun() else load_or_profile(model, spec)
         settings = runner.EngineSettings(sizes.num_blocks, sizes.block_size, args.max_batch_tokens, host_bytes, cost)
-        limits = [n for n in (max_positions(model), sizes.num_blocks * sizes.block_size) if n]
+        limits = [n for n in (spec.max_positions, sizes.num_blocks * sizes.block_size) if n]
         max_context = min(limits) if limits else None
     vocab = model.config.get_text_config().vocab_size
     for qps in args.rates:

@@ -31,7 +31,8 @@ from ..cache import InterceptPagedCache
 from ..engine import InterceptEngine
 from ..offload import SwapPipeline, Transfer
 from ..policy import CostModel
-from ..profiler import CUDA_TOKEN_COUNTS, fit_linear, kv_bytes_per_token, saturation_point
+from ..model_spec import kv_bytes_per_token
+from ..profiler import CUDA_TOKEN_COUNTS, fit_linear, saturation_point
 from ..runner import Chunk, ModelRunner
 from .presets import Efficiency, GPU, Preset
 
