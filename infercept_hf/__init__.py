@@ -9,10 +9,9 @@ from .cache import InterceptPagedCache
 from .distributed import TensorParallelEngine, build_engine
 from .engine import InterceptEngine
 from .outputs import InterceptionRecord, RequestEvent, RequestResult
-from .policy import CostModel
+from .policy import POLICIES, CostModel
 from .runner import UnsupportedModelError
 from .sampling import Sampler
-from .scheduler import POLICIES
 from .serving import AsyncInterceptEngine
 from .tools import Scripted, Tool, ToolCall
 
