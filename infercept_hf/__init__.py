@@ -10,7 +10,7 @@ from .distributed import TensorParallelEngine, build_engine
 from .engine import InterceptEngine
 from .outputs import InterceptionRecord, RequestEvent, RequestResult
 from .policy import POLICIES, CostModel
-from .runner import UnsupportedModelError
+from .batch_runner import UnsupportedModelError
 from .sampling import Sampler
 from .serving import AsyncInterceptEngine
 from .tools import Scripted, Tool, ToolCall

@@ -41,8 +41,8 @@ from .patches.transformers_cb import (
 
 
 @dataclass
-class _Len:
-    """The two fields of a transformers RequestState that allocation reads."""
+class _AllocationState:
+    """Stands in for a transformers RequestState in allocation calls: the two fields they read."""
 
     request_id: str
     length: int
@@ -246,7 +246,7 @@ class InterceptPagedCache(PagedAttentionCache):
     # ------------------------------------------------------------------ allocation
     def allocate(self, rid: str, past_len: int, new_tokens: int) -> bool:
         """Reserve device blocks so `new_tokens` can be written after `past_len`; False if full."""
-        state = _Len(rid, past_len)
+        state = _AllocationState(rid, past_len)
         if self.can_store_request_tokens(state, new_tokens):
             return True
         pp.try_to_free_sectors(self)

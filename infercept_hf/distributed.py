@@ -49,13 +49,13 @@ from typing_extensions import Unpack  # typing.Unpack is 3.11+
 from .patches.paged_pool import allocators, block_tables
 from .patches.tp_group import TPGroup
 
+from .batch_runner import ModelRunner
 from .engine import InterceptEngine
 from .model_spec import ModelSpec
 from .outputs import RequestResult
 from .policy import CostModel
 from .profiler import fit_linear, load_or_profile, measure_forward, saturation_point
-from .request import Request
-from .runner import Chunk, ModelRunner
+from .request import Chunk, Request
 from .sampling import Sampler
 from .tools import Answer, Scripted, Tool
 from .tp_replica import ReplicatedClock, ReplicaToolExecutor, VerifiedRunner, driver_only
@@ -243,7 +243,7 @@ class TensorParallelEngine(InterceptEngine):
             host_pool_bytes=num_host_blocks * rank_kv * tp_size * sizes.block_size,
             cost_model=cost,
             clock=ReplicatedClock(clock, group),
-            executor=(lambda m, c: VerifiedRunner(ModelRunner(m, c, attention_backend), self._verify))
+            batch_runner=(lambda m, c: VerifiedRunner(ModelRunner(m, c, attention_backend), self._verify))
             if verify_replicas else None,
             attention_backend=attention_backend,
             distributed_helper=group.helper,

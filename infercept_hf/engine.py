@@ -27,7 +27,7 @@ from .outputs import InterceptionRecord, RequestEvent, RequestResult
 from .policy import CostModel
 from .profiler import load_or_profile
 from .request import Request, Status
-from .runner import ModelRunner
+from .batch_runner import ModelRunner
 from .sampling import GREEDY, Sampler, sample_batch
 from .scheduler import Scheduler, check_policy
 from .stats import EngineStats
@@ -77,12 +77,12 @@ class InterceptEngine:
         cost_model: CostModel | None = None,
         clock: Callable[[], float] = time.monotonic,
         max_tool_workers: int = 8,
-        executor: Callable[[torch.nn.Module, InterceptPagedCache], Any] | None = None,
+        batch_runner: Callable[[torch.nn.Module, InterceptPagedCache], Any] | None = None,
         attention_backend: str = "auto",
         distributed_helper: Any = None,
         model_spec: ModelSpec | None = None,
     ) -> None:
-        """`executor(model, cache)` builds what runs each batch (`.forward(chunks) -> logits`): the
+        """`batch_runner(model, cache)` builds what runs each batch (`.forward(chunks) -> logits`): the
         default `ModelRunner` runs the model; the simulator passes one that advances a virtual `clock`
         by a cost model instead, so the same scheduler and policy code is measured at GPU scale.
         `distributed_helper` (transformers' `DistributedHelper`) gives the cache this rank's share of
@@ -110,7 +110,7 @@ class InterceptEngine:
         self.cost = cost_model or load_or_profile(model, self.spec)
         self.estimator = DurationEstimator()
         self.scheduler = Scheduler(self.cache, policy, max_batch_tokens, self.cost, self.estimator)
-        self.runner = executor(model, self.cache) if executor else ModelRunner(model, self.cache, attention_backend)
+        self.runner = batch_runner(model, self.cache) if batch_runner else ModelRunner(model, self.cache, attention_backend)
         self.executor = ToolExecutor(max_tool_workers)
         self.stats_ = EngineStats(self.cache)
         self._requests: dict[int, Request] = {}
@@ -280,7 +280,7 @@ class InterceptEngine:
         if plan.chunks:
             t0 = self.clock()
             logits = self.runner.forward(plan.chunks)
-            sampled = [c.request for c in plan.chunks if c.sample]
+            sampled = [c.request for c in plan.chunks if c.yields_token]
             tokens = self._sample(sampled, logits)
             self.stats_.record_forward(plan, self.clock() - t0)
             for c in plan.chunks:

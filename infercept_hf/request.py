@@ -111,3 +111,18 @@ class Request:
             interceptions=list(self.interceptions),
             telemetry=dict(self.telemetry),
         )
+
+
+@dataclass
+class Chunk:
+    """`length` tokens of one request's token log from position `start` (its cached length), for
+    one forward: a decode is a chunk of 1; a prompt, a resumed answer or a recompute is longer."""
+
+    request: Request
+    start: int
+    length: int
+
+    @property
+    def yields_token(self) -> bool:
+        """A chunk that reaches the end of the token log yields the request's next token."""
+        return self.start + self.length == len(self.request.tokens)

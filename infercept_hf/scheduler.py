@@ -35,8 +35,7 @@ from .policy import (
     swap_budget_tokens,
     waste_figures,
 )
-from .request import Request, Status
-from .runner import Chunk
+from .request import Chunk, Request, Status
 
 SWAP_LOG_LENGTH = 100_000
 __all__ = ["POLICIES", "Scheduler", "StepPlan", "SwapIteration", "check_policy", "queue_order"]

@@ -14,7 +14,8 @@ import torch
 
 from .patches.tp_group import TPGroup
 
-from .runner import Chunk, ModelRunner
+from .batch_runner import ModelRunner
+from .request import Chunk
 from .tools import Answer, PendingCall, Tool, ToolCall
 
 

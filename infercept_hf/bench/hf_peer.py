@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from tqdm.auto import tqdm
     from transformers.generation.continuous_batching import ContinuousBatchingManager
 
-    from .runner import EngineSettings, Job
+    from .policy_runs import EngineSettings, Job
 
 STRATEGY = "resubmit"  # what the peers do at an interception, in the strategy column
 POLL_S = 0.005  # longest the hf-cb loop blocks on its result queue before checking for due submissions

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import inspect
 from contextlib import nullcontext as _nothing
-from dataclasses import dataclass
-
 import torch
 
 from .patches.paged_pool import page_table, seqlen_k
@@ -26,20 +24,7 @@ from .patches.transformers_cb import (
 )
 
 from .cache import InterceptPagedCache
-from .request import Request
-
-
-@dataclass
-class Chunk:
-    request: Request
-    start: int
-    length: int
-
-    @property
-    def sample(self) -> bool:
-        """A chunk that reaches the end of the token log yields the request's next token."""
-        return self.start + self.length == len(self.request.tokens)
-
+from .request import Chunk
 
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
 
@@ -91,7 +76,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(self, chunks: list[Chunk]) -> torch.Tensor:
-        """Run the chunks; return float32 logits [n, vocab] for the chunks whose `sample` is set."""
+        """Run the chunks; return float32 logits [n, vocab] for the chunks that yield a token."""
         cache = self.cache
         ids: list[int] = []
         pos: list[int] = []
@@ -108,7 +93,7 @@ class ModelRunner:
             for name, alloc in cache.allocators.items():
                 cu_k[name].append(cu_k[name][-1] + seqlen_k(alloc, c.start, c.length))
             cache.extend_read_and_write_indices(req.rid, c.start, c.length, read, write)
-            if c.sample:
+            if c.yields_token:
                 keep.append(cu_q[-1] - 1)
         dev = self.device
         masks = {
