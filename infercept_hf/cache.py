@@ -15,6 +15,9 @@ blocks off the tail, so the layout survives any sequence of swap-out, swap-in an
 Models with sliding-window layers keep ring-ordered block tables, so only whole-request
 moves are allowed there (`supports_partial` is False).
 
+The cache is also the one writer of each request's `KVRecord` (`kv_ledger.py`): tokens
+computed, and what every move changed, so nobody else reconciles block counts with them.
+
 Accounting is exact and checked by `check_integrity()`: every device block is free or
 owned by exactly one request, every host block likewise. Per-request block counts and their
 totals are kept as running figures (`_Tally`), resynced wherever a block table changes,
@@ -28,6 +31,7 @@ from typing import Any
 
 import torch
 
+from .kv_ledger import KVLedger, KVRecord
 from .model_spec import ModelSpec
 from .offload import SwapPipeline, Transfer
 from .patches import paged_pool as pp
@@ -139,6 +143,7 @@ class InterceptPagedCache(PagedAttentionCache):
         self.bytes_per_token = sum(pp.bytes_per_block(a) // pp.tokens_per_block(a) for a in self.allocators.values())
         self.swapped_out_bytes = 0
         self.swapped_in_bytes = 0
+        self.ledger = KVLedger(block_size)
         # whole-model blocks per request (the max over allocators) and their sums; see _sync_device / _sync_host
         self._device = _Tally()
         self._host = _Tally()
@@ -148,6 +153,19 @@ class InterceptPagedCache(PagedAttentionCache):
     def supports_partial(self) -> bool:
         """Whether a move may take part of a request's blocks (sliding layers keep ring-ordered tables)."""
         return self.full_attention_only
+
+    # ------------------------------------------------------------------ cached tokens
+    def track(self, rid: str, record: KVRecord) -> None:
+        """Keep `record` up to date with every move of the request's blocks, until `free(rid)`."""
+        self.ledger.track(rid, record)
+
+    def record_computed(self, rid: str, n: int) -> None:
+        """A forward wrote the KV of the request's next `n` tokens into the blocks reserved for them."""
+        self.ledger.add_computed(rid, n)
+
+    def device_tokens(self, rid: str) -> int:
+        """Of the request's cached tokens, those on the device (the head; the rest is on host)."""
+        return min(self.ledger.computed(rid), self.device_blocks(rid) * self.block_size)
 
     # ------------------------------------------------------------------ capacity
     @property
@@ -264,6 +282,7 @@ class InterceptPagedCache(PagedAttentionCache):
         for h in self.host.values():
             h.give_back(h.tables.pop(rid, []))
         self._sync_host(rid)
+        self.ledger.drop(rid)
 
     # ------------------------------------------------------------------ moves
     def _tail_count(self, rid: str, num_blocks: int | None, have: int) -> int:
@@ -290,7 +309,9 @@ class InterceptPagedCache(PagedAttentionCache):
             host_ids = host.take(len(dev_ids))
             # the moved blocks precede any host tail already present: device head + host tail
             host.tables[rid] = host_ids + host.tables.get(rid, [])
-            self.swapped_out_bytes += len(dev_ids) * pp.bytes_per_block(alloc)
+            nbytes = len(dev_ids) * pp.bytes_per_block(alloc)
+            self.swapped_out_bytes += nbytes
+            self.ledger.add_swapped(rid, nbytes)
             done = lambda a=alloc, ids=dev_ids: pp.release_blocks(self, a, ids)  # noqa: E731
             self.pipeline.submit(Transfer(alloc, dev_ids, host_ids, True, done, host.storage))
         self._sync_device(rid)
@@ -299,26 +320,29 @@ class InterceptPagedCache(PagedAttentionCache):
             self.pipeline.finish()
         return n
 
-    def swap_in(self, rid: str) -> bool:
-        """Bring the request's whole host tail back to device; False (nothing moved) if full."""
-        n = self.host_blocks(rid)
-        if n == 0:
-            return True
+    def swap_in(self, rid: str) -> int | None:
+        """Bring the request's whole host tail back to device. Returns the bytes moved (0: there
+        was no tail), or None, moving nothing, when the device lacks room."""
+        if self.host_blocks(rid) == 0:
+            return 0
         if not self._room_for_host_tail(rid):
             pp.try_to_free_sectors(self)
             if not self._room_for_host_tail(rid):
-                return False
+                return None
+        moved = 0
         for name, alloc in self.allocators.items():
             host = self.host[name]
             host_ids = host.tables.pop(rid)
             dev_ids = pp.take_blocks(self, alloc, len(host_ids))
             pp.block_tables(alloc).setdefault(rid, []).extend(dev_ids)
-            self.swapped_in_bytes += len(dev_ids) * pp.bytes_per_block(alloc)
+            moved += len(dev_ids) * pp.bytes_per_block(alloc)
             done = lambda h=host, ids=host_ids: h.give_back(ids)  # noqa: E731
             self.pipeline.submit(Transfer(alloc, dev_ids, host_ids, False, done, host.storage))
+        self.swapped_in_bytes += moved
+        self.ledger.add_swapped(rid, moved)
         self._sync_device(rid)
         self._sync_host(rid)
-        return True
+        return moved
 
     def finish_transfers(self) -> None:
         """Complete outstanding copies and release what they freed (the engine calls this every step)."""
@@ -337,6 +361,7 @@ class InterceptPagedCache(PagedAttentionCache):
             if not table:
                 tables.pop(rid, None)
         self._sync_device(rid)
+        self.ledger.keep_within(rid, self.device_blocks(rid))
         return n
 
     def discard_host(self, rid: str, num_blocks: int | None = None) -> int:
@@ -349,6 +374,7 @@ class InterceptPagedCache(PagedAttentionCache):
             if not table:
                 host.tables.pop(rid, None)
         self._sync_host(rid)
+        self.ledger.keep_within(rid, self.device_blocks(rid) + self.host_blocks(rid))
         return n
 
     def _room_for_host_tail(self, rid: str) -> bool:

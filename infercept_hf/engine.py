@@ -284,8 +284,7 @@ class InterceptEngine:
             tokens = self._sample(sampled, logits)
             self.stats_.record_forward(plan, self.clock() - t0)
             for c in plan.chunks:
-                c.request.num_cached += c.length
-                c.request.high_water = max(c.request.high_water, c.request.num_cached)
+                self.cache.record_computed(c.request.rid, c.length)
             now = self.clock()
             for req, tok in zip(sampled, tokens):
                 self._append_token(req, tok, now, done)

@@ -88,9 +88,11 @@ class Scheduler:
         # min-waste: budget and tokens moved, per iteration (the most recent ones: a server runs for ever)
         self.swap_log: deque[SwapIteration] = deque(maxlen=SWAP_LOG_LENGTH)
         self.preemptions = 0
+        self._swapped_in_bytes = 0  # by the swap-ins of the iteration being scheduled
 
     # ------------------------------------------------------------------ transitions
     def add(self, req: Request) -> None:
+        self.cache.track(req.rid, req.kv)
         self.waiting.append(req)
 
     def pause(self, req: Request, now: float) -> None:
@@ -127,7 +129,7 @@ class Scheduler:
     # ------------------------------------------------------------------ the iteration
     def schedule(self, now: float) -> StepPlan:
         plan = StepPlan()
-        swapped_in_before = self.cache.swapped_in_bytes
+        self._swapped_in_bytes = 0
         self.running.sort(key=lambda r: (r.uncached > 1, r.queue_key))  # decodes first, then prefills
         budget = self.max_batch_tokens
         prefill_budget = self._prefill_budget()
@@ -162,7 +164,7 @@ class Scheduler:
             plan.chunks.append(Chunk(req, req.num_cached, n))
             budget -= n
         if self.traits.revisit_each_step:
-            swap_in_tokens = (self.cache.swapped_in_bytes - swapped_in_before) // self.cache.bytes_per_token
+            swap_in_tokens = self._swapped_in_bytes // self.cache.bytes_per_token
             self._min_waste(now, plan.num_tokens, swap_in_tokens)
         return plan
 
@@ -197,9 +199,9 @@ class Scheduler:
 
     def _swap_in(self, req: Request, now: float) -> bool:
         while self.cache.host_blocks(req.rid):
-            blocks = self.cache.host_blocks(req.rid)
-            if self.cache.swap_in(req.rid):
-                self._count_swap(req, blocks)
+            moved = self.cache.swap_in(req.rid)
+            if moved is not None:
+                self._swapped_in_bytes += moved
                 return True
             need = self.cache.host_blocks(req.rid) - self.cache.free_device_blocks()
             if not self._evict_paused(max(1, need), now, exclude=req) and not self._evict_waiting(req):
@@ -258,24 +260,15 @@ class Scheduler:
     def _swap_out(self, req: Request, num_blocks: int | None, wait: bool = True) -> int:
         """`wait=False` lets the copy run behind the next forward (its blocks come free after it);
         eviction under memory pressure needs the blocks now and waits."""
-        moved = self.cache.swap_out(req.rid, num_blocks, wait=wait)
-        self._count_swap(req, moved)
-        return moved
-
-    def _count_swap(self, req: Request, blocks: int) -> None:
-        if blocks:
-            nbytes = blocks * self.cache.block_size * self.cache.bytes_per_token
-            req.telemetry["swapped_bytes"] = req.telemetry.get("swapped_bytes", 0) + nbytes
+        return self.cache.swap_out(req.rid, num_blocks, wait=wait)
 
     def _discard(self, req: Request, num_blocks: int | None = None) -> None:
         """Drop device blocks from the tail (all by default); the token log keeps what to recompute."""
         if num_blocks is None or not self.cache.supports_partial:
             self.cache.discard_host(req.rid)
             self.cache.discard_device(req.rid)
-            req.num_cached = 0
             return
         self.cache.discard_device(req.rid, num_blocks)
-        req.num_cached = min(req.num_cached, self.cache.device_blocks(req.rid) * self.cache.block_size)
 
     def _placement(self, req: Request) -> str:
         dev, host = self.cache.device_blocks(req.rid), self.cache.host_blocks(req.rid)
@@ -301,7 +294,7 @@ class Scheduler:
         return PausedView(
             request_id=req.request_id,
             context_tokens=req.num_cached,
-            device_tokens=min(req.num_cached, self.cache.device_blocks(req.rid) * self.cache.block_size),
+            device_tokens=self.cache.device_tokens(req.rid),
             host_tokens=self.cache.host_blocks(req.rid) * self.cache.block_size,
             paused_for_s=now - req.paused_at,
             expected_remaining_s=self._remaining(req, now),
@@ -383,7 +376,6 @@ class Scheduler:
         for rid in host_victims(longer, missing * self.cache.block_size):
             victim = by_id[rid]
             self.cache.discard_host(victim.rid)
-            victim.num_cached = min(victim.num_cached, self.cache.device_blocks(victim.rid) * self.cache.block_size)
             victim.strategy = self._placement(victim)
             if self.cache.free_host_blocks() >= blocks:
                 return
