@@ -56,9 +56,9 @@ from .outputs import RequestResult
 from .policy import CostModel
 from .profiler import fit_linear, load_or_profile, measure_forward, saturation_point
 from .request import Chunk, Request
-from .sampling import Sampler
-from .tools import Answer, Scripted, Tool
-from .tp_replica import ReplicatedClock, ReplicaToolExecutor, VerifiedRunner, driver_only
+from .tools import Answer
+from .memory import PoolSizes
+from .tp_replica import ReplicatedClock, ReplicatedInputs, ReplicaToolExecutor, VerifiedRunner, driver_only
 from .tp_sizing import rank_kv_bytes_per_token, rank_pool_sizes
 
 __all__ = [
@@ -229,18 +229,13 @@ class TensorParallelEngine(InterceptEngine):
         sizes = rank_pool_sizes(spec, num_blocks, block_size, host_pool_bytes, tp_size, ranks_per_host)
         agreed = group.all_reduce_min(torch.tensor([sizes.num_blocks, sizes.num_host_blocks]))
         num_blocks, num_host_blocks = agreed.tolist()
-        rank_kv = rank_kv_bytes_per_token(spec, tp_size)
         cost = group.broadcast_object(cost_model)  # the driver's choice decides who measures
         if cost is None:
-            cost = group.broadcast_object(self._measure_cost(model, spec, rank_kv))
+            cost = group.broadcast_object(self._measure_cost(model, spec))
         self._inbox: list[tuple] = []
-        self._answers: Sequence[tuple[int, Answer]] = ()  # the current step's, from the driver
         super().__init__(
             model,
-            num_blocks=num_blocks,
-            block_size=sizes.block_size,
-            # the engine divides by whole-model block bytes; this makes it arrive at num_host_blocks
-            host_pool_bytes=num_host_blocks * rank_kv * tp_size * sizes.block_size,
+            pool_sizes=PoolSizes(num_blocks, sizes.block_size, num_host_blocks),
             cost_model=cost,
             clock=ReplicatedClock(clock, group),
             batch_runner=(lambda m, c: VerifiedRunner(ModelRunner(m, c, attention_backend), self._verify))
@@ -248,43 +243,33 @@ class TensorParallelEngine(InterceptEngine):
             attention_backend=attention_backend,
             distributed_helper=group.helper,
             model_spec=spec,
+            step_inputs=ReplicatedInputs(group),
             **options,
         )
         if not self.is_driver:
             self.executor = ReplicaToolExecutor()
 
-    def _measure_cost(self, model: torch.nn.Module, spec: ModelSpec, rank_kv: int) -> CostModel | None:
+    def _measure_cost(self, model: torch.nn.Module, spec: ModelSpec) -> CostModel | None:
         """T_fwd of the sharded forward (all ranks run it: it is collective); the driver fits it."""
         points = measure_forward(model, spec=spec)
         if not self.group.is_driver:
             return None
         a, b = fit_linear(points)
         return load_or_profile(model, spec, fwd_per_token_s=a, fwd_fixed_s=b,
-                               saturation_tokens=saturation_point(points), kv_bytes_per_token=rank_kv)
+                               saturation_tokens=saturation_point(points), kv_bytes_per_token=rank_kv_bytes_per_token(spec, self.group.size))
 
     @property
     def is_driver(self) -> bool:
         return self.group.is_driver
 
     # ------------------------------------------------------------------ driver-side input
-    def add_request(
-        self,
-        prompt_ids: Sequence[int] | torch.Tensor,
-        max_new_tokens: int = 128,
-        tools: Sequence[Tool] | None = None,
-        interceptions: Scripted | None = None,
-        sampler: Sampler | None = None,
-        eos_token_id: int | Sequence[int] | None = None,
-        arrival_time: float | None = None,
-        on_event: Any = None,
-    ) -> int | None:
-        """On the driver: validate and queue at once (the id is final), and tell the workers at
-        the next step. On a worker: ignored, returns None."""
+    def add_request(self, prompt_ids: Sequence[int] | torch.Tensor, **kwargs: Any) -> int | None:
+        """On the driver: `InterceptEngine.add_request` (the id is final), and tell the workers at
+        the next step what they need to replay it. On a worker: ignored, returns None."""
         if not self.is_driver:
             return None
         with self._lock:  # queued and in the inbox together: no step sends one without the other
-            rid = super().add_request(prompt_ids, max_new_tokens, tools, interceptions, sampler, eos_token_id,
-                                      arrival_time, on_event)
+            rid = super().add_request(prompt_ids, **kwargs)
             req = self._requests[rid]
             replica = dict(
                 prompt_ids=req.tokens[: req.prompt_len],
@@ -395,24 +380,12 @@ class TensorParallelEngine(InterceptEngine):
                     super().cancel(rid)
 
     def _replica_step(self, message: _Message) -> list[RequestResult]:
-        self._answers = message.answers
+        self.inputs.deliver(message.answers)
         with self.clock.synced(message.now):
             results = super()._step()
         if self.verify_replicas:
             self._verify()
         return results
-
-    def _collect_answers(self, now: float, done: list[Request]) -> None:
-        """Every rank resumes the requests whose answers came with the step (polled by the driver
-        at `now`, the step's first clock read)."""
-        answers, self._answers = self._answers, ()
-        for rid, answer in answers:
-            self._resume(self._requests[rid], answer, now, done)
-
-    def _sample(self, requests: list[Request], logits: torch.Tensor) -> list[int]:
-        """The driver samples (only its requests hold their real samplers); every rank appends its tokens."""
-        mine = super()._sample(requests, logits) if self.is_driver else [0] * len(requests)
-        return self.group.broadcast(torch.tensor(mine, dtype=torch.long)).tolist()
 
     # ------------------------------------------------------------------ replica check
     def state_digest(self, chunks: Sequence[Chunk] = ()) -> int:

@@ -21,16 +21,17 @@ import torch
 
 from .cache import InterceptPagedCache
 from .estimator import DurationEstimator
-from .memory import default_pool_sizes
+from .memory import PoolSizes, default_pool_sizes
 from .model_spec import ModelSpec
 from .outputs import InterceptionRecord, RequestEvent, RequestResult
 from .policy import CostModel
 from .profiler import load_or_profile
 from .request import Request, Status
 from .batch_runner import ModelRunner
-from .sampling import GREEDY, Sampler, sample_batch
+from .sampling import GREEDY, Sampler
 from .scheduler import Scheduler, check_policy
 from .stats import EngineStats
+from .step_inputs import LocalInputs
 from .tools import (
     Answer,
     PendingCall,
@@ -81,13 +82,18 @@ class InterceptEngine:
         attention_backend: str = "auto",
         distributed_helper: Any = None,
         model_spec: ModelSpec | None = None,
+        pool_sizes: PoolSizes | None = None,
+        step_inputs: LocalInputs | None = None,
     ) -> None:
         """`batch_runner(model, cache)` builds what runs each batch (`.forward(chunks) -> logits`): the
         default `ModelRunner` runs the model; the simulator passes one that advances a virtual `clock`
         by a cost model instead, so the same scheduler and policy code is measured at GPU scale.
         `distributed_helper` (transformers' `DistributedHelper`) gives the cache this rank's share of
         KV heads under tensor parallelism (`distributed.TensorParallelEngine`). `model_spec` is
-        `ModelSpec.of(model)`, for a caller that worked it out already (tensor parallel, to size pools)."""
+        `ModelSpec.of(model)`, for a caller that worked it out already (tensor parallel, to size pools);
+        `pool_sizes`, pools that caller sized itself (then `num_blocks`, `block_size` and
+        `host_pool_bytes` stay None). `step_inputs` gives each step its tool answers and sampled
+        tokens: `LocalInputs` by default; tensor-parallel replicas take the driver's."""
         self.model = model
         self.tokenizer = tokenizer
         self.policy = check_policy(policy)
@@ -98,7 +104,9 @@ class InterceptEngine:
             raise ValueError(f"the model is sharded across {model.tp_size} ranks (tensor parallel): serve it with "
                              "infercept_hf.distributed.TensorParallelEngine (or build_engine) on every rank")
         self.spec = model_spec or ModelSpec.of(model)
-        sizes = default_pool_sizes(self.spec, num_blocks, block_size, host_pool_bytes)
+        if pool_sizes is not None and (num_blocks, block_size, host_pool_bytes) != (None, None, None):
+            raise ValueError("pass pool_sizes or num_blocks / block_size / host_pool_bytes, not both")
+        sizes = pool_sizes or default_pool_sizes(self.spec, num_blocks, block_size, host_pool_bytes)
         self.cache = InterceptPagedCache(
             self.spec,
             num_blocks=sizes.num_blocks,
@@ -109,6 +117,7 @@ class InterceptEngine:
         )
         self.cost = cost_model or load_or_profile(model, self.spec)
         self.estimator = DurationEstimator()
+        self.inputs = step_inputs or LocalInputs()
         self.scheduler = Scheduler(self.cache, policy, max_batch_tokens, self.cost, self.estimator)
         self.runner = batch_runner(model, self.cache) if batch_runner else ModelRunner(model, self.cache, attention_backend)
         self.executor = ToolExecutor(max_tool_workers)
@@ -281,7 +290,7 @@ class InterceptEngine:
             t0 = self.clock()
             logits = self.runner.forward(plan.chunks)
             sampled = [c.request for c in plan.chunks if c.yields_token]
-            tokens = self._sample(sampled, logits)
+            tokens = self.inputs.tokens(sampled, logits)
             self.stats_.record_forward(plan, self.clock() - t0)
             for c in plan.chunks:
                 self.cache.record_computed(c.request.rid, c.length)
@@ -341,11 +350,6 @@ class InterceptEngine:
         if timeout > 0:
             self._wakeup.wait(timeout)
 
-    def _sample(self, requests: list[Request], logits: torch.Tensor) -> list[int]:
-        """One token per row of `logits`, by each request's sampler (a hook: under tensor
-        parallelism every rank takes the driver's tokens)."""
-        return sample_batch([r.sampler for r in requests], [r.tokens for r in requests], logits)
-
     # ------------------------------------------------------------------ per-token work
     def _append_token(self, req: Request, tok: int, now: float, done: list[Request]) -> None:
         req.tokens.append(tok)
@@ -392,10 +396,7 @@ class InterceptEngine:
         self._emit(req, "tool_call", tool=pending.tool_name, text=pending.call_text)
 
     def _collect_answers(self, now: float, done: list[Request]) -> None:
-        for req in list(self.scheduler.paused):
-            answer = req.pending.poll(now)
-            if answer is None:
-                continue
+        for req, answer in self.inputs.answers(self.scheduler.paused, now):
             self._resume(req, answer, now, done)
 
     def _resume(self, req: Request, answer: Answer, now: float, done: list[Request]) -> None:

@@ -5,7 +5,7 @@ between ranks with the driver's value, broadcast over transformers' gloo CPU gro
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from contextlib import contextmanager
 from typing import Any
@@ -13,6 +13,8 @@ from typing import Any
 import torch
 
 from .patches.tp_group import TPGroup
+from .request import Request
+from .step_inputs import LocalInputs
 
 from .batch_runner import ModelRunner
 from .request import Chunk
@@ -65,6 +67,29 @@ class ReplicatedClock:
             yield
         finally:
             self._frozen = None
+
+
+class ReplicatedInputs(LocalInputs):
+    """A replica's step inputs: the tool answers the driver polled for this step (handed over
+    with the step's message, `deliver`) and the tokens the driver sampled (one broadcast)."""
+
+    def __init__(self, group: TPGroup) -> None:
+        self.group = group
+        self._answers: Sequence[tuple[int, Answer]] = ()
+
+    def deliver(self, answers: Sequence[tuple[int, Answer]]) -> None:
+        """The `(request id, answer)` pairs of the step about to run."""
+        self._answers = answers
+
+    def answers(self, paused: Sequence[Request], now: float) -> list[tuple[Request, Answer]]:
+        answers, self._answers = self._answers, ()
+        by_id = {r.request_id: r for r in paused}
+        return [(by_id[rid], answer) for rid, answer in answers]
+
+    def tokens(self, requests: Sequence[Request], logits: torch.Tensor) -> list[int]:
+        """The driver samples (only its requests hold their real samplers); every rank appends its tokens."""
+        mine = super().tokens(requests, logits) if self.group.is_driver else [0] * len(requests)
+        return self.group.broadcast(torch.tensor(mine, dtype=torch.long)).tolist()
 
 
 def driver_only(call: ToolCall) -> str:
