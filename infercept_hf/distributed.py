@@ -55,7 +55,7 @@ from .model_spec import ModelSpec
 from .outputs import RequestResult
 from .policy import CostModel
 from .profiler import fit_linear, load_or_profile, measure_forward, saturation_point
-from .request import Chunk, Request
+from .request import Chunk
 from .tools import Answer
 from .memory import PoolSizes
 from .tp_replica import ReplicatedClock, ReplicatedInputs, ReplicaToolExecutor, VerifiedRunner, driver_only
@@ -288,14 +288,6 @@ class TensorParallelEngine(InterceptEngine):
             return False
         return super().cancel(request_id)
 
-    def _cancel(self, req: Request) -> None:
-        """The driver queues each cancel, at its time, for the workers to replay (under the lock
-        that cancels it, so no step sends one without the other). Those that `close()` makes are
-        never sent: every rank's own close cancels the rest."""
-        super()._cancel(req)
-        if self.is_driver:
-            self._inbox.append(("cancel", req.request_id, req.finish_time))
-
     # ------------------------------------------------------------------ the loop
     def step(self) -> list[RequestResult]:
         """One step on every rank (driver only: workers mirror it inside `run()`)."""
@@ -355,14 +347,16 @@ class TensorParallelEngine(InterceptEngine):
         """The driver's command and the inputs that reached it since the last one, on every rank.
 
         A step's message also carries the step's time and the tool answers the driver polled
-        at it, so that nothing more need be broadcast before the step schedules."""
+        at it, so that nothing more need be broadcast before the step schedules. The cancels are
+        those the engine will report at its next step, each at its time (the ones `close()` makes
+        are never sent: every rank's own close cancels the rest)."""
         message = None
         if self.is_driver:
-            message = _Message(command, self._inbox)
+            cancels = [("cancel", r.request_id, r.finish_time) for r in self._cancelled]
+            message = _Message(command, self._inbox + cancels)
             if command == "step":
                 now = self.clock()
-                answers = [(r.request_id, a) for r in self.scheduler.paused if (a := r.pending.poll(now)) is not None]
-                message = message._replace(now=now, answers=answers)
+                message = message._replace(now=now, answers=self.inputs.poll(self.scheduler.paused, now))
             self._inbox = []
         return self.group.broadcast_object(message)
 

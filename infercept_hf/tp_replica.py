@@ -77,6 +77,10 @@ class ReplicatedInputs(LocalInputs):
         self.group = group
         self._answers: Sequence[tuple[int, Answer]] = ()
 
+    def poll(self, paused: Sequence[Request], now: float) -> list[tuple[int, Answer]]:
+        """On the driver: `(request id, answer)` for the tools that answered by `now`, to send."""
+        return [(req.request_id, answer) for req, answer in super().answers(paused, now)]
+
     def deliver(self, answers: Sequence[tuple[int, Answer]]) -> None:
         """The `(request id, answer)` pairs of the step about to run."""
         self._answers = answers
