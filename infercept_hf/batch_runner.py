@@ -12,7 +12,7 @@ import inspect
 from contextlib import nullcontext as _nothing
 import torch
 
-from .patches.paged_pool import page_table, seqlen_k
+from .patches.paged_pool import extend_indices, page_table, seqlen_k
 from .patches.transformers_cb import (
     SLIDING_ATTENTION,
     PagedKVView,
@@ -92,7 +92,7 @@ class ModelRunner:
             cu_q.append(cu_q[-1] + c.length)
             for name, alloc in cache.allocators.items():
                 cu_k[name].append(cu_k[name][-1] + seqlen_k(alloc, c.start, c.length))
-            cache.extend_read_and_write_indices(req.rid, c.start, c.length, read, write)
+            extend_indices(cache, req.rid, c.start, c.length, read, write)
             if c.yields_token:
                 keep.append(cu_q[-1] - 1)
         dev = self.device

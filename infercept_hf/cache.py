@@ -379,8 +379,7 @@ class InterceptPagedCache(PagedAttentionCache):
 
     def _room_for_host_tail(self, rid: str) -> bool:
         """Room on device for the whole host tail (transformers' admission check, allocators sharing free sectors)."""
-        tail = {name: len(host.tables.get(rid, ())) for name, host in self.host.items()}
-        return self.count_storable_requests([tail]) == 1
+        return pp.admits(self, {name: len(host.tables.get(rid, ())) for name, host in self.host.items()})
 
     # ------------------------------------------------------------------ integrity
     def check_integrity(self) -> None:

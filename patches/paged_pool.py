@@ -16,6 +16,7 @@ Allocator = Any  # transformers' cache allocator (FullAttentionAllocator, Slidin
 
 __all__ = [
     "Allocator",
+    "admits",
     "allocator_index",
     "allocators",
     "block_tables",
@@ -27,6 +28,7 @@ __all__ = [
     "blocks_per_sector",
     "bytes_per_block",
     "count_free_blocks",
+    "extend_indices",
     "free_sector_ids",
     "layer_allocator",
     "layer_indices",
@@ -119,6 +121,16 @@ def page_table(cache: Any, request_id: str, allocator_index: int) -> list[int]:
     alloc = next(a for a in cache.cache_allocators.values() if a.index == allocator_index)
     stride = alloc.block_physical_stride // alloc.tokens_per_page
     return [b * stride for b in alloc.block_table[request_id]]
+
+
+def extend_indices(cache: Any, rid: str, start: int, length: int, read: list[list[int]], write: list[list[int]]) -> None:
+    """Append, per allocator, the cache rows a chunk of `length` tokens at `start` reads and writes."""
+    cache.extend_read_and_write_indices(rid, start, length, read, write)
+
+
+def admits(cache: Any, blocks_by_allocator: dict[str, int]) -> bool:
+    """Whether the free pool holds one request of these many blocks per allocator (sectors shared)."""
+    return cache.count_storable_requests([blocks_by_allocator]) == 1
 
 
 # ---------------------------------------------------------------------- the pool
