@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 from contextlib import nullcontext as _nothing
+
 import torch
 
 from .patches.paged_pool import extend_indices, page_table, seqlen_k

@@ -137,7 +137,8 @@ class InterceptPagedCache(PagedAttentionCache):
         self._only_allocator = next(iter(self.allocators.values())) if len(self.allocators) == 1 else None
         # The host pool mirrors the device pool's split between allocators (one per attention type).
         self.host = {
-            name: HostPool(num_host_blocks, pp.bytes_per_block(alloc), device) for name, alloc in self.allocators.items()
+            name: HostPool(num_host_blocks, pp.bytes_per_block(alloc), device)
+            for name, alloc in self.allocators.items()
         }
         # the pool's KV bytes per token: `spec.kv_bytes_per_token`, or this rank's share of it under TP
         self.bytes_per_token = sum(pp.bytes_per_block(a) // pp.tokens_per_block(a) for a in self.allocators.values())

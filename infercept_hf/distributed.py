@@ -51,13 +51,13 @@ from .patches.tp_group import TPGroup
 
 from .batch_runner import ModelRunner
 from .engine import InterceptEngine
+from .memory import PoolSizes
 from .model_spec import ModelSpec
 from .outputs import RequestResult
 from .policy import CostModel
 from .profiler import fit_linear, load_or_profile, measure_forward, saturation_point
 from .request import Chunk
 from .tools import Answer
-from .memory import PoolSizes
 from .tp_replica import ReplicatedClock, ReplicatedInputs, ReplicaToolExecutor, VerifiedRunner, driver_only
 from .tp_sizing import rank_kv_bytes_per_token, rank_pool_sizes
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from .batch_runner import ModelRunner
 from .cache import InterceptPagedCache
 from .estimator import DurationEstimator
 from .memory import PoolSizes, default_pool_sizes
@@ -27,7 +28,6 @@ from .outputs import InterceptionRecord, RequestEvent, RequestResult
 from .policy import CostModel
 from .profiler import load_or_profile
 from .request import Request, Status
-from .batch_runner import ModelRunner
 from .sampling import GREEDY, Sampler
 from .scheduler import Scheduler, check_policy
 from .stats import EngineStats
@@ -119,7 +119,8 @@ class InterceptEngine:
         self.estimator = DurationEstimator()
         self.inputs = step_inputs or LocalInputs()
         self.scheduler = Scheduler(self.cache, policy, max_batch_tokens, self.cost, self.estimator)
-        self.runner = batch_runner(model, self.cache) if batch_runner else ModelRunner(model, self.cache, attention_backend)
+        build_runner = batch_runner or (lambda m, c: ModelRunner(m, c, attention_backend))
+        self.runner = build_runner(model, self.cache)
         self.executor = ToolExecutor(max_tool_workers)
         self.stats_ = EngineStats(self.cache)
         self._requests: dict[int, Request] = {}

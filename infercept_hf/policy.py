@@ -37,8 +37,8 @@ class PolicyTraits:
     never the policy's name."""
 
     name: str
-    at_pause: Literal["keep", "discard", "swap"]  # the first decision ("swap" falls back to discard when the host is full)
-    resume_at_back: bool  # a resumed request re-enters the queue at its end, as a new vLLM request; else at its arrival place
+    at_pause: Literal["keep", "discard", "swap"]  # the first decision ("swap": discard when the host is full)
+    resume_at_back: bool  # a resumed request re-queues at the end (a new vLLM request); else at its arrival place
     evict_to_host: bool  # device KV of paused or queued requests, pushed out for room, goes to host when it fits
     preempt_to_host: bool  # a preempted running request's KV goes to host when it fits; else it is recomputed
     revisit_each_step: bool  # paused placements re-decided every iteration, within the swap budget (min-waste)
@@ -51,7 +51,7 @@ _PLAIN = dict(evict_to_host=False, preempt_to_host=False, revisit_each_step=Fals
 POLICY_TRAITS: dict[str, PolicyTraits] = {
     # vLLM's behaviour: a tool call ends the request; its continuation is a new request at the back of the queue
     "discard": PolicyTraits("discard", "discard", resume_at_back=True, **_PLAIN),
-    # discard, but the continuation keeps its original place in the queue (head-of-line), isolating queueing from recompute
+    # discard, but the continuation keeps its original queue place: the cost of recompute without the re-queueing
     "discard-head": PolicyTraits("discard-head", "discard", resume_at_back=False, **_PLAIN),
     "preserve": PolicyTraits("preserve", "keep", resume_at_back=False, **_PLAIN),
     "swap": PolicyTraits("swap", "swap", resume_at_back=False, evict_to_host=True, preempt_to_host=True,

@@ -13,11 +13,10 @@ from typing import Any
 import torch
 
 from .patches.tp_group import TPGroup
-from .request import Request
-from .step_inputs import LocalInputs
 
 from .batch_runner import ModelRunner
-from .request import Chunk
+from .request import Chunk, Request
+from .step_inputs import LocalInputs
 from .tools import Answer, PendingCall, Tool, ToolCall
 
 

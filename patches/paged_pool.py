@@ -123,7 +123,9 @@ def page_table(cache: Any, request_id: str, allocator_index: int) -> list[int]:
     return [b * stride for b in alloc.block_table[request_id]]
 
 
-def extend_indices(cache: Any, rid: str, start: int, length: int, read: list[list[int]], write: list[list[int]]) -> None:
+def extend_indices(
+    cache: Any, rid: str, start: int, length: int, read: list[list[int]], write: list[list[int]]
+) -> None:
     """Append, per allocator, the cache rows a chunk of `length` tokens at `start` reads and writes."""
     cache.extend_read_and_write_indices(rid, start, length, read, write)
 
