@@ -255,8 +255,9 @@ class TensorParallelEngine(InterceptEngine):
         if not self.group.is_driver:
             return None
         a, b = fit_linear(points)
+        rank_kv = rank_kv_bytes_per_token(spec, self.group.size)
         return load_or_profile(model, spec, fwd_per_token_s=a, fwd_fixed_s=b,
-                               saturation_tokens=saturation_point(points), kv_bytes_per_token=rank_kv_bytes_per_token(spec, self.group.size))
+                               saturation_tokens=saturation_point(points), kv_bytes_per_token=rank_kv)
 
     @property
     def is_driver(self) -> bool:
