@@ -2,7 +2,8 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# The CPU wheel of torch 2.13.0 that this machine keeps on disk; elsewhere pip resolves torch as usual.
+# The torch to install when the environment has none (the version the test suite runs on);
+# override with `make TORCH=...`, e.g. a CUDA build. An existing torch is kept.
 TORCH ?= torch==2.13.0
 
 .PHONY: venv demo test example clean

@@ -1,5 +1,5 @@
 """infercept_hf: INFERCEPT-style interception handling for HuggingFace transformers."""
-from setuptools import find_packages, setup
+from setuptools import find_namespace_packages, setup
 
 setup(
     name="infercept_hf",
@@ -8,9 +8,13 @@ setup(
     long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["infercept_hf", "infercept_hf.*", "patches", "patches.*"]),
-    package_data={"infercept_hf": ["assets/**/*", "assets/*"]},
-    include_package_data=True,
+    # patches/ is a top-level folder of the repository but installs inside the package, as
+    # infercept_hf.patches: a top-level `patches` package would collide with any other of that name.
+    # Namespace discovery lists the asset folders as packages too, so their files ship as package
+    # data without setuptools warning about data folders it cannot place.
+    packages=[*find_namespace_packages(include=["infercept_hf*"], exclude=["*.__pycache__"]), "infercept_hf.patches"],
+    package_dir={"infercept_hf.patches": "patches"},
+    package_data={"infercept_hf.assets.demo_model": ["*"]},
     install_requires=[
         "torch>=2.4",
         # transformers internals we patch live in patches/; this is the range the test suite passes on.

@@ -15,6 +15,9 @@ blocks off the tail, so the layout survives any sequence of swap-out, swap-in an
 Models with sliding-window layers keep ring-ordered block tables, so only whole-request
 moves are allowed there (`supports_partial` is False).
 
+The cache is also the one writer of each request's `KVRecord` (`kv_ledger.py`): tokens
+computed, and what every move changed, so nobody else reconciles block counts with them.
+
 Accounting is exact and checked by `check_integrity()`: every device block is free or
 owned by exactly one request, every host block likewise. Per-request block counts and their
 totals are kept as running figures (`_Tally`), resynced wherever a block table changes,
@@ -28,21 +31,22 @@ from typing import Any
 
 import torch
 
+from .kv_ledger import KVLedger, KVRecord
+from .model_spec import ModelSpec
 from .offload import SwapPipeline, Transfer
-from patches.transformers_cb import (
+from .patches import paged_pool as pp
+from .patches.transformers_cb import (
     FULL_ATTENTION,
     PagedAttentionCache,
-    blocks_for_tokens,
     cb_config,
     explicit_pool_sizing,
-    free_block_ids,
     single_process_helper,
 )
 
 
 @dataclass
-class _Len:
-    """The two fields of a transformers RequestState that allocation reads."""
+class _AllocationState:
+    """Stands in for a transformers RequestState in allocation calls: the two fields they read."""
 
     request_id: str
     length: int
@@ -103,14 +107,12 @@ class InterceptPagedCache(PagedAttentionCache):
 
     def __init__(
         self,
-        config,
+        spec: ModelSpec,
         *,
         num_blocks: int,
         block_size: int,
         num_host_blocks: int,
         max_batch_tokens: int,
-        dtype: torch.dtype,
-        device: torch.device | str,
         distributed_helper=None,
         swap_mode: str | None = None,
     ) -> None:
@@ -118,29 +120,53 @@ class InterceptPagedCache(PagedAttentionCache):
             raise ValueError(
                 f"need num_blocks >= 1, block_size >= 1, num_host_blocks >= 0; got {num_blocks}, {block_size}, {num_host_blocks}"
             )
+        device = spec.device
         with explicit_pool_sizing():
             super().__init__(
-                config,
+                spec.config,
                 cb_config(num_blocks, block_size, max_batch_tokens),
                 device,
                 distributed_helper or single_process_helper(),
-                dtype=dtype,
+                dtype=spec.dtype,
             )
+        self.spec = spec
         self.block_size = block_size
-        self.supports_partial = list(self.cache_allocators) == [FULL_ATTENTION]
+        self.allocators = pp.allocators(self)
+        self.full_attention_only = list(self.allocators) == [FULL_ATTENTION]
         # most models have one attention type: per-request figures then need no max over allocators
-        self._only_allocator = next(iter(self.cache_allocators.values())) if len(self.cache_allocators) == 1 else None
+        self._only_allocator = next(iter(self.allocators.values())) if len(self.allocators) == 1 else None
         # The host pool mirrors the device pool's split between allocators (one per attention type).
         self.host = {
-            name: HostPool(num_host_blocks, alloc.bytes_per_block, device) for name, alloc in self.cache_allocators.items()
+            name: HostPool(num_host_blocks, pp.bytes_per_block(alloc), device)
+            for name, alloc in self.allocators.items()
         }
-        self.bytes_per_token = sum(a.bytes_per_block // a.tokens_per_page for a in self.cache_allocators.values())
+        # the pool's KV bytes per token: `spec.kv_bytes_per_token`, or this rank's share of it under TP
+        self.bytes_per_token = sum(pp.bytes_per_block(a) // pp.tokens_per_block(a) for a in self.allocators.values())
         self.swapped_out_bytes = 0
         self.swapped_in_bytes = 0
+        self.ledger = KVLedger(block_size)
         # whole-model blocks per request (the max over allocators) and their sums; see _sync_device / _sync_host
         self._device = _Tally()
         self._host = _Tally()
         self.pipeline = SwapPipeline(swap_mode or SwapPipeline.default_mode(torch.device(device)))
+
+    @property
+    def supports_partial(self) -> bool:
+        """Whether a move may take part of a request's blocks (sliding layers keep ring-ordered tables)."""
+        return self.full_attention_only
+
+    # ------------------------------------------------------------------ cached tokens
+    def track(self, rid: str, record: KVRecord) -> None:
+        """Keep `record` up to date with every move of the request's blocks, until `free(rid)`."""
+        self.ledger.track(rid, record)
+
+    def record_computed(self, rid: str, n: int) -> None:
+        """A forward wrote the KV of the request's next `n` tokens into the blocks reserved for them."""
+        self.ledger.add_computed(rid, n)
+
+    def device_tokens(self, rid: str) -> int:
+        """Of the request's cached tokens, those on the device (the head; the rest is on host)."""
+        return min(self.ledger.computed(rid), self.device_blocks(rid) * self.block_size)
 
     # ------------------------------------------------------------------ capacity
     @property
@@ -155,9 +181,9 @@ class InterceptPagedCache(PagedAttentionCache):
         growing; full-attention layers need every token. Each layer group takes whole sectors.
         """
         sectors = 0
-        for alloc in self.cache_allocators.values():
-            sectors += -(-blocks_for_tokens(alloc, num_tokens) // alloc.blocks_per_sector)
-        return sectors <= self.pool.num_sectors
+        for alloc in self.allocators.values():
+            sectors += -(-pp.blocks_for_tokens(alloc, num_tokens) // pp.blocks_per_sector(alloc))
+        return sectors <= pp.num_sectors(self)
 
     def device_blocks(self, rid: str) -> int:
         """Whole-model device blocks the request holds (the most over allocators)."""
@@ -169,12 +195,11 @@ class InterceptPagedCache(PagedAttentionCache):
 
     def free_device_blocks(self) -> int:
         """Free whole-model blocks (the smallest over allocators, counting unclaimed sectors)."""
-        free_sectors = self.pool.num_free_sectors
+        free_sectors = pp.num_free_sectors(self)
         if (a := self._only_allocator) is not None:
-            return self.pool.count_free_blocks(a.index) + free_sectors * a.blocks_per_sector
+            return pp.count_free_blocks(self, a) + free_sectors * pp.blocks_per_sector(a)
         return min(
-            self.pool.count_free_blocks(a.index) + free_sectors * a.blocks_per_sector
-            for a in self.cache_allocators.values()
+            pp.count_free_blocks(self, a) + free_sectors * pp.blocks_per_sector(a) for a in self.allocators.values()
         )
 
     def free_host_blocks(self) -> int:
@@ -194,8 +219,8 @@ class InterceptPagedCache(PagedAttentionCache):
 
     def request_ids(self) -> set[str]:
         ids: set[str] = set()
-        for a in self.cache_allocators.values():
-            ids.update(a.block_table)
+        for a in self.allocators.values():
+            ids.update(pp.block_tables(a))
         for h in self.host.values():
             ids.update(h.tables)
         return ids
@@ -204,8 +229,8 @@ class InterceptPagedCache(PagedAttentionCache):
     def _count_device(self, rid: str) -> int:
         """`device_blocks` recounted from the allocators' block tables."""
         if (a := self._only_allocator) is not None:
-            return len(a.block_table.get(rid, ()))
-        return max((len(a.block_table.get(rid, ())) for a in self.cache_allocators.values()), default=0)
+            return len(pp.block_tables(a).get(rid, ()))
+        return max((len(pp.block_tables(a).get(rid, ())) for a in self.allocators.values()), default=0)
 
     def _count_host(self, rid: str) -> int:
         """`host_blocks` recounted from the host pools' tables."""
@@ -240,16 +265,16 @@ class InterceptPagedCache(PagedAttentionCache):
     # ------------------------------------------------------------------ allocation
     def allocate(self, rid: str, past_len: int, new_tokens: int) -> bool:
         """Reserve device blocks so `new_tokens` can be written after `past_len`; False if full."""
-        state = _Len(rid, past_len)
+        state = _AllocationState(rid, past_len)
         if self.can_store_request_tokens(state, new_tokens):
             return True
-        self.pool.try_to_free_sectors()
+        pp.try_to_free_sectors(self)
         return self.can_store_request_tokens(state, new_tokens)
 
     def blocks_needed(self, rid: str, past_len: int, new_tokens: int) -> int:
         if (a := self._only_allocator) is not None:
-            return a.needs_new_blocks(rid, past_len, new_tokens)
-        return max(a.needs_new_blocks(rid, past_len, new_tokens) for a in self.cache_allocators.values())
+            return pp.blocks_needed(a, rid, past_len, new_tokens)
+        return max(pp.blocks_needed(a, rid, past_len, new_tokens) for a in self.allocators.values())
 
     def free(self, rid: str) -> None:
         """Release every block the request holds, on device and host."""
@@ -258,6 +283,7 @@ class InterceptPagedCache(PagedAttentionCache):
         for h in self.host.values():
             h.give_back(h.tables.pop(rid, []))
         self._sync_host(rid)
+        self.ledger.drop(rid)
 
     # ------------------------------------------------------------------ moves
     def _tail_count(self, rid: str, num_blocks: int | None, have: int) -> int:
@@ -278,14 +304,16 @@ class InterceptPagedCache(PagedAttentionCache):
         n = self._tail_count(rid, num_blocks, self.device_blocks(rid))
         if n == 0 or self.free_host_blocks() < n:
             return 0
-        for name, alloc in self.cache_allocators.items():
+        for name, alloc in self.allocators.items():
             host = self.host[name]
-            dev_ids = _pop_tail(alloc.block_table[rid], n)
+            dev_ids = _pop_tail(pp.block_tables(alloc)[rid], n)
             host_ids = host.take(len(dev_ids))
             # the moved blocks precede any host tail already present: device head + host tail
             host.tables[rid] = host_ids + host.tables.get(rid, [])
-            self.swapped_out_bytes += len(dev_ids) * alloc.bytes_per_block
-            done = lambda a=alloc, ids=dev_ids: self.pool.free_blocks(a.index, ids)  # noqa: E731
+            nbytes = len(dev_ids) * pp.bytes_per_block(alloc)
+            self.swapped_out_bytes += nbytes
+            self.ledger.add_swapped(rid, nbytes)
+            done = lambda a=alloc, ids=dev_ids: pp.release_blocks(self, a, ids)  # noqa: E731
             self.pipeline.submit(Transfer(alloc, dev_ids, host_ids, True, done, host.storage))
         self._sync_device(rid)
         self._sync_host(rid)
@@ -293,26 +321,29 @@ class InterceptPagedCache(PagedAttentionCache):
             self.pipeline.finish()
         return n
 
-    def swap_in(self, rid: str) -> bool:
-        """Bring the request's whole host tail back to device; False (nothing moved) if full."""
-        n = self.host_blocks(rid)
-        if n == 0:
-            return True
+    def swap_in(self, rid: str) -> int | None:
+        """Bring the request's whole host tail back to device. Returns the bytes moved (0: there
+        was no tail), or None, moving nothing, when the device lacks room."""
+        if self.host_blocks(rid) == 0:
+            return 0
         if not self._room_for_host_tail(rid):
-            self.pool.try_to_free_sectors()
+            pp.try_to_free_sectors(self)
             if not self._room_for_host_tail(rid):
-                return False
-        for name, alloc in self.cache_allocators.items():
+                return None
+        moved = 0
+        for name, alloc in self.allocators.items():
             host = self.host[name]
             host_ids = host.tables.pop(rid)
-            dev_ids = self._take_device_blocks(alloc, len(host_ids))
-            alloc.block_table.setdefault(rid, []).extend(dev_ids)
-            self.swapped_in_bytes += len(dev_ids) * alloc.bytes_per_block
+            dev_ids = pp.take_blocks(self, alloc, len(host_ids))
+            pp.block_tables(alloc).setdefault(rid, []).extend(dev_ids)
+            moved += len(dev_ids) * pp.bytes_per_block(alloc)
             done = lambda h=host, ids=host_ids: h.give_back(ids)  # noqa: E731
             self.pipeline.submit(Transfer(alloc, dev_ids, host_ids, False, done, host.storage))
+        self.swapped_in_bytes += moved
+        self.ledger.add_swapped(rid, moved)
         self._sync_device(rid)
         self._sync_host(rid)
-        return True
+        return moved
 
     def finish_transfers(self) -> None:
         """Complete outstanding copies and release what they freed (the engine calls this every step)."""
@@ -324,12 +355,14 @@ class InterceptPagedCache(PagedAttentionCache):
         if self.host_blocks(rid):
             raise ValueError(f"request {rid}: drop its host tail before discarding device blocks")
         n = self._tail_count(rid, num_blocks, self.device_blocks(rid))
-        for alloc in self.cache_allocators.values():
-            table = alloc.block_table.get(rid, [])
-            self.pool.free_blocks(alloc.index, _pop_tail(table, n))
+        for alloc in self.allocators.values():
+            tables = pp.block_tables(alloc)
+            table = tables.get(rid, [])
+            pp.release_blocks(self, alloc, _pop_tail(table, n))
             if not table:
-                alloc.block_table.pop(rid, None)
+                tables.pop(rid, None)
         self._sync_device(rid)
+        self.ledger.keep_within(rid, self.device_blocks(rid))
         return n
 
     def discard_host(self, rid: str, num_blocks: int | None = None) -> int:
@@ -342,38 +375,33 @@ class InterceptPagedCache(PagedAttentionCache):
             if not table:
                 host.tables.pop(rid, None)
         self._sync_host(rid)
+        self.ledger.keep_within(rid, self.device_blocks(rid) + self.host_blocks(rid))
         return n
 
     def _room_for_host_tail(self, rid: str) -> bool:
         """Room on device for the whole host tail (transformers' admission check, allocators sharing free sectors)."""
-        tail = {name: len(host.tables.get(rid, ())) for name, host in self.host.items()}
-        return self.count_storable_requests([tail]) == 1
-
-    def _take_device_blocks(self, alloc, n: int) -> list[int]:
-        while self.pool.count_free_blocks(alloc.index) < n:
-            self.pool.allocate_sector(alloc.index)
-        return self.pool.get_free_blocks(alloc.index, n)
+        return pp.admits(self, {name: len(host.tables.get(rid, ())) for name, host in self.host.items()})
 
     # ------------------------------------------------------------------ integrity
     def check_integrity(self) -> None:
         """Raise AssertionError unless free + owned = total with no block owned twice, on device and host."""
         in_flight = self.pipeline.in_flight()
-        free_sectors = set(self.pool.free_sectors)
+        free_sectors = pp.free_sector_ids(self)
         claimed: set[int] = set()
-        for alloc in self.cache_allocators.values():
-            owned = [b for table in alloc.block_table.values() for b in table]
+        for alloc in self.allocators.values():
+            owned = [b for table in pp.block_tables(alloc).values() for b in table]
             owned += [b for t in in_flight if t.alloc is alloc and t.to_host for b in t.dev_ids]
             assert len(owned) == len(set(owned)), f"device block owned twice: {sorted(owned)}"
-            free_leaves = free_block_ids(self, alloc)
+            free_leaves = pp.free_block_ids(self, alloc)
             assert not set(owned) & set(free_leaves), "device block both free and owned"
-            bps = alloc.blocks_per_sector
+            bps = pp.blocks_per_sector(alloc)
             mine = {b // bps for b in owned + free_leaves}
             assert not mine & free_sectors, "block inside a free sector"
             assert not mine & claimed, "sector claimed by two allocators"
             claimed |= mine
             # every block of every claimed sector is either owned or free
             assert len(owned) + len(free_leaves) == len(mine) * bps, "device blocks leaked inside a sector"
-        assert len(claimed) + len(self.pool.free_sectors) == self.pool.num_sectors, "device sector leaked"
+        assert len(claimed) + len(free_sectors) == pp.num_sectors(self), "device sector leaked"
         for name, host in self.host.items():
             owned = [b for t in host.tables.values() for b in t]
             owned += [b for t in in_flight if not t.to_host and t.host_storage is host.storage for b in t.host_ids]

@@ -46,17 +46,19 @@ import torch
 import torch.distributed as dist
 from typing_extensions import Unpack  # typing.Unpack is 3.11+
 
-from patches.transformers_cb import DistributedHelper
+from .patches.paged_pool import allocators, block_tables
+from .patches.tp_group import TPGroup
 
+from .batch_runner import ModelRunner
 from .engine import InterceptEngine
+from .memory import PoolSizes
+from .model_spec import ModelSpec
 from .outputs import RequestResult
 from .policy import CostModel
 from .profiler import fit_linear, load_or_profile, measure_forward, saturation_point
-from .request import Request
-from .runner import Chunk, ModelRunner
-from .sampling import Sampler
-from .tools import Answer, Scripted, Tool
-from .tp_replica import ReplicatedClock, ReplicaToolExecutor, VerifiedRunner, driver_only
+from .request import Chunk
+from .tools import Answer
+from .tp_replica import ReplicatedClock, ReplicatedInputs, ReplicaToolExecutor, VerifiedRunner, driver_only
 from .tp_sizing import rank_kv_bytes_per_token, rank_pool_sizes
 
 __all__ = [
@@ -139,8 +141,8 @@ def build_engine(
     return InterceptEngine(model, policy=policy, **engine_kwargs)
 
 
-def _helper_for(model: torch.nn.Module, cpu_group_timeout: float | None) -> DistributedHelper:
-    """transformers' helper for this model's mesh, after the checks that make its errors clear."""
+def _group_for(model: torch.nn.Module, cpu_group_timeout: float | None) -> TPGroup:
+    """The tensor-parallel group of this model's mesh, after the checks that make its errors clear."""
     if not (dist.is_available() and dist.is_initialized()) or not getattr(model, "tp_size", None):
         raise TensorParallelError(
             "TensorParallelEngine needs a model sharded by transformers under torchrun: launch with "
@@ -156,16 +158,15 @@ def _helper_for(model: torch.nn.Module, cpu_group_timeout: float | None) -> Dist
     backend = dist.get_backend()
     if model.device.type == "cpu" and backend != "gloo":
         raise TensorParallelError(f"CPU ranks need the gloo backend, but the process group uses {backend!r}")
-    mesh = getattr(model, "_device_mesh", None)  # where transformers' own continuous batching finds it
-    helper = DistributedHelper(mesh, cpu_group_timeout, tp_plan=getattr(model, "tp_plan", None))
-    if helper.tp_size != model.tp_size:
+    group = TPGroup.for_model(model, cpu_group_timeout)
+    if group.size != model.tp_size:
         raise TensorParallelError(f"the model's device mesh has no {model.tp_size}-way 'tp' dimension")
-    if not helper.are_kv_heads_tp_ed():
+    if not group.shards_kv_heads():
         raise TensorParallelError(
             f"{type(model).__name__}'s tp_plan does not shard `self_attn.k_proj` / `v_proj`, the layers by which "
             "transformers' paged cache splits KV heads across ranks: this model is not supported under TP"
         )
-    return helper
+    return group
 
 
 class ReplicaOptions(TypedDict, total=False):
@@ -219,70 +220,57 @@ class TensorParallelEngine(InterceptEngine):
         if unknown:  # before any collective: every rank fails alike, and at once
             raise TypeError(f"TensorParallelEngine got unexpected arguments {sorted(unknown)}; besides its own "
                             f"it takes {sorted(ReplicaOptions.__optional_keys__)}")
-        helper = _helper_for(model, cpu_group_timeout)
-        self.helper = helper
+        group = _group_for(model, cpu_group_timeout)
+        self.group = group
         self.verify_replicas = verify_replicas
-        dtype = next(model.parameters()).dtype
-        tp_size = helper.tp_size
+        spec = ModelSpec.of(model)
+        tp_size = group.size
         ranks_per_host = int(os.environ.get("LOCAL_WORLD_SIZE", tp_size))
-        sizes = rank_pool_sizes(model, dtype, num_blocks, block_size, host_pool_bytes, tp_size, ranks_per_host)
-        agreed = helper.tp_all_reduce_min(torch.tensor([sizes.num_blocks, sizes.num_host_blocks]), on_cpu=True)
+        sizes = rank_pool_sizes(spec, num_blocks, block_size, host_pool_bytes, tp_size, ranks_per_host)
+        agreed = group.all_reduce_min(torch.tensor([sizes.num_blocks, sizes.num_host_blocks]))
         num_blocks, num_host_blocks = agreed.tolist()
-        rank_kv = rank_kv_bytes_per_token(model.config, dtype, tp_size)
-        cost = helper.tp_broadcast_object_from_rank_0(cost_model)  # the driver's choice decides who measures
+        cost = group.broadcast_object(cost_model)  # the driver's choice decides who measures
         if cost is None:
-            cost = helper.tp_broadcast_object_from_rank_0(self._measure_cost(model, dtype, rank_kv))
+            cost = group.broadcast_object(self._measure_cost(model, spec))
         self._inbox: list[tuple] = []
-        self._answers: Sequence[tuple[int, Answer]] = ()  # the current step's, from the driver
         super().__init__(
             model,
-            num_blocks=num_blocks,
-            block_size=sizes.block_size,
-            # the engine divides by whole-model block bytes; this makes it arrive at num_host_blocks
-            host_pool_bytes=num_host_blocks * rank_kv * tp_size * sizes.block_size,
+            pool_sizes=PoolSizes(num_blocks, sizes.block_size, num_host_blocks),
             cost_model=cost,
-            clock=ReplicatedClock(clock, helper),
-            executor=(lambda m, c: VerifiedRunner(ModelRunner(m, c, attention_backend), self._verify))
+            clock=ReplicatedClock(clock, group),
+            batch_runner=(lambda m, c: VerifiedRunner(ModelRunner(m, c, attention_backend), self._verify))
             if verify_replicas else None,
             attention_backend=attention_backend,
-            distributed_helper=helper,
+            distributed_helper=group.helper,
+            model_spec=spec,
+            step_inputs=ReplicatedInputs(group),
             **options,
         )
         if not self.is_driver:
             self.executor = ReplicaToolExecutor()
 
-    def _measure_cost(self, model: torch.nn.Module, dtype: torch.dtype, rank_kv: int) -> CostModel | None:
+    def _measure_cost(self, model: torch.nn.Module, spec: ModelSpec) -> CostModel | None:
         """T_fwd of the sharded forward (all ranks run it: it is collective); the driver fits it."""
-        points = measure_forward(model)
-        if not self.helper.is_tp_driver:
+        points = measure_forward(model, spec=spec)
+        if not self.group.is_driver:
             return None
         a, b = fit_linear(points)
-        return load_or_profile(model, dtype, model.device, fwd_per_token_s=a, fwd_fixed_s=b,
+        rank_kv = rank_kv_bytes_per_token(spec, self.group.size)
+        return load_or_profile(model, spec, fwd_per_token_s=a, fwd_fixed_s=b,
                                saturation_tokens=saturation_point(points), kv_bytes_per_token=rank_kv)
 
     @property
     def is_driver(self) -> bool:
-        return self.helper.is_tp_driver
+        return self.group.is_driver
 
     # ------------------------------------------------------------------ driver-side input
-    def add_request(
-        self,
-        prompt_ids: Sequence[int] | torch.Tensor,
-        max_new_tokens: int = 128,
-        tools: Sequence[Tool] | None = None,
-        interceptions: Scripted | None = None,
-        sampler: Sampler | None = None,
-        eos_token_id: int | Sequence[int] | None = None,
-        arrival_time: float | None = None,
-        on_event: Any = None,
-    ) -> int | None:
-        """On the driver: validate and queue at once (the id is final), and tell the workers at
-        the next step. On a worker: ignored, returns None."""
+    def add_request(self, prompt_ids: Sequence[int] | torch.Tensor, **kwargs: Any) -> int | None:
+        """On the driver: `InterceptEngine.add_request` (the id is final), and tell the workers at
+        the next step what they need to replay it. On a worker: ignored, returns None."""
         if not self.is_driver:
             return None
         with self._lock:  # queued and in the inbox together: no step sends one without the other
-            rid = super().add_request(prompt_ids, max_new_tokens, tools, interceptions, sampler, eos_token_id,
-                                      arrival_time, on_event)
+            rid = super().add_request(prompt_ids, **kwargs)
             req = self._requests[rid]
             replica = dict(
                 prompt_ids=req.tokens[: req.prompt_len],
@@ -300,14 +288,6 @@ class TensorParallelEngine(InterceptEngine):
         if not self.is_driver:
             return False
         return super().cancel(request_id)
-
-    def _cancel(self, req: Request) -> None:
-        """The driver queues each cancel, at its time, for the workers to replay (under the lock
-        that cancels it, so no step sends one without the other). Those that `close()` makes are
-        never sent: every rank's own close cancels the rest."""
-        super()._cancel(req)
-        if self.is_driver:
-            self._inbox.append(("cancel", req.request_id, req.finish_time))
 
     # ------------------------------------------------------------------ the loop
     def step(self) -> list[RequestResult]:
@@ -348,8 +328,7 @@ class TensorParallelEngine(InterceptEngine):
 
     def _shut_down(self) -> None:
         super().close()
-        dist.barrier(group=self.helper.cpu_comm_group)  # nobody tears the group down under a late receiver
-        self.helper.destroy_cpu_comm_group()
+        self.group.close()
 
     def _follow(self, until_close: bool) -> dict[int, RequestResult]:
         results: dict[int, RequestResult] = {}
@@ -369,16 +348,18 @@ class TensorParallelEngine(InterceptEngine):
         """The driver's command and the inputs that reached it since the last one, on every rank.
 
         A step's message also carries the step's time and the tool answers the driver polled
-        at it, so that nothing more need be broadcast before the step schedules."""
+        at it, so that nothing more need be broadcast before the step schedules. The cancels are
+        those the engine will report at its next step, each at its time (the ones `close()` makes
+        are never sent: every rank's own close cancels the rest)."""
         message = None
         if self.is_driver:
-            message = _Message(command, self._inbox)
+            cancels = [("cancel", r.request_id, r.finish_time) for r in self._cancelled]
+            message = _Message(command, self._inbox + cancels)
             if command == "step":
                 now = self.clock()
-                answers = [(r.request_id, a) for r in self.scheduler.paused if (a := r.pending.poll(now)) is not None]
-                message = message._replace(now=now, answers=answers)
+                message = message._replace(now=now, answers=self.inputs.poll(self.scheduler.paused, now))
             self._inbox = []
-        return self.helper.tp_broadcast_object_from_rank_0(message)
+        return self.group.broadcast_object(message)
 
     def _replay(self, events: list[tuple]) -> None:
         """Workers apply the driver's adds and cancels in the driver's order, at the driver's times."""
@@ -394,26 +375,12 @@ class TensorParallelEngine(InterceptEngine):
                     super().cancel(rid)
 
     def _replica_step(self, message: _Message) -> list[RequestResult]:
-        self._answers = message.answers
+        self.inputs.deliver(message.answers)
         with self.clock.synced(message.now):
             results = super()._step()
         if self.verify_replicas:
             self._verify()
         return results
-
-    def _collect_answers(self, now: float, done: list[Request]) -> None:
-        """Every rank resumes the requests whose answers came with the step (polled by the driver
-        at `now`, the step's first clock read)."""
-        answers, self._answers = self._answers, ()
-        for rid, answer in answers:
-            self._resume(self._requests[rid], answer, now, done)
-
-    def _sample(self, requests: list[Request], logits: torch.Tensor) -> list[int]:
-        """The driver samples (only its requests hold their real samplers); every rank appends its tokens."""
-        mine = super()._sample(requests, logits) if self.is_driver else [0] * len(requests)
-        tokens = torch.tensor(mine, dtype=torch.long)
-        dist.broadcast(tokens, src=self.helper.tp_root_global_rank, group=self.helper.cpu_comm_group)
-        return tokens.tolist()
 
     # ------------------------------------------------------------------ replica check
     def state_digest(self, chunks: Sequence[Chunk] = ()) -> int:
@@ -422,7 +389,7 @@ class TensorParallelEngine(InterceptEngine):
         batch = [(c.request.request_id, c.start, c.length) for c in chunks]
         queues = [[(r.request_id, r.status.value, r.num_cached, len(r.tokens), r.tokens[-1], r.strategy) for r in q]
                   for q in (s.waiting, s.running, s.paused)]
-        device = [sorted((rid, tuple(t)) for rid, t in a.block_table.items()) for a in cache.cache_allocators.values()]
+        device = [sorted((rid, tuple(t)) for rid, t in block_tables(a).items()) for a in allocators(cache).values()]
         host = [sorted((rid, tuple(t)) for rid, t in h.tables.items()) for h in cache.host.values()]
         blob = repr((batch, queues, device, host, self._next_id, cache.free_device_blocks(), cache.free_host_blocks()))
         return int.from_bytes(hashlib.blake2b(blob.encode(), digest_size=7).digest(), "big")
@@ -431,8 +398,7 @@ class TensorParallelEngine(InterceptEngine):
         """Checked before each forward and after each step: a rank with a forward and one without
         still pair up their all-gathers here, so a divergence raises instead of deadlocking."""
         mine = torch.tensor([self.state_digest(chunks)], dtype=torch.int64)
-        every = [torch.zeros_like(mine) for _ in range(self.helper.tp_size)]
-        dist.all_gather(every, mine, group=self.helper.cpu_comm_group)
+        every = self.group.all_gather(mine)
         if len({int(d) for d in every}) > 1:
             raise ReplicaDivergenceError(
                 f"step {self.stats_.steps}: scheduler state differs across ranks (digests {[int(d) for d in every]})"

@@ -19,20 +19,19 @@ from typing import Any
 
 import torch
 
-from patches.architectures import paged_cache_config
-from patches.placement import execution_device
-
+from .batch_runner import ModelRunner
 from .cache import InterceptPagedCache
 from .estimator import DurationEstimator
-from .memory import default_pool_sizes
+from .memory import PoolSizes, default_pool_sizes
+from .model_spec import ModelSpec
 from .outputs import InterceptionRecord, RequestEvent, RequestResult
 from .policy import CostModel
 from .profiler import load_or_profile
 from .request import Request, Status
-from .runner import ModelRunner
-from .sampling import GREEDY, Sampler, sample_batch
+from .sampling import GREEDY, Sampler
 from .scheduler import Scheduler, check_policy
 from .stats import EngineStats
+from .step_inputs import LocalInputs
 from .tools import (
     Answer,
     PendingCall,
@@ -79,15 +78,22 @@ class InterceptEngine:
         cost_model: CostModel | None = None,
         clock: Callable[[], float] = time.monotonic,
         max_tool_workers: int = 8,
-        executor: Callable[[torch.nn.Module, InterceptPagedCache], Any] | None = None,
+        batch_runner: Callable[[torch.nn.Module, InterceptPagedCache], Any] | None = None,
         attention_backend: str = "auto",
         distributed_helper: Any = None,
+        model_spec: ModelSpec | None = None,
+        pool_sizes: PoolSizes | None = None,
+        step_inputs: LocalInputs | None = None,
     ) -> None:
-        """`executor(model, cache)` builds what runs each batch (`.forward(chunks) -> logits`): the
+        """`batch_runner(model, cache)` builds what runs each batch (`.forward(chunks) -> logits`): the
         default `ModelRunner` runs the model; the simulator passes one that advances a virtual `clock`
         by a cost model instead, so the same scheduler and policy code is measured at GPU scale.
         `distributed_helper` (transformers' `DistributedHelper`) gives the cache this rank's share of
-        KV heads under tensor parallelism (`distributed.TensorParallelEngine`)."""
+        KV heads under tensor parallelism (`distributed.TensorParallelEngine`). `model_spec` is
+        `ModelSpec.of(model)`, for a caller that worked it out already (tensor parallel, to size pools);
+        `pool_sizes`, pools that caller sized itself (then `num_blocks`, `block_size` and
+        `host_pool_bytes` stay None). `step_inputs` gives each step its tool answers and sampled
+        tokens: `LocalInputs` by default; tensor-parallel replicas take the driver's."""
         self.model = model
         self.tokenizer = tokenizer
         self.policy = check_policy(policy)
@@ -97,28 +103,26 @@ class InterceptEngine:
         if distributed_helper is None and (getattr(model, "tp_size", None) or 1) > 1:
             raise ValueError(f"the model is sharded across {model.tp_size} ranks (tensor parallel): serve it with "
                              "infercept_hf.distributed.TensorParallelEngine (or build_engine) on every rank")
-        config = paged_cache_config(model)
-        dtype = next(model.parameters()).dtype
-        device = execution_device(model)
-        sizes = default_pool_sizes(model, dtype, num_blocks, block_size, host_pool_bytes)
+        self.spec = model_spec or ModelSpec.of(model)
+        if pool_sizes is not None and (num_blocks, block_size, host_pool_bytes) != (None, None, None):
+            raise ValueError("pass pool_sizes or num_blocks / block_size / host_pool_bytes, not both")
+        sizes = pool_sizes or default_pool_sizes(self.spec, num_blocks, block_size, host_pool_bytes)
         self.cache = InterceptPagedCache(
-            config,
+            self.spec,
             num_blocks=sizes.num_blocks,
             block_size=sizes.block_size,
             num_host_blocks=sizes.num_host_blocks,
             max_batch_tokens=max_batch_tokens,
-            dtype=dtype,
-            device=device,
             distributed_helper=distributed_helper,
         )
-        self.cost = cost_model or load_or_profile(model, dtype, device)
+        self.cost = cost_model or load_or_profile(model, self.spec)
         self.estimator = DurationEstimator()
+        self.inputs = step_inputs or LocalInputs()
         self.scheduler = Scheduler(self.cache, policy, max_batch_tokens, self.cost, self.estimator)
-        self.runner = executor(model, self.cache) if executor else ModelRunner(model, self.cache, attention_backend)
+        build_runner = batch_runner or (lambda m, c: ModelRunner(m, c, attention_backend))
+        self.runner = build_runner(model, self.cache)
         self.executor = ToolExecutor(max_tool_workers)
         self.stats_ = EngineStats(self.cache)
-        self.max_positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-        self.vocab_size = config.vocab_size
         self._requests: dict[int, Request] = {}
         self._matchers: dict[int, TriggerMatcher] = {}
         self._next_id = 0
@@ -131,6 +135,14 @@ class InterceptEngine:
         gen_cfg = getattr(model, "generation_config", None)
         eos = getattr(gen_cfg, "eos_token_id", None)
         self.default_eos = frozenset([eos] if isinstance(eos, int) else (eos or []))
+
+    @property
+    def max_positions(self) -> int | None:
+        return self.spec.max_positions
+
+    @property
+    def vocab_size(self) -> int:
+        return self.spec.vocab_size
 
     # ------------------------------------------------------------------ requests
     def add_request(
@@ -278,12 +290,11 @@ class InterceptEngine:
         if plan.chunks:
             t0 = self.clock()
             logits = self.runner.forward(plan.chunks)
-            sampled = [c.request for c in plan.chunks if c.sample]
-            tokens = self._sample(sampled, logits)
+            sampled = [c.request for c in plan.chunks if c.yields_token]
+            tokens = self.inputs.tokens(sampled, logits)
             self.stats_.record_forward(plan, self.clock() - t0)
             for c in plan.chunks:
-                c.request.num_cached += c.length
-                c.request.high_water = max(c.request.high_water, c.request.num_cached)
+                self.cache.record_computed(c.request.rid, c.length)
             now = self.clock()
             for req, tok in zip(sampled, tokens):
                 self._append_token(req, tok, now, done)
@@ -340,11 +351,6 @@ class InterceptEngine:
         if timeout > 0:
             self._wakeup.wait(timeout)
 
-    def _sample(self, requests: list[Request], logits: torch.Tensor) -> list[int]:
-        """One token per row of `logits`, by each request's sampler (a hook: under tensor
-        parallelism every rank takes the driver's tokens)."""
-        return sample_batch([r.sampler for r in requests], [r.tokens for r in requests], logits)
-
     # ------------------------------------------------------------------ per-token work
     def _append_token(self, req: Request, tok: int, now: float, done: list[Request]) -> None:
         req.tokens.append(tok)
@@ -391,10 +397,7 @@ class InterceptEngine:
         self._emit(req, "tool_call", tool=pending.tool_name, text=pending.call_text)
 
     def _collect_answers(self, now: float, done: list[Request]) -> None:
-        for req in list(self.scheduler.paused):
-            answer = req.pending.poll(now)
-            if answer is None:
-                continue
+        for req, answer in self.inputs.answers(self.scheduler.paused, now):
             self._resume(req, answer, now, done)
 
     def _resume(self, req: Request, answer: Answer, now: float, done: list[Request]) -> None:

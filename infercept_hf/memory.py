@@ -9,7 +9,7 @@ Explicit `num_blocks` / `block_size` / `host_pool_bytes` always win. Otherwise:
 - host swap pool: available RAM less a safety margin (and less the device pool when that, too,
   is RAM), times `HOST_FRACTION`, at most `HOST_TO_DEVICE_RATIO` device pools.
 
-For a model placed by accelerate, "the device" is `patches.placement.execution_device`.
+For a model placed by accelerate, "the device" is `ModelSpec.device` (accelerate's main device).
 """
 from __future__ import annotations
 
@@ -19,10 +19,7 @@ import psutil
 import torch
 from accelerate.utils import get_max_memory
 
-from patches.architectures import paged_cache_config
-from patches.placement import execution_device, largest_offloaded_module_bytes
-
-from .profiler import kv_bytes_per_token
+from .model_spec import ModelSpec
 
 DEVICE_FRACTION = 0.8  # of free accelerator memory once the weights (and one streamed module) are in
 HOST_FRACTION = 0.5  # of available host RAM after the safety margin, for the swap pool
@@ -52,31 +49,30 @@ class MemoryView:
     total_host_bytes: int
 
 
-def memory_view(model: torch.nn.Module) -> MemoryView:
-    device = execution_device(model)
+def memory_view(spec: ModelSpec) -> MemoryView:
+    device = spec.device
     host = psutil.virtual_memory()
     free = host.available
     if device.type not in ("cpu", "meta"):
         free = get_max_memory().get(device.type if device.type == "mps" else (device.index or 0), 0)
-    return MemoryView(device, free, largest_offloaded_module_bytes(model), host.available, host.total)
+    return MemoryView(device, free, spec.streamed_weight_bytes, host.available, host.total)
 
 
 def default_pool_sizes(
-    model: torch.nn.Module,
-    dtype: torch.dtype,
+    spec: ModelSpec,
     num_blocks: int | None,
     block_size: int | None,
     host_pool_bytes: int | None,
     memory: MemoryView | None = None,
 ) -> PoolSizes:
-    """Pool sizes for `model`; `memory` overrides the live figures (tests, planning for another machine)."""
+    """Pool sizes for the model of `spec`; `memory` overrides the live figures (tests, planning for another machine)."""
     block_size = 16 if block_size is None else int(block_size)
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
-    bytes_per_block = kv_bytes_per_token(paged_cache_config(model), dtype) * block_size
+    bytes_per_block = spec.kv_bytes_per_token * block_size
     if num_blocks is not None and host_pool_bytes is not None:
         return _checked(num_blocks, block_size, host_pool_bytes, bytes_per_block)
-    memory = memory or memory_view(model)
+    memory = memory or memory_view(spec)
     on_host = memory.device.type in ("cpu", "meta")
     if num_blocks is None:
         if on_host:

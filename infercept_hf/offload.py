@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from patches.transformers_cb import block_rows
+from .patches.paged_pool import block_rows, layer_indices
 
 from .kernels import gather_blocks, scatter_blocks
 
@@ -48,7 +48,7 @@ class Transfer:
 
     @property
     def num_layers(self) -> int:
-        return len(self.alloc.layer_indices)
+        return len(layer_indices(self.alloc))
 
 
 class SwapPipeline:
@@ -89,9 +89,9 @@ class SwapPipeline:
     def before_layer(self, layer_idx: int) -> None:
         """Called as the forward first touches `layer_idx`'s cache: its swap-ins must have landed."""
         for t in self.pending:
-            if t.to_host or layer_idx not in t.alloc.layer_indices:
+            if t.to_host or layer_idx not in layer_indices(t.alloc):
                 continue
-            local = t.alloc.layer_indices.index(layer_idx)
+            local = layer_indices(t.alloc).index(layer_idx)
             if self.mode == "cuda":
                 torch.cuda.current_stream().wait_event(t.events[local])
             else:

@@ -1,7 +1,7 @@
 """INFERCEPT's waste equations and the min-waste decision, as pure functions.
 
 Waste is device memory that holds data nobody computes with, integrated over time, in
-bytes x seconds. Notation (INFERCEPT.md): `C` context tokens of the paused request, `M`
+bytes x seconds. Notation (the paper's): `C` context tokens of the paused request, `M`
 KV bytes per token, `T_int` the (remaining) interception time, `T_fwd(n) = a*n + b`,
 `T_swap(n) = n*M / bandwidth`, `C_other` tokens of the other running requests,
 `C_batch` tokens of the whole running batch.
@@ -11,14 +11,16 @@ largest first, spends the swap budget (the KV that can cross the host link behin
 forward pass) from the top, and preserves or discards the rest, whichever wastes less.
 No torch here: the simulator and the tests run this without a model.
 
-The public functions validate their arguments; the scheduler ranks every paused request
-every iteration, so the per-request arithmetic lives in unchecked `_` helpers that the
-public functions (and the ranking, after checking its shared arguments once) call.
+Each policy is described by data (`PolicyTraits`): what it does at a pause, where a resumed
+request re-queues, where evicted KV goes, whether placements are revisited every iteration.
+The scheduler reads the traits, never the policy's name. Every equation has one entry
+point, which validates its arguments.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 
 def _check_non_negative(**values: float) -> None:
@@ -27,6 +29,44 @@ def _check_non_negative(**values: float) -> None:
             raise TypeError(f"{name} is None: pass a number (an estimate when the true value is unknown)")
         if not value >= 0:  # `not >=` also rejects NaN
             raise ValueError(f"{name} must be >= 0, got {value!r}")
+
+
+@dataclass(frozen=True)
+class PolicyTraits:
+    """What one policy does with the KV of paused requests: the scheduler reads these fields,
+    never the policy's name."""
+
+    name: str
+    at_pause: Literal["keep", "discard", "swap"]  # the first decision ("swap": discard when the host is full)
+    resume_at_back: bool  # a resumed request re-queues at the end (a new vLLM request); else at its arrival place
+    evict_to_host: bool  # device KV of paused or queued requests, pushed out for room, goes to host when it fits
+    preempt_to_host: bool  # a preempted running request's KV goes to host when it fits; else it is recomputed
+    revisit_each_step: bool  # paused placements re-decided every iteration, within the swap budget (min-waste)
+    chunked_recompute: bool  # recompute in chunks that fill the device to its saturation point beside the decodes
+    host_room_by_pause: bool  # a full host pool drops the host copies of requests expected to pause longer
+
+
+_PLAIN = dict(evict_to_host=False, preempt_to_host=False, revisit_each_step=False, chunked_recompute=False,
+              host_room_by_pause=False)
+POLICY_TRAITS: dict[str, PolicyTraits] = {
+    # vLLM's behaviour: a tool call ends the request; its continuation is a new request at the back of the queue
+    "discard": PolicyTraits("discard", "discard", resume_at_back=True, **_PLAIN),
+    # discard, but the continuation keeps its original queue place: the cost of recompute without the re-queueing
+    "discard-head": PolicyTraits("discard-head", "discard", resume_at_back=False, **_PLAIN),
+    "preserve": PolicyTraits("preserve", "keep", resume_at_back=False, **_PLAIN),
+    "swap": PolicyTraits("swap", "swap", resume_at_back=False, evict_to_host=True, preempt_to_host=True,
+                         revisit_each_step=False, chunked_recompute=False, host_room_by_pause=False),
+    # INFERCEPT: keep at the pause, then every iteration swap within the budget or preserve / discard by least waste
+    "min-waste": PolicyTraits("min-waste", "keep", resume_at_back=False, evict_to_host=True, preempt_to_host=False,
+                              revisit_each_step=True, chunked_recompute=True, host_room_by_pause=True),
+}
+POLICIES = tuple(POLICY_TRAITS)
+
+
+def check_policy(policy: str) -> str:
+    if policy not in POLICY_TRAITS:
+        raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
+    return policy
 
 
 @dataclass(frozen=True)
@@ -48,17 +88,11 @@ class CostModel:
     def t_fwd(self, n_tokens: int) -> float:
         """Forward time for a batch of `n_tokens`; an empty batch runs no forward at all."""
         _check_non_negative(n_tokens=n_tokens)
-        return self._t_fwd(n_tokens)
+        return self.fwd_per_token_s * n_tokens + self.fwd_fixed_s if n_tokens else 0.0
 
     def t_swap(self, n_tokens: int) -> float:
         """Time to copy `n_tokens` of KV over the host link in one direction."""
         _check_non_negative(n_tokens=n_tokens)
-        return self._t_swap(n_tokens)
-
-    def _t_fwd(self, n_tokens: int) -> float:
-        return self.fwd_per_token_s * n_tokens + self.fwd_fixed_s if n_tokens else 0.0
-
-    def _t_swap(self, n_tokens: int) -> float:
         return n_tokens * self.kv_bytes_per_token / self.swap_bytes_per_s
 
 
@@ -69,10 +103,6 @@ def preserve_waste(context_tokens: int, remaining_pause_s: float, cost: CostMode
     an estimate (`estimator.DurationEstimator.remaining`).
     """
     _check_non_negative(context_tokens=context_tokens, remaining_pause_s=remaining_pause_s)
-    return _preserve_waste(context_tokens, remaining_pause_s, cost)
-
-
-def _preserve_waste(context_tokens: int, remaining_pause_s: float, cost: CostModel) -> float:
     return remaining_pause_s * context_tokens * cost.kv_bytes_per_token
 
 
@@ -90,19 +120,9 @@ def discard_waste(context_tokens: int, other_tokens: int, cost: CostModel, chunk
     `~T_fwd(C)*C*M/2 + n*T_fwd(C/n)*C_other*M`; a chunk at least as large as `C` gives
     exactly the un-chunked figure.
     """
-    _check_non_negative(context_tokens=context_tokens)
-    _check_batch_inputs(other_tokens, chunk_tokens)
-    return _discard_waste(context_tokens, other_tokens, cost, chunk_tokens)
-
-
-def _check_batch_inputs(other_tokens: int, chunk_tokens: int | None) -> None:
-    """The arguments every paused request of one ranking shares, checked once for all of them."""
-    _check_non_negative(other_tokens=other_tokens)
+    _check_non_negative(context_tokens=context_tokens, other_tokens=other_tokens)
     if chunk_tokens is not None and chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens!r}")
-
-
-def _discard_waste(context_tokens: int, other_tokens: int, cost: CostModel, chunk_tokens: int | None) -> float:
     c = context_tokens if chunk_tokens is None else min(chunk_tokens, context_tokens)
     if c == 0:
         return 0.0
@@ -110,8 +130,8 @@ def _discard_waste(context_tokens: int, other_tokens: int, cost: CostModel, chun
     # closed form of the sum, so a long context in small chunks costs O(1): the full chunks
     # have R_k = k*c for k = 1..full, the last (if any) ends with R = C
     resident_sum = c * full * (full + 1) // 2
-    # `last` keeps the checked `t_fwd`: an infinite (float) context makes it NaN, which it refuses
-    waste = cost._t_fwd(c) * (resident_sum + full * other_tokens) + cost.t_fwd(last) * (context_tokens + other_tokens)
+    # an infinite (float) context makes `last` NaN, which `t_fwd` refuses
+    waste = cost.t_fwd(c) * (resident_sum + full * other_tokens) + cost.t_fwd(last) * (context_tokens + other_tokens)
     return waste * cost.kv_bytes_per_token
 
 
@@ -124,14 +144,11 @@ def swap_waste(context_tokens: int, batch_tokens: int, cost: CostModel, budget_t
     return. `budget_tokens=None` means no overlap: the paper's figure.
     """
     _check_non_negative(context_tokens=context_tokens, batch_tokens=batch_tokens)
-    if budget_tokens is None:
-        return _swap_waste(context_tokens, batch_tokens, cost)
-    _check_non_negative(budget_tokens=budget_tokens)
-    return _swap_waste(max(0, context_tokens - budget_tokens), batch_tokens, cost)
-
-
-def _swap_waste(stalled_tokens: int, batch_tokens: int, cost: CostModel) -> float:
-    return 2 * cost._t_swap(stalled_tokens) * batch_tokens * cost.kv_bytes_per_token
+    stalled = context_tokens
+    if budget_tokens is not None:
+        _check_non_negative(budget_tokens=budget_tokens)
+        stalled = max(0, context_tokens - budget_tokens)
+    return 2 * cost.t_swap(stalled) * batch_tokens * cost.kv_bytes_per_token
 
 
 def swap_budget_tokens(batch_tokens: int, cost: CostModel) -> int:
@@ -144,7 +161,7 @@ def split_swap_budget(
 ) -> tuple[int, int]:
     """Share one iteration's swap budget: returns `(out_tokens, in_tokens)`.
 
-    Constraints (INFERCEPT.md): `in + out <= budget`; `out <= free_host + in` (a swap-in
+    Constraints: `in + out <= budget`; `out <= free_host + in` (a swap-in
     frees host room); `in <= free_device + out` (a swap-out frees device room). Pass
     `free_device_tokens` net of the tokens this iteration's new work already claims.
 
@@ -207,16 +224,10 @@ def waste_figures(view: PausedView, other_tokens: int, cost: CostModel, chunk_to
     use without its head. Swap is the stalled figure for the device part: what moving it
     outside the budget would cost, the reason min-waste swaps only within the budget.
     """
-    _check_batch_inputs(other_tokens, chunk_tokens)
-    return _waste_figures(view, other_tokens, cost, chunk_tokens)
-
-
-def _waste_figures(view: PausedView, other_tokens: int, cost: CostModel, chunk_tokens: int | None) -> WasteFigures:
-    """`waste_figures` without the checks: `PausedView` validated its fields when it was built."""
     return WasteFigures(
-        preserve=_preserve_waste(view.device_tokens, view.expected_remaining_s, cost),
-        discard=_discard_waste(view.context_tokens, other_tokens, cost, chunk_tokens),
-        swap=_swap_waste(view.device_tokens, other_tokens, cost),
+        preserve=preserve_waste(view.device_tokens, view.expected_remaining_s, cost),
+        discard=discard_waste(view.context_tokens, other_tokens, cost, chunk_tokens),
+        swap=swap_waste(view.device_tokens, other_tokens, cost),
     )
 
 
@@ -226,16 +237,38 @@ def rank_by_waste(
     """Paused requests by `min(W_preserve, W_discard)`, largest first: the order in which the
     swap budget is spent, since swapping within the budget removes that waste. Ties go to
     the earliest arrival, then the lowest id, so the order is deterministic."""
-    views = list(paused)
-    if views:  # an empty ranking never looked at its other arguments
-        _check_batch_inputs(other_tokens, chunk_tokens)
-    figures = [(v, _waste_figures(v, other_tokens, cost, chunk_tokens)) for v in views]
+    figures = [(v, waste_figures(v, other_tokens, cost, chunk_tokens)) for v in paused]
     return sorted(figures, key=lambda vf: (-vf[1].least, vf[0].arrival_time, vf[0].request_id))
 
 
 def choose_preserve_or_discard(view: PausedView, other_tokens: int, cost: CostModel, chunk_tokens: int | None) -> str:
     """"preserve" or "discard" for a request the swap budget did not reach."""
     return waste_figures(view, other_tokens, cost, chunk_tokens).best
+
+
+@dataclass(frozen=True)
+class Move:
+    """What the scheduler does with one paused request's device KV this iteration."""
+
+    kind: Literal["swap", "discard", "keep"]
+    blocks: int = 0  # for "swap": how many tail blocks go to host
+
+
+def movable_blocks(want: int, have: int, supports_partial: bool) -> int:
+    """How many of a request's `have` device blocks a move of up to `want` blocks takes: all of
+    them, or a tail where the cache allows partial moves; 0 when it can take none."""
+    n = min(want, have)
+    return n if n > 0 and (n == have or supports_partial) else 0
+
+
+def paused_move(swappable_blocks: int, figures: WasteFigures, memory_pressure: bool) -> Move:
+    """min-waste's move for a ranked paused request: swap what the budget (and host room)
+    allows; else, when paused KV stands in someone's way, the cheaper of preserve and discard."""
+    if swappable_blocks:
+        return Move("swap", swappable_blocks)
+    if memory_pressure and figures.best == "discard":
+        return Move("discard")
+    return Move("keep")
 
 
 def host_victims(swapped: list[PausedView], tokens_needed: int) -> list[int]:

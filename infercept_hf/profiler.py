@@ -3,7 +3,7 @@
 Measuring takes seconds, so `load_or_profile` keeps the figures in a small JSON file per
 (model, dtype, device) under `~/.cache/infercept_hf/` (or `$INFERCEPT_CACHE_DIR`); later
 engines on the same hardware read it back. Only measured figures are cached: KV bytes per
-token come from the config, and overrides from the caller are never written.
+token come from the `ModelSpec`, and overrides from the caller are never written.
 """
 from __future__ import annotations
 
@@ -14,13 +14,9 @@ import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
-
 import torch
 
-from patches.placement import execution_device
-from patches.transformers_cb import find_head_dim, find_num_key_value_heads
-
+from .model_spec import ModelSpec
 from .policy import CostModel
 
 CPU_TOKEN_COUNTS = (8, 16, 32, 64, 128)
@@ -40,28 +36,28 @@ def _sync(device: torch.device) -> None:
 
 
 def measure_forward(
-    model: torch.nn.Module, token_counts: Sequence[int] | None = None, repeats: int = 3
+    model: torch.nn.Module, token_counts: Sequence[int] | None = None, repeats: int = 3, spec: ModelSpec | None = None
 ) -> list[tuple[int, float]]:
     """`(n, seconds)` for one forward of a single packed sequence of `n` tokens, per count.
 
     Each point is the fastest of `repeats` runs after one warm-up: noise from other
     processes only ever adds time, so the minimum is the closest to the model's own cost.
-    Counts beyond the model's maximum positions are dropped.
+    Counts beyond the model's maximum positions are dropped. `spec` is the engine's, if it has one.
     """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
-    device = execution_device(model)
+    spec = spec or ModelSpec.of(model)
+    device = spec.device
     if token_counts is None:
         token_counts = CUDA_TOKEN_COUNTS if device.type == "cuda" else CPU_TOKEN_COUNTS
-    config = model.config.get_text_config()
-    max_pos = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    max_pos = spec.max_positions
     counts = sorted({int(n) for n in token_counts if n >= 1 and (max_pos is None or n <= max_pos)})
     if not counts:
         raise ValueError(f"no usable token count in {token_counts!r} (model positions: {max_pos})")
     points = []
     with torch.inference_mode():
         for n in counts:
-            ids = torch.randint(0, config.vocab_size, (1, n), device=device)
+            ids = torch.randint(0, spec.vocab_size, (1, n), device=device)
             model(input_ids=ids, use_cache=False)
             best = math.inf
             for _ in range(repeats):
@@ -147,17 +143,6 @@ def profile_link(device: torch.device | str, nbytes: int | None = None, repeats:
     return min(bandwidths)
 
 
-def kv_bytes_per_token(config: Any, dtype: torch.dtype) -> int:
-    """`2 (K and V) * layers * kv_heads * head_dim * itemsize`: the KV one token adds.
-
-    transformers' attribute maps let GPT-2 / GPT-J configs (`n_layer`, `n_head`, `n_embd`)
-    answer to the Llama-style names; grouped-query models count `num_key_value_heads`.
-    """
-    config = config.get_text_config()
-    layers = config.num_hidden_layers
-    return 2 * layers * find_num_key_value_heads(config) * find_head_dim(config) * dtype.itemsize
-
-
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -200,12 +185,12 @@ def _write_cache(path: Path, measured: dict[str, float], dtype: torch.dtype, dev
 
 def load_or_profile(
     model: torch.nn.Module,
-    dtype: torch.dtype,
-    device: torch.device | str,
+    spec: ModelSpec | None = None,
     cache_dir: str | Path | None = None,
     **overrides: float,
 ) -> CostModel:
-    """The `CostModel` for `model`: overrides first, then the on-disk cache, then measurement.
+    """The `CostModel` for `model` (with its `spec`, the engine's if it has one): overrides
+    first, then the on-disk cache, then measurement.
 
     Any `CostModel` field can be overridden (e.g. `fwd_per_token_s=1e-4`). The forward pass
     is measured only when `fwd_per_token_s` or `fwd_fixed_s` is neither overridden nor
@@ -216,13 +201,14 @@ def load_or_profile(
     unknown = set(overrides) - set(CostModel.__dataclass_fields__)
     if unknown:
         raise TypeError(f"unknown cost model fields: {sorted(unknown)}")
-    device = torch.device(device)
+    spec = spec or ModelSpec.of(model)
+    dtype, device = spec.dtype, spec.device
     path = _cache_file(model, dtype, device, cache_dir)
     cached = _read_cache(path)
     known = {**cached, **overrides}
     measured: dict[str, float] = {}
     if any(f not in known for f in FORWARD_FIELDS):
-        points = measure_forward(model)
+        points = measure_forward(model, spec=spec)
         measured["fwd_per_token_s"], measured["fwd_fixed_s"] = fit_linear(points)
         measured["saturation_tokens"] = saturation_point(points)
     if "swap_bytes_per_s" not in known:
@@ -231,5 +217,5 @@ def load_or_profile(
         _write_cache(path, {**cached, **measured}, dtype, device)
     figures = {**measured, **known}
     figures.setdefault("saturation_tokens", SATURATION_FALLBACK["cuda" if device.type == "cuda" else "cpu"])
-    figures.setdefault("kv_bytes_per_token", kv_bytes_per_token(model.config, dtype))
+    figures.setdefault("kv_bytes_per_token", spec.kv_bytes_per_token)
     return CostModel(**figures)

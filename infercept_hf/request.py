@@ -8,7 +8,8 @@
 `tokens` is the one token log: prompt, generated tokens and appended answers, in order.
 `num_cached` tokens at its front have KV in the cache (device head + host tail); whatever
 lies past it, `tokens[num_cached:]`, is what the next forward passes over: a resumed
-answer, a recomputed context, or the last sampled token.
+answer, a recomputed context, or the last sampled token. That count lives in the request's
+`KVRecord`, which only the paged cache writes (`kv_ledger.py`).
 """
 from __future__ import annotations
 
@@ -18,13 +19,15 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
+from .kv_ledger import KVRecord
 from .outputs import InterceptionRecord, RequestEvent, RequestResult
 from .tools import PendingCall, Scripted, Segment, Tool
 
 
-# Per-request telemetry, all present from the start: memory waste by cause (bytes x seconds), tokens
-# computed again after a discard, KV bytes moved over the host link.
-TELEMETRY_KEYS = ("waste_preserve", "waste_discard", "recomputed_tokens", "swapped_bytes")
+# Per-request telemetry in a result: memory waste by cause (bytes x seconds) and tokens computed again
+# after a discard, which stats.py adds up as the request runs; KV bytes moved over the host link, from its KVRecord.
+STATS_TELEMETRY_KEYS = ("waste_preserve", "waste_discard", "recomputed_tokens")
+TELEMETRY_KEYS = (*STATS_TELEMETRY_KEYS, "swapped_bytes")
 
 
 class Status(enum.Enum):
@@ -46,7 +49,7 @@ class Request:
     eos_token_ids: frozenset[int] = frozenset()
     sampler: Any = None
     status: Status = Status.WAITING
-    num_cached: int = 0
+    kv: KVRecord = field(default_factory=KVRecord)  # written by the cache that holds its blocks
     num_generated: int = 0
     segment_start: int = 0  # index into tokens where the current tool-free stretch began
     queue_key: float = 0.0  # ordering among waiting requests: arrival time, or re-queue time (vLLM-style)
@@ -61,9 +64,8 @@ class Request:
     finish_time: float | None = None
     token_times: list[float] = field(default_factory=list)
     interceptions: list[InterceptionRecord] = field(default_factory=list)
-    high_water: int = 0  # most tokens ever cached: anything below it computed again is recomputation
     num_pauses: int = 0
-    telemetry: dict[str, float] = field(default_factory=lambda: dict.fromkeys(TELEMETRY_KEYS, 0))  # stats.py adds to it
+    telemetry: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STATS_TELEMETRY_KEYS, 0))
     on_event: Callable[[RequestEvent], None] | None = None  # streaming: hears every token, tool event, the finish
 
     def __post_init__(self) -> None:
@@ -75,6 +77,15 @@ class Request:
         """The key of this request in the paged cache's block tables (`request_id` never changes;
         cached because the scheduler and stats look it up many times per step)."""
         return str(self.request_id)
+
+    @property
+    def num_cached(self) -> int:
+        return self.kv.computed
+
+    @property
+    def high_water(self) -> int:
+        """Most tokens ever cached: anything below it computed again is recomputation."""
+        return self.kv.high_water
 
     @property
     def uncached(self) -> int:
@@ -109,5 +120,20 @@ class Request:
             finish_time=self.finish_time,
             token_times=list(self.token_times),
             interceptions=list(self.interceptions),
-            telemetry=dict(self.telemetry),
+            telemetry={**self.telemetry, "swapped_bytes": self.kv.swapped_bytes},
         )
+
+
+@dataclass
+class Chunk:
+    """`length` tokens of one request's token log from position `start` (its cached length), for
+    one forward: a decode is a chunk of 1; a prompt, a resumed answer or a recompute is longer."""
+
+    request: Request
+    start: int
+    length: int
+
+    @property
+    def yields_token(self) -> bool:
+        """A chunk that reaches the end of the token log yields the request's next token."""
+        return self.start + self.length == len(self.request.tokens)

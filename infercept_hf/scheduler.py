@@ -9,8 +9,9 @@ Every iteration, in this order:
 When blocks run out, paused requests give theirs up first (longest expected pause first),
 then the youngest running request is preempted.
 
-`queue_key` orders everybody: the original arrival time, except under `discard`, where a
-resumed request re-enters at the back like a new vLLM request.
+`queue_key` orders everybody: the original arrival time, except under a policy whose
+resumed requests re-enter at the back like new vLLM requests (`discard`). What each policy
+does is data, `policy.PolicyTraits`; this file applies it.
 """
 from __future__ import annotations
 
@@ -20,20 +21,24 @@ from dataclasses import dataclass, field
 from .cache import InterceptPagedCache
 from .estimator import DurationEstimator
 from .policy import (
+    POLICIES,
+    POLICY_TRAITS,
     CostModel,
     PausedView,
     WasteFigures,
+    check_policy,
     host_victims,
+    movable_blocks,
+    paused_move,
     rank_by_waste,
     split_swap_budget,
     swap_budget_tokens,
     waste_figures,
 )
-from .request import Request, Status
-from .runner import Chunk
+from .request import Chunk, Request, Status
 
 SWAP_LOG_LENGTH = 100_000
-POLICIES = ("discard", "discard-head", "preserve", "swap", "min-waste")
+__all__ = ["POLICIES", "Scheduler", "StepPlan", "SwapIteration", "check_policy", "queue_order"]
 
 
 def queue_order(req: Request) -> tuple[float, int]:
@@ -44,12 +49,6 @@ def queue_order(req: Request) -> tuple[float, int]:
 def _as_dict(figs: WasteFigures) -> dict[str, float]:
     """A request's `waste`: the figures the policy compared, by strategy name."""
     return {"preserve": figs.preserve, "discard": figs.discard, "swap": figs.swap}
-
-
-def check_policy(policy: str) -> str:
-    if policy not in POLICIES:
-        raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
-    return policy
 
 
 @dataclass(frozen=True)
@@ -79,6 +78,7 @@ class Scheduler:
     ) -> None:
         self.cache = cache
         self.policy = check_policy(policy)
+        self.traits = POLICY_TRAITS[policy]
         self.max_batch_tokens = max_batch_tokens
         self.cost = cost
         self.estimator = estimator
@@ -88,9 +88,11 @@ class Scheduler:
         # min-waste: budget and tokens moved, per iteration (the most recent ones: a server runs for ever)
         self.swap_log: deque[SwapIteration] = deque(maxlen=SWAP_LOG_LENGTH)
         self.preemptions = 0
+        self._swapped_in_bytes = 0  # by the swap-ins of the iteration being scheduled
 
     # ------------------------------------------------------------------ transitions
     def add(self, req: Request) -> None:
+        self.cache.track(req.rid, req.kv)
         self.waiting.append(req)
 
     def pause(self, req: Request, now: float) -> None:
@@ -100,9 +102,9 @@ class Scheduler:
         req.paused_at = now
         self.paused.append(req)
         req.waste = self._waste_figures(req, now)
-        if self.policy in ("discard", "discard-head"):
+        if self.traits.at_pause == "discard":
             self._discard(req)
-        elif self.policy == "swap":
+        elif self.traits.at_pause == "swap":
             if not self._swap_out(req, None, wait=False):
                 self._discard(req)
         req.strategy = self._placement(req)
@@ -111,7 +113,7 @@ class Scheduler:
         """The answer is in the token log: queue the request to continue."""
         self.paused.remove(req)
         req.status = Status.WAITING
-        if self.policy == "discard":
+        if self.traits.resume_at_back:
             req.queue_key = now
         self.waiting.append(req)
 
@@ -127,7 +129,7 @@ class Scheduler:
     # ------------------------------------------------------------------ the iteration
     def schedule(self, now: float) -> StepPlan:
         plan = StepPlan()
-        swapped_in_before = self.cache.swapped_in_bytes
+        self._swapped_in_bytes = 0
         self.running.sort(key=lambda r: (r.uncached > 1, r.queue_key))  # decodes first, then prefills
         budget = self.max_batch_tokens
         prefill_budget = self._prefill_budget()
@@ -161,8 +163,8 @@ class Scheduler:
             self.running.append(req)
             plan.chunks.append(Chunk(req, req.num_cached, n))
             budget -= n
-        if self.policy == "min-waste":
-            swap_in_tokens = (self.cache.swapped_in_bytes - swapped_in_before) // self.cache.bytes_per_token
+        if self.traits.revisit_each_step:
+            swap_in_tokens = self._swapped_in_bytes // self.cache.bytes_per_token
             self._min_waste(now, plan.num_tokens, swap_in_tokens)
         return plan
 
@@ -173,7 +175,7 @@ class Scheduler:
         the running decodes (INFERCEPT's chunked recomputation), so no decode stalls behind a long
         prefill; the other policies prefill as much as the batch allows, as vLLM does.
         """
-        if self.policy != "min-waste":
+        if not self.traits.chunked_recompute:
             return self.max_batch_tokens
         decodes = sum(1 for r in self.running if r.uncached == 1)
         return max(1, min(self.max_batch_tokens, self.cost.saturation_tokens) - decodes)
@@ -197,9 +199,9 @@ class Scheduler:
 
     def _swap_in(self, req: Request, now: float) -> bool:
         while self.cache.host_blocks(req.rid):
-            blocks = self.cache.host_blocks(req.rid)
-            if self.cache.swap_in(req.rid):
-                self._count_swap(req, blocks)
+            moved = self.cache.swap_in(req.rid)
+            if moved is not None:
+                self._swapped_in_bytes += moved
                 return True
             need = self.cache.host_blocks(req.rid) - self.cache.free_device_blocks()
             if not self._evict_paused(max(1, need), now, exclude=req) and not self._evict_waiting(req):
@@ -218,9 +220,9 @@ class Scheduler:
         for r in holders:
             have = self.cache.device_blocks(r.rid)
             take = min(have, blocks - freed) if self.cache.supports_partial else have
-            if self.policy == "min-waste":
+            if self.traits.host_room_by_pause:
                 self._make_host_room(take, self._view(r, now), now)
-            moved = self._swap_out(r, take) if self.policy in ("swap", "min-waste") else 0
+            moved = self._swap_out(r, take) if self.traits.evict_to_host else 0
             if not moved:
                 if self.cache.host_blocks(r.rid):
                     self.cache.discard_host(r.rid)
@@ -241,14 +243,14 @@ class Scheduler:
         if not holders:
             return False
         victim = max(holders, key=queue_order)
-        if not (self.policy in ("swap", "min-waste") and self._swap_out(victim, None)):
+        if not (self.traits.evict_to_host and self._swap_out(victim, None)):
             self._discard(victim)
         return True
 
     def _preempt(self, victim: Request) -> None:
         """Last resort: push a running request back to waiting, freeing its blocks."""
         self.running.remove(victim)
-        if not (self.policy == "swap" and self._swap_out(victim, None)):
+        if not (self.traits.preempt_to_host and self._swap_out(victim, None)):
             self._discard(victim)
         victim.status = Status.WAITING
         self.waiting.append(victim)
@@ -258,24 +260,15 @@ class Scheduler:
     def _swap_out(self, req: Request, num_blocks: int | None, wait: bool = True) -> int:
         """`wait=False` lets the copy run behind the next forward (its blocks come free after it);
         eviction under memory pressure needs the blocks now and waits."""
-        moved = self.cache.swap_out(req.rid, num_blocks, wait=wait)
-        self._count_swap(req, moved)
-        return moved
-
-    def _count_swap(self, req: Request, blocks: int) -> None:
-        if blocks:
-            nbytes = blocks * self.cache.block_size * self.cache.bytes_per_token
-            req.telemetry["swapped_bytes"] = req.telemetry.get("swapped_bytes", 0) + nbytes
+        return self.cache.swap_out(req.rid, num_blocks, wait=wait)
 
     def _discard(self, req: Request, num_blocks: int | None = None) -> None:
         """Drop device blocks from the tail (all by default); the token log keeps what to recompute."""
         if num_blocks is None or not self.cache.supports_partial:
             self.cache.discard_host(req.rid)
             self.cache.discard_device(req.rid)
-            req.num_cached = 0
             return
         self.cache.discard_device(req.rid, num_blocks)
-        req.num_cached = min(req.num_cached, self.cache.device_blocks(req.rid) * self.cache.block_size)
 
     def _placement(self, req: Request) -> str:
         dev, host = self.cache.device_blocks(req.rid), self.cache.host_blocks(req.rid)
@@ -301,7 +294,7 @@ class Scheduler:
         return PausedView(
             request_id=req.request_id,
             context_tokens=req.num_cached,
-            device_tokens=min(req.num_cached, self.cache.device_blocks(req.rid) * self.cache.block_size),
+            device_tokens=self.cache.device_tokens(req.rid),
             host_tokens=self.cache.host_blocks(req.rid) * self.cache.block_size,
             paused_for_s=now - req.paused_at,
             expected_remaining_s=self._remaining(req, now),
@@ -348,20 +341,18 @@ class Scheduler:
             req = by_id[view.request_id]
             req.waste = _as_dict(figs)
             have = self.cache.device_blocks(req.rid)
-            n = min(have, (out_budget - moved) // bs)
-            if self._can_swap(n, have):
+            partial = self.cache.supports_partial
+            n = movable_blocks((out_budget - moved) // bs, have, partial)
+            if n:
                 self._make_host_room(n, view, now)
-                n = min(n, self.cache.free_host_blocks())
-            if self._can_swap(n, have):
-                moved += self._swap_out(req, n, wait=False) * bs
-            elif pressure and figs.best == "discard":  # the budget did not reach it: the cheaper of the two
+                n = movable_blocks(min(n, self.cache.free_host_blocks()), have, partial)
+            move = paused_move(n, figs, pressure)
+            if move.kind == "swap":
+                moved += self._swap_out(req, move.blocks, wait=False) * bs
+            elif move.kind == "discard":
                 self._discard(req)
             req.strategy = self._placement(req)
         return moved
-
-    def _can_swap(self, n: int, have: int) -> bool:
-        """Whether `n` of a request's `have` device blocks can move: all of them, or a tail where the cache allows."""
-        return n > 0 and (n == have or self.cache.supports_partial)
 
     def _memory_pressure(self) -> bool:
         """Whether paused KV stands in anyone's way: the running requests (the rest of their prompt
@@ -385,7 +376,6 @@ class Scheduler:
         for rid in host_victims(longer, missing * self.cache.block_size):
             victim = by_id[rid]
             self.cache.discard_host(victim.rid)
-            victim.num_cached = min(victim.num_cached, self.cache.device_blocks(victim.rid) * self.cache.block_size)
             victim.strategy = self._placement(victim)
             if self.cache.free_host_blocks() >= blocks:
                 return

@@ -5,17 +5,18 @@ between ranks with the driver's value, broadcast over transformers' gloo CPU gro
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from contextlib import contextmanager
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
-from patches.transformers_cb import DistributedHelper
+from .patches.tp_group import TPGroup
 
-from .runner import Chunk, ModelRunner
+from .batch_runner import ModelRunner
+from .request import Chunk, Request
+from .step_inputs import LocalInputs
 from .tools import Answer, PendingCall, Tool, ToolCall
 
 
@@ -29,9 +30,9 @@ class ReplicatedClock:
     time the driver recorded for it.
     """
 
-    def __init__(self, source: Callable[[], float], helper: DistributedHelper) -> None:
+    def __init__(self, source: Callable[[], float], group: TPGroup) -> None:
         self.source = source
-        self.helper = helper
+        self.group = group
         self.last = source()
         self._synced = False
         self._start: float | None = None
@@ -41,13 +42,12 @@ class ReplicatedClock:
         if self._frozen is not None:
             return self._frozen
         if not self._synced:
-            return self.source() if self.helper.is_tp_driver else self.last
+            return self.source() if self.group.is_driver else self.last
         if self._start is not None:
             self.last, self._start = self._start, None
             return self.last
-        t = torch.tensor([self.source() if self.helper.is_tp_driver else 0.0], dtype=torch.float64)
-        dist.broadcast(t, src=self.helper.tp_root_global_rank, group=self.helper.cpu_comm_group)
-        self.last = float(t)
+        t = torch.tensor([self.source() if self.group.is_driver else 0.0], dtype=torch.float64)
+        self.last = float(self.group.broadcast(t))
         return self.last
 
     @contextmanager
@@ -66,6 +66,33 @@ class ReplicatedClock:
             yield
         finally:
             self._frozen = None
+
+
+class ReplicatedInputs(LocalInputs):
+    """A replica's step inputs: the tool answers the driver polled for this step (handed over
+    with the step's message, `deliver`) and the tokens the driver sampled (one broadcast)."""
+
+    def __init__(self, group: TPGroup) -> None:
+        self.group = group
+        self._answers: Sequence[tuple[int, Answer]] = ()
+
+    def poll(self, paused: Sequence[Request], now: float) -> list[tuple[int, Answer]]:
+        """On the driver: `(request id, answer)` for the tools that answered by `now`, to send."""
+        return [(req.request_id, answer) for req, answer in super().answers(paused, now)]
+
+    def deliver(self, answers: Sequence[tuple[int, Answer]]) -> None:
+        """The `(request id, answer)` pairs of the step about to run."""
+        self._answers = answers
+
+    def answers(self, paused: Sequence[Request], now: float) -> list[tuple[Request, Answer]]:
+        answers, self._answers = self._answers, ()
+        by_id = {r.request_id: r for r in paused}
+        return [(by_id[rid], answer) for rid, answer in answers]
+
+    def tokens(self, requests: Sequence[Request], logits: torch.Tensor) -> list[int]:
+        """The driver samples (only its requests hold their real samplers); every rank appends its tokens."""
+        mine = super().tokens(requests, logits) if self.group.is_driver else [0] * len(requests)
+        return self.group.broadcast(torch.tensor(mine, dtype=torch.long)).tolist()
 
 
 def driver_only(call: ToolCall) -> str:

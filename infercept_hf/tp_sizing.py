@@ -23,15 +23,15 @@ import psutil
 import torch
 
 from .memory import HOST_FRACTION, HOST_TO_DEVICE_RATIO, PoolSizes, default_pool_sizes
+from .model_spec import ModelSpec
 from .policy import CostModel
-from .profiler import kv_bytes_per_token
 
 ALL_REDUCES_PER_LAYER = 2  # attention output projection and MLP down projection (row-wise layers)
 
 
-def rank_kv_bytes_per_token(config, dtype: torch.dtype, tp_size: int) -> int:
+def rank_kv_bytes_per_token(spec: ModelSpec, tp_size: int) -> int:
     """KV bytes one token adds to one rank's pool."""
-    return kv_bytes_per_token(config, dtype) // tp_size
+    return spec.kv_bytes_per_token // tp_size
 
 
 def tensor_parallel_cost(
@@ -64,8 +64,7 @@ def tensor_parallel_cost(
 
 
 def rank_pool_sizes(
-    model: torch.nn.Module,
-    dtype: torch.dtype,
+    spec: ModelSpec,
     num_blocks: int | None,
     block_size: int | None,
     host_pool_bytes: int | None,
@@ -75,8 +74,8 @@ def rank_pool_sizes(
     """One rank's pools. A block still holds `block_size` tokens, so `num_blocks` means the same
     token capacity as on one device; its bytes shrink by `tp_size`. `host_pool_bytes` is per
     rank; by default the ranks of a machine share its free RAM rather than each taking half."""
-    one_device = default_pool_sizes(model, dtype, num_blocks, block_size, 0)
-    rank_block_bytes = rank_kv_bytes_per_token(model.config, dtype, tp_size) * one_device.block_size
+    one_device = default_pool_sizes(spec, num_blocks, block_size, 0)
+    rank_block_bytes = rank_kv_bytes_per_token(spec, tp_size) * one_device.block_size
     if num_blocks is None:  # the device budget holds tp_size times more of this rank's smaller blocks
         num_blocks = one_device.num_blocks * tp_size
     if host_pool_bytes is None:

@@ -17,7 +17,7 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
-from patches.transformers_cb import (
+from .transformers_cb import (
     FULL_ATTENTION,
     SLIDING_ATTENTION,
     UnsupportedModelError,

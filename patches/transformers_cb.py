@@ -40,15 +40,11 @@ __all__ = [
     "PagedKVView",
     "UnsupportedModelError",
     "attention_implementation",
-    "block_rows",
-    "blocks_for_tokens",
     "build_packed_mask",
     "cb_config",
     "explicit_pool_sizing",
     "find_head_dim",
     "find_num_key_value_heads",
-    "free_block_ids",
-    "page_table",
     "register_kernel_attention",
     "routes_attention_through_interface",
     "single_process_helper",
@@ -107,21 +103,6 @@ def cb_config(num_blocks: int, block_size: int, max_batch_tokens: int) -> Contin
 
 def single_process_helper() -> DistributedHelper:
     return DistributedHelper(None, None)
-
-
-def blocks_for_tokens(alloc: Any, num_tokens: int) -> int:
-    """Blocks of one allocator that a request of `num_tokens` tokens holds (sliding layers stop at the window)."""
-    return alloc._compute_blocks_needed(0, 0, num_tokens)
-
-
-def free_block_ids(cache: PagedAttentionCache, alloc: Any) -> list[int]:
-    """The free blocks inside the sectors `alloc` has claimed (not the unclaimed sectors)."""
-    return [b for tree in cache.pool._free_blocks[alloc.index].trees.values() for b in tree]
-
-
-def block_rows(alloc: Any) -> torch.Tensor:
-    """The allocator's cache as `[num_blocks, bytes_per_block]` uint8, one row per block: the handle for copies."""
-    return alloc._copy_view
 
 
 def build_packed_mask(
@@ -230,10 +211,3 @@ def attention_implementation(model: Any, name: str):
         yield
     finally:
         config._attn_implementation_internal = saved
-
-
-def page_table(cache: PagedAttentionCache, request_id: str, allocator_index: int) -> list[int]:
-    """A request's blocks as indices into one allocator's per-layer page views (the kernels' block table)."""
-    alloc = next(a for a in cache.cache_allocators.values() if a.index == allocator_index)
-    stride = alloc.block_physical_stride // alloc.tokens_per_page
-    return [b * stride for b in alloc.block_table[request_id]]

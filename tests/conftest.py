@@ -96,7 +96,7 @@ def left_pad(prompts: list[list[int]], pad: int = 0) -> tuple[torch.Tensor, torc
 
 
 def greedy(model, ctx: list[int], n: int) -> list[int]:
-    """Plain transformers: `n` greedy tokens after `ctx` (explicit mask: see TRANSFORMERS_CB.md's trap)."""
+    """Plain transformers: `n` greedy tokens after `ctx` (an explicit mask: without one, generate infers it from the pad id and masks every such id in the context)."""
     ids = torch.tensor([ctx])
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
                          pad_token_id=0, eos_token_id=None)

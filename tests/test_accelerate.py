@@ -13,7 +13,8 @@ from accelerate import dispatch_model
 import infercept_hf as ih
 from conftest import TEST_COST, TIGHT_POOL, left_pad, reference_scripted, scripted_batch, tiny_model
 from infercept_hf.memory import CPU_DEVICE_CAP_BLOCKS, HOST_TO_DEVICE_RATIO, MemoryView, default_pool_sizes
-from patches.placement import execution_device, largest_offloaded_module_bytes
+from infercept_hf.model_spec import ModelSpec
+from infercept_hf.patches.placement import execution_device, largest_offloaded_module_bytes
 
 MAPS = {
     "layers split cpu/disk": {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
@@ -71,21 +72,21 @@ def _gpu(free: int, streamed: int, host_free: int = 64 * GIB) -> MemoryView:
 def test_device_pool_is_what_the_weights_and_one_streamed_layer_leave():
     model = tiny_model("llama")
     block = 2 * 2 * 2 * 8 * 4 * 16  # K and V x layers x kv heads x head dim x float32 bytes x tokens
-    sizes = default_pool_sizes(model, torch.float32, None, 16, 0, memory=_gpu(10 * GIB, 2 * GIB))
+    sizes = default_pool_sizes(ModelSpec.of(model), None, 16, 0, memory=_gpu(10 * GIB, 2 * GIB))
     assert sizes.num_blocks == int(8 * GIB * 0.8) // block
     with pytest.raises(ValueError, match="no room for a KV block"):
-        default_pool_sizes(model, torch.float32, None, 16, 0, memory=_gpu(GIB, GIB))
+        default_pool_sizes(ModelSpec.of(model), None, 16, 0, memory=_gpu(GIB, GIB))
 
 
 def test_host_pool_keeps_a_safety_margin():
     model = tiny_model("llama")
     block = 2 * 2 * 2 * 8 * 4 * 16
     # 20 GiB available of 128: 12.8 GiB stay for the system, half of the rest is the swap pool
-    tight = default_pool_sizes(model, torch.float32, 10**9, 16, None, memory=_gpu(GIB, 0, 20 * GIB))
+    tight = default_pool_sizes(ModelSpec.of(model), 10**9, 16, None, memory=_gpu(GIB, 0, 20 * GIB))
     assert tight.num_host_blocks == int((20 * GIB - int(12.8 * GIB)) * 0.5) // block
-    none_left = default_pool_sizes(model, torch.float32, 10, 16, None, memory=_gpu(GIB, 0, 10 * GIB))
+    none_left = default_pool_sizes(ModelSpec.of(model), 10, 16, None, memory=_gpu(GIB, 0, 10 * GIB))
     assert none_left.num_host_blocks == 0
-    roomy = default_pool_sizes(model, torch.float32, 10, 16, None, memory=_gpu(GIB, 0))
+    roomy = default_pool_sizes(ModelSpec.of(model), 10, 16, None, memory=_gpu(GIB, 0))
     assert roomy.num_host_blocks == HOST_TO_DEVICE_RATIO * 10
 
 

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from infercept_hf.bench import runner
+from infercept_hf.bench import policy_runs
 from infercept_hf.bench.__main__ import main
 from infercept_hf.bench.metrics import RUN_KEYS
 from infercept_hf.bench.workloads import generate_trace
@@ -49,15 +49,15 @@ def test_every_contender_produces_the_same_tokens():
     """Greedy float32: the policies and both transformers peers differ in cost, never in output."""
     model = tiny_model("llama")
     trace = generate_trace("mix", 3, 20.0, 1, time_scale=0.002, context_scale=0.04, max_context=96)
-    jobs = runner.make_jobs(trace, VOCAB, seed=1)
-    settings = runner.EngineSettings(num_blocks=32, block_size=8, max_batch_tokens=64, cost_model=TEST_COST)
+    jobs = policy_runs.make_jobs(trace, VOCAB, seed=1)
+    settings = policy_runs.EngineSettings(num_blocks=32, block_size=8, max_batch_tokens=64, cost_model=TEST_COST)
     tokens = {}
     for policy in ("discard", "oracle", "hf-cb", "hf-generate"):
-        run = runner.run_real(model, policy, jobs, settings)
+        run = policy_runs.run_real(model, policy, jobs, settings)
         assert [r.finish_reason for r in run.results] == ["length"] * 3, policy
         assert [len(r.interceptions) for r in run.results] == [len(j.scripted) for j in jobs]
         tokens[policy] = [r.token_ids for r in run.results]
-        summary = runner.summarize_run(policy, 20.0, run)
+        summary = policy_runs.summarize_run(policy, 20.0, run)
         assert summary["completed"] == 3
         if policy.startswith("hf-"):
             assert summary["recomputed_tokens"] > 0  # every resubmission re-reads some context
@@ -74,7 +74,7 @@ def test_sustainable_rate_interpolates_the_slo_crossing():
         {"policy": "c", "qps": 1.0, "normalized_latency_mean_s": 0.01},
         {"policy": "c", "qps": 2.0, "normalized_latency_mean_s": 0.02},
     ]
-    rates = runner.sustainable_rates(runs, 0.1)
+    rates = policy_runs.sustainable_rates(runs, 0.1)
     assert rates["a"] == pytest.approx(2.5)
     assert rates["b"] is None
     assert rates["c"] == 2.0
@@ -82,6 +82,6 @@ def test_sustainable_rate_interpolates_the_slo_crossing():
 
 def test_unknown_policy_is_refused():
     with pytest.raises(ValueError, match="unknown policies"):
-        runner.check_policies(["min-waste", "fastest"])
+        policy_runs.check_policies(["min-waste", "fastest"])
     with pytest.raises(SystemExit):
         main(["--simulate", "no-such/gpu"])

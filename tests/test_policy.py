@@ -5,11 +5,19 @@ T_fwd(n) = 0.5*n + 2, M = 4 bytes/token, T_swap(n) = 4*n/128 = n/32.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from infercept_hf.policy import (
+    POLICIES,
+    POLICY_TRAITS,
+    Move,
+    check_policy,
+    movable_blocks,
+    paused_move,
     CostModel,
     PausedView,
     WasteFigures,
@@ -276,3 +284,36 @@ def test_host_victims_ties_drop_the_latest_arrival():
     assert host_victims(swapped, 8) == [1]
     with pytest.raises(ValueError):
         host_victims(swapped, -1)
+
+
+# ---------------------------------------------------------------- policies as data
+def test_discard_head_is_discard_that_keeps_its_queue_place():
+    discard, head = POLICY_TRAITS["discard"], POLICY_TRAITS["discard-head"]
+    assert discard.resume_at_back and not head.resume_at_back
+    assert dataclasses.replace(discard, name="discard-head", resume_at_back=False) == head
+
+
+def test_only_min_waste_revisits_placements():
+    assert [p for p in POLICIES if POLICY_TRAITS[p].revisit_each_step] == ["min-waste"]
+
+
+def test_unknown_policy_is_refused():
+    with pytest.raises(ValueError, match="unknown policy 'lru'; choose one of discard, discard-head"):
+        check_policy("lru")
+
+
+def test_movable_blocks_takes_a_tail_only_where_partial_moves_are_allowed():
+    assert movable_blocks(3, 5, supports_partial=True) == 3
+    assert movable_blocks(3, 5, supports_partial=False) == 0
+    assert movable_blocks(9, 5, supports_partial=False) == 5
+    assert movable_blocks(0, 5, supports_partial=True) == 0
+    assert movable_blocks(-2, 5, supports_partial=True) == 0
+
+
+def test_paused_move_swaps_within_budget_else_discards_only_under_pressure():
+    cheaper_to_discard = WasteFigures(preserve=2.0, discard=1.0, swap=0.0)
+    cheaper_to_keep = WasteFigures(preserve=1.0, discard=2.0, swap=0.0)
+    assert paused_move(2, cheaper_to_discard, memory_pressure=False) == Move("swap", 2)
+    assert paused_move(0, cheaper_to_discard, memory_pressure=True) == Move("discard")
+    assert paused_move(0, cheaper_to_discard, memory_pressure=False) == Move("keep")
+    assert paused_move(0, cheaper_to_keep, memory_pressure=True) == Move("keep")

@@ -9,10 +9,10 @@ import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPTJConfig, LlamaConfig
 
 from infercept_hf import profiler
+from infercept_hf.model_spec import ModelSpec, kv_bytes_per_token
 from infercept_hf.policy import CostModel
 from infercept_hf.profiler import (
     fit_linear,
-    kv_bytes_per_token,
     load_or_profile,
     profile_forward,
     profile_link,
@@ -41,7 +41,7 @@ def no_measuring(monkeypatch):
 @pytest.fixture
 def fake_measurements(monkeypatch):
     """Fixed measurements: t = n/8 s for n tokens, a 1 GB/s link."""
-    monkeypatch.setattr(profiler, "measure_forward", lambda model: [(8, 1.0), (16, 2.0)])
+    monkeypatch.setattr(profiler, "measure_forward", lambda model, spec=None: [(8, 1.0), (16, 2.0)])
     monkeypatch.setattr(profiler, "profile_link", lambda device: 1e9)
 
 
@@ -112,7 +112,7 @@ def test_kv_bytes_per_token(config, dtype, expected):
 
 # ---------------------------------------------------------------- load_or_profile
 def test_cache_written_then_reread(model, tmp_path, request):
-    first = load_or_profile(model, torch.float32, "cpu", cache_dir=tmp_path)
+    first = load_or_profile(model, cache_dir=tmp_path)
     files = list(tmp_path.glob("*.json"))
     assert len(files) == 1
     stored = json.loads(files[0].read_text())["measured"]
@@ -120,53 +120,53 @@ def test_cache_written_then_reread(model, tmp_path, request):
     assert first.fwd_per_token_s >= 0 and first.fwd_fixed_s >= 0 and first.saturation_tokens >= 1
     assert first.kv_bytes_per_token == 256
     request.getfixturevalue("no_measuring")
-    assert load_or_profile(model, torch.float32, "cpu", cache_dir=tmp_path) == first
+    assert load_or_profile(model, cache_dir=tmp_path) == first
 
 
 def test_cache_dir_from_environment(model, tmp_path, monkeypatch, fake_measurements):
     monkeypatch.setenv("INFERCEPT_CACHE_DIR", str(tmp_path))
-    cost = load_or_profile(model, torch.float32, "cpu")
+    cost = load_or_profile(model)
     assert cost == CostModel(fwd_per_token_s=0.125, fwd_fixed_s=0.0, swap_bytes_per_s=1e9, kv_bytes_per_token=256,
                              saturation_tokens=8)  # t = n/8 exactly; per token flat from 8 on
     assert len(list(tmp_path.glob("*.json"))) == 1
 
 
 def test_cache_is_keyed_by_dtype(model, tmp_path, fake_measurements):
-    load_or_profile(model, torch.float32, "cpu", cache_dir=tmp_path)
-    load_or_profile(model, torch.float16, "cpu", cache_dir=tmp_path)
+    load_or_profile(model, cache_dir=tmp_path)
+    load_or_profile(model, ModelSpec.of(model, torch.float16), cache_dir=tmp_path)
     assert len(list(tmp_path.glob("*.json"))) == 2
 
 
 def test_overrides_bypass_measurement(model, tmp_path, no_measuring):
-    cost = load_or_profile(model, torch.float32, "cpu", cache_dir=tmp_path,
+    cost = load_or_profile(model, cache_dir=tmp_path,
                            fwd_per_token_s=1e-4, fwd_fixed_s=1e-3, swap_bytes_per_s=1e9)
     assert cost == CostModel(fwd_per_token_s=1e-4, fwd_fixed_s=1e-3, swap_bytes_per_s=1e9, kv_bytes_per_token=256,
                              saturation_tokens=profiler.SATURATION_FALLBACK["cpu"])
     assert not list(tmp_path.glob("*.json"))  # overrides are never cached
-    assert load_or_profile(model, torch.float32, "cpu", cache_dir=tmp_path, fwd_per_token_s=0.0, fwd_fixed_s=0.0,
+    assert load_or_profile(model, cache_dir=tmp_path, fwd_per_token_s=0.0, fwd_fixed_s=0.0,
                            swap_bytes_per_s=1.0, kv_bytes_per_token=7, saturation_tokens=3).kv_bytes_per_token == 7
 
 
 def test_partial_override_measures_only_the_rest(model, tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(profiler, "measure_forward", lambda model: calls.append("fwd") or [(8, 1.0), (16, 2.0)])
+    monkeypatch.setattr(profiler, "measure_forward", lambda model, spec=None: calls.append("fwd") or [(8, 1.0), (16, 2.0)])
     monkeypatch.setattr(profiler, "profile_link", lambda device: calls.append("link") or 1e9)
-    cost = load_or_profile(model, torch.float32, "cpu", cache_dir=tmp_path, swap_bytes_per_s=5.0)
+    cost = load_or_profile(model, cache_dir=tmp_path, swap_bytes_per_s=5.0)
     assert calls == ["fwd"] and cost.swap_bytes_per_s == 5.0
     stored = json.loads(next(tmp_path.glob("*.json")).read_text())["measured"]
     assert "swap_bytes_per_s" not in stored  # the override did not leak into the cache
-    load_or_profile(model, torch.float32, "cpu", cache_dir=tmp_path)
+    load_or_profile(model, cache_dir=tmp_path)
     assert calls == ["fwd", "link"]  # forward came from the cache, the link was measured once
 
 
 def test_corrupt_cache_is_remeasured(model, tmp_path, fake_measurements):
-    load_or_profile(model, torch.float32, "cpu", cache_dir=tmp_path)
+    load_or_profile(model, cache_dir=tmp_path)
     path = next(tmp_path.glob("*.json"))
     path.write_text("{not json")
-    assert load_or_profile(model, torch.float32, "cpu", cache_dir=tmp_path).swap_bytes_per_s == 1e9
+    assert load_or_profile(model, cache_dir=tmp_path).swap_bytes_per_s == 1e9
     assert json.loads(path.read_text())["measured"]["swap_bytes_per_s"] == 1e9
 
 
 def test_unknown_override_is_an_error(model, tmp_path, no_measuring):
     with pytest.raises(TypeError, match="fwd_per_tok"):
-        load_or_profile(model, torch.float32, "cpu", cache_dir=tmp_path, fwd_per_tok=1.0)
+        load_or_profile(model, cache_dir=tmp_path, fwd_per_tok=1.0)

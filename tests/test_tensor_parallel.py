@@ -18,8 +18,8 @@ from transformers import GPT2Config, LlamaConfig
 
 import infercept_hf as ih
 from infercept_hf import distributed as tp
-from infercept_hf.profiler import kv_bytes_per_token
-from infercept_hf.tp_sizing import rank_kv_bytes_per_token, tensor_parallel_cost
+from infercept_hf.model_spec import kv_bytes_per_token
+from infercept_hf.tp_sizing import tensor_parallel_cost
 from conftest import TEST_COST, greedy, prompts_for, reference_scripted
 
 WORKER = Path(__file__).with_name("tp_worker.py")
@@ -48,7 +48,7 @@ def _spec(llama) -> dict:
         "max_new_tokens": NEW_TOKENS,
         "num_blocks": NUM_BLOCKS,
         "block_size": BLOCK_SIZE,
-        "host_pool_bytes_per_rank": HOST_BLOCKS * BLOCK_SIZE * rank_kv_bytes_per_token(llama.config, torch.float32, 2),
+        "host_pool_bytes_per_rank": HOST_BLOCKS * BLOCK_SIZE * kv_bytes_per_token(llama.config, torch.float32) // 2,
         "max_batch_tokens": 64,
         "cost": dataclasses.asdict(COST),
     }

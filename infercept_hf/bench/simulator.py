@@ -24,15 +24,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from patches.transformers_cb import find_head_dim
+from ..patches.transformers_cb import find_head_dim
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from ..cache import InterceptPagedCache
 from ..engine import InterceptEngine
 from ..offload import SwapPipeline, Transfer
 from ..policy import CostModel
-from ..profiler import CUDA_TOKEN_COUNTS, fit_linear, kv_bytes_per_token, saturation_point
-from ..runner import Chunk, ModelRunner
+from ..model_spec import kv_bytes_per_token
+from ..profiler import CUDA_TOKEN_COUNTS, fit_linear, saturation_point
+from ..batch_runner import ModelRunner
+from ..request import Chunk
 from .presets import Efficiency, GPU, Preset
 
 BLOCK_SIZE = 16
@@ -191,14 +193,14 @@ class SimExecutor:
         moved = self.cache.swapped_out_bytes + self.cache.swapped_in_bytes
         t_swap = self.hardware.swap_seconds(moved - self._moved_bytes)
         self._moved_bytes = moved
-        t_fwd = self.hardware.forward_seconds([(c.start, c.length, c.sample) for c in chunks])
+        t_fwd = self.hardware.forward_seconds([(c.start, c.length, c.yields_token) for c in chunks])
         stall = max(0.0, t_swap - t_fwd)
         self.stall_s += stall
         self.cache.pipeline.seconds = self.stall_s
         self.clock.advance(t_fwd + stall)
         if self.inner is not None:
             return self.inner.forward(chunks)
-        return torch.zeros(sum(1 for c in chunks if c.sample), 1)
+        return torch.zeros(sum(1 for c in chunks if c.yields_token), 1)
 
 
 def meta_model(config: PretrainedConfig, dtype: torch.dtype = torch.float16) -> torch.nn.Module:
@@ -230,7 +232,7 @@ def sim_engine(
 
     engine = InterceptEngine(
         model, policy=policy, num_blocks=num_blocks, block_size=block_size, host_pool_bytes=host_pool_bytes,
-        max_batch_tokens=max_batch_tokens, cost_model=hardware.cost_model(), clock=clock, executor=executor,
+        max_batch_tokens=max_batch_tokens, cost_model=hardware.cost_model(), clock=clock, batch_runner=executor,
     )
     return engine, clock
 

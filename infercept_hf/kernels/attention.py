@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from ..patches.paged_pool import allocator_index, layer_allocator, layer_pages, layer_type
 from . import paged_decode_attention, paged_prefill_attention, write_kv
 
 
@@ -40,13 +41,13 @@ def infercept_paged_attention(
         raise ValueError("paged attention is for inference: dropout must be 0")
     cache = kwargs["cache"]
     layer_idx = module.layer_idx
-    allocator = cache.layer_to_allocator[layer_idx]
-    if allocator.layer_type != "full_attention":
-        raise NotImplementedError(f"paged kernels cover full attention layers, not {allocator.layer_type}")
+    allocator = layer_allocator(cache, layer_idx)
+    if layer_type(allocator) != "full_attention":
+        raise NotImplementedError(f"paged kernels cover full attention layers, not {layer_type(allocator)}")
     backend = kwargs.get("infercept_backend")
-    k_pages, v_pages = allocator.get_cache_for_block_table(layer_idx)
+    k_pages, v_pages = layer_pages(allocator, layer_idx)
     write_kv(key[0].transpose(0, 1), value[0].transpose(0, 1), k_pages, v_pages,
-             kwargs["write_index"][allocator.index], backend=backend)
+             kwargs["write_index"][allocator_index(allocator)], backend=backend)
 
     q = query[0].transpose(0, 1)
     scale = scaling if scaling is not None else q.shape[-1] ** -0.5

@@ -10,38 +10,22 @@ from __future__ import annotations
 
 import inspect
 from contextlib import nullcontext as _nothing
-from dataclasses import dataclass
 
 import torch
 
-from patches.placement import execution_device
-from patches.transformers_cb import (
-    FULL_ATTENTION,
+from .patches.paged_pool import extend_indices, page_table, seqlen_k
+from .patches.transformers_cb import (
     SLIDING_ATTENTION,
     PagedKVView,
     UnsupportedModelError,
     attention_implementation,
     build_packed_mask,
-    page_table,
     register_kernel_attention,
     routes_attention_through_interface,
 )
 
 from .cache import InterceptPagedCache
-from .request import Request
-
-
-@dataclass
-class Chunk:
-    request: Request
-    start: int
-    length: int
-
-    @property
-    def sample(self) -> bool:
-        """A chunk that reaches the end of the token log yields the request's next token."""
-        return self.start + self.length == len(self.request.tokens)
-
+from .request import Chunk
 
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
 
@@ -55,7 +39,7 @@ def resolve_attention_backend(name: str, model: torch.nn.Module, cache: Intercep
     """
     if name not in ATTENTION_BACKENDS:
         raise ValueError(f"unknown attention_backend {name!r}; choose one of {ATTENTION_BACKENDS}")
-    fits_kernels = routes_attention_through_interface(model) and list(cache.cache_allocators) == [FULL_ATTENTION]
+    fits_kernels = routes_attention_through_interface(model) and cache.full_attention_only
     if name == "auto":
         from .kernels import triton_available
 
@@ -83,34 +67,34 @@ class ModelRunner:
         self.backend = resolve_attention_backend(attention_backend, model, cache)
         if self.backend == "triton":
             self.kernel_name = register_kernel_attention(_kernel_attention)
-        self.device = execution_device(model)
-        self.mask_dtype = next(model.parameters()).dtype
-        if not self.mask_dtype.is_floating_point:
-            self.mask_dtype = torch.float32
-        self.sliding_window = getattr(model.config.get_text_config(), "sliding_window", None) or 1
+        spec = cache.spec
+        self.device = spec.device
+        self.mask_dtype = spec.mask_dtype
+        self.sliding_window = spec.sliding_window or 1
+        self.num_layers = spec.num_layers
         self.takes_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
         self._checked = False
 
     @torch.inference_mode()
     def forward(self, chunks: list[Chunk]) -> torch.Tensor:
-        """Run the chunks; return float32 logits [n, vocab] for the chunks whose `sample` is set."""
+        """Run the chunks; return float32 logits [n, vocab] for the chunks that yield a token."""
         cache = self.cache
         ids: list[int] = []
         pos: list[int] = []
         cu_q = [0]
-        cu_k = {name: [0] for name in cache.cache_allocators}
-        read: list[list[int]] = [[] for _ in cache.cache_allocators]
-        write: list[list[int]] = [[] for _ in cache.cache_allocators]
+        cu_k = {name: [0] for name in cache.allocators}
+        read: list[list[int]] = [[] for _ in cache.allocators]
+        write: list[list[int]] = [[] for _ in cache.allocators]
         keep: list[int] = []
         for c in chunks:
             req = c.request
             ids.extend(req.tokens[c.start : c.start + c.length])
             pos.extend(range(c.start, c.start + c.length))
             cu_q.append(cu_q[-1] + c.length)
-            for name, alloc in cache.cache_allocators.items():
-                cu_k[name].append(cu_k[name][-1] + alloc.get_seqlen_k(c.start, c.length))
-            cache.extend_read_and_write_indices(req.rid, c.start, c.length, read, write)
-            if c.sample:
+            for name, alloc in cache.allocators.items():
+                cu_k[name].append(cu_k[name][-1] + seqlen_k(alloc, c.start, c.length))
+            extend_indices(cache, req.rid, c.start, c.length, read, write)
+            if c.yields_token:
                 keep.append(cu_q[-1] - 1)
         dev = self.device
         masks = {
@@ -171,7 +155,7 @@ class ModelRunner:
 
     def _check_routing(self, view: PagedKVView) -> None:
         """Refuse models that never wrote through `past_key_values`: their tokens would be wrong."""
-        num_layers = self.model.config.get_text_config().num_hidden_layers
+        num_layers = self.num_layers
         if len(view.updated_layers) != num_layers:
             arch = type(self.model).__name__
             raise UnsupportedModelError(
