@@ -54,7 +54,7 @@ from .policy import CostModel
 from .profiler import fit_linear, load_or_profile, measure_forward, saturation_point
 from .request import Request
 from .runner import Chunk, ModelRunner
-from .sampling import Sampler
+from .sampling import Sampler, SamplingError
 from .tools import Answer, Scripted, Tool
 from .tp_replica import ReplicatedClock, ReplicaToolExecutor, VerifiedRunner, driver_only
 from .tp_sizing import rank_kv_bytes_per_token, rank_pool_sizes
@@ -401,19 +401,22 @@ class TensorParallelEngine(InterceptEngine):
             self._verify()
         return results
 
-    def _collect_answers(self, now: float, done: list[Request]) -> None:
+    def _collect_answers(self, now: float) -> None:
         """Every rank resumes the requests whose answers came with the step (polled by the driver
         at `now`, the step's first clock read)."""
         answers, self._answers = self._answers, ()
         for rid, answer in answers:
-            self._resume(self._requests[rid], answer, now, done)
+            self._resume(self._requests[rid], answer, now)
 
-    def _sample(self, requests: list[Request], logits: torch.Tensor) -> list[int]:
-        """The driver samples (only its requests hold their real samplers); every rank appends its tokens."""
+    def _sample(self, requests: list[Request], logits: torch.Tensor) -> list[int | SamplingError]:
+        """The driver samples (only its requests hold their real samplers); every rank appends its
+        tokens, and fails the requests whose sampling failed on the driver (sent as -1)."""
         mine = super()._sample(requests, logits) if self.is_driver else [0] * len(requests)
-        tokens = torch.tensor(mine, dtype=torch.long)
+        tokens = torch.tensor([-1 if isinstance(t, SamplingError) else t for t in mine], dtype=torch.long)
         dist.broadcast(tokens, src=self.helper.tp_root_global_rank, group=self.helper.cpu_comm_group)
-        return tokens.tolist()
+        if self.is_driver:
+            return mine
+        return [SamplingError("sampling failed on the driver rank") if t < 0 else t for t in tokens.tolist()]
 
     # ------------------------------------------------------------------ replica check
     def state_digest(self, chunks: Sequence[Chunk] = ()) -> int:
