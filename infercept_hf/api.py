@@ -218,7 +218,8 @@ class _RowStops:
 
 def _check_model_kwargs(model_kwargs: dict[str, Any]) -> None:
     """Refuse model inputs the engine would silently drop (it feeds the model token ids only)."""
-    unknown = sorted(set(model_kwargs) - ENGINE_OWNED_KWARGS)
+    unknown = sorted(k for k, v in model_kwargs.items()
+                     if k not in ENGINE_OWNED_KWARGS and v is not None and not (isinstance(v, dict) and not v))
     if unknown:
         raise ValueError(f"infercept_hf.generate does not support these generate() arguments: {unknown}")
     cache = model_kwargs.get("past_key_values")

@@ -46,10 +46,12 @@ def finite_time(value: Any, what: str) -> float:
     return float(value)
 
 
-def token_id_set(value: int | Sequence[int], vocab_size: int, what: str) -> frozenset[int]:
-    """One id or a sequence of ids, each inside the vocabulary."""
+def token_id_set(value: int | Sequence[int], what: str) -> frozenset[int]:
+    """One id or a sequence of ids, none negative. An id past the vocabulary is allowed: it can
+    never be generated, which is harmless (configs carry such ids, e.g. GPT-2's eos on a
+    smaller vocabulary)."""
     ids = as_token_ids(value if isinstance(value, Iterable) and not isinstance(value, (str, bytes)) else [value], what)
-    bad = [t for t in ids if not 0 <= t < vocab_size]
+    bad = [t for t in ids if t < 0]
     if bad:
-        raise ValueError(f"{what} has ids outside the vocabulary [0, {vocab_size}): {bad[:5]}")
+        raise ValueError(f"{what} must hold token ids >= 0, got {bad[:5]}")
     return frozenset(ids)

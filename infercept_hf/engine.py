@@ -32,7 +32,9 @@ from patches.architectures import paged_cache_config
 from patches.placement import execution_device
 
 from .cache import InterceptPagedCache
+from .checks import as_token_ids, finite_time, positive_int, token_id_set
 from .estimator import DurationEstimator
+from .faults import AnswerError, RequestFault, describe
 from .memory import default_pool_sizes
 from .outputs import InterceptionRecord, RequestEvent, RequestResult
 from .policy import CostModel
@@ -42,8 +44,6 @@ from .runner import ModelRunner
 from .sampling import GREEDY, Sampler, sample_batch
 from .scheduler import Scheduler, StepPlan, check_policy
 from .stats import EngineStats
-from .checks import as_token_ids, finite_time, positive_int, token_id_set
-from .faults import AnswerError, RequestFault, describe
 from .tool_pool import ToolPool
 from .tools import Answer, PendingCall, Scripted, ScriptedCall, Tool, ToolCall
 from .triggers import TriggerMatcher
@@ -160,7 +160,7 @@ class InterceptEngine:
             raise TypeError(f"sampler must be an infercept_hf.Sampler (None: greedy), got {type(sampler).__name__}")
         if arrival_time is not None:
             arrival_time = finite_time(arrival_time, "arrival_time")
-        eos = self.default_eos if eos_token_id is None else token_id_set(eos_token_id, self.vocab_size, "eos_token_id")
+        eos = self.default_eos if eos_token_id is None else token_id_set(eos_token_id, "eos_token_id")
         matcher = TriggerMatcher(tools, self.tokenizer) if tools else None
         answers = self._check_scripted(interceptions)
         self._check_fits(len(prompt), max_new_tokens, answers)

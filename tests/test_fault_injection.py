@@ -25,7 +25,7 @@ _references: dict = {}
 @given(seed=st.integers(0, 2**32 - 1), policy=st.sampled_from(ih.POLICIES), forward_step=st.integers(0, 6))
 def test_one_requests_fault_never_reaches_the_others(llama, seed, policy, forward_step):
     specs, armed = random_case(random.Random(seed), llama, _free_runs)
-    armed.setdefault(forward_step, []).append(FORWARD)  # every example sees a forward fail once
+    armed.setdefault(forward_step, []).append(FORWARD)  # and one forward failure early in every example
     for s in specs:
         if s not in _references:
             _references[s] = reference(llama, s)
@@ -33,7 +33,8 @@ def test_one_requests_fault_never_reaches_the_others(llama, seed, policy, forwar
     assert outcome.problems() == []
     assert outcome.leaked_blocks == 0 and not outcome.integrity_errors
     assert sorted(outcome.results) == list(range(len(specs)))
-    assert outcome.fired[FORWARD] <= 1  # 0 when every request had ended before its step
+    # each armed forward fault fires once, unless every request had ended before its step
+    assert outcome.fired[FORWARD] <= sum(kinds.count(FORWARD) for kinds in armed.values())
     for rid, r in outcome.results.items():
         assert r.finish_reason in ("length", "error")
         assert (r.error is not None) == (r.finish_reason == "error")

@@ -180,8 +180,8 @@ def test_a_sampler_whose_scores_turn_nan_fails_its_request_only(llama, setup):
 
 @pytest.mark.parametrize("kwargs, exc, match", [
     (dict(sampler="greedy"), TypeError, "sampler must be an infercept_hf.Sampler"),
-    (dict(eos_token_id=-1), ValueError, r"eos_token_id has ids outside the vocabulary \[0, 128\): \[-1\]"),
-    (dict(eos_token_id=500), ValueError, "eos_token_id has ids outside the vocabulary"),
+    (dict(eos_token_id=-1), ValueError, r"eos_token_id must hold token ids >= 0, got \[-1\]"),
+    (dict(eos_token_id=[3, -2]), ValueError, r"eos_token_id must hold token ids >= 0, got \[-2\]"),
     (dict(eos_token_id="</s>"), TypeError, "eos_token_id must be a sequence of int token ids"),
     (dict(eos_token_id=[1.5]), TypeError, "eos_token_id must be a sequence of int token ids"),
     (dict(arrival_time=math.nan), ValueError, "arrival_time must be finite"),

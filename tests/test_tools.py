@@ -1,5 +1,5 @@
-"""tools.py on its own: argument checks, tool outcomes (raise, time out, wrong type), the worker
-slots an abandoned call gives back, and trigger matching. No model needed."""
+"""tools, tool_pool and triggers on their own: argument checks, tool outcomes (raise, time out,
+wrong type), the worker slots an abandoned call gives back, and trigger matching. No model needed."""
 from __future__ import annotations
 
 import math
