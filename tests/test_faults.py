@@ -291,3 +291,38 @@ def test_generate_honours_options_as_model_generate_does(llama, kwargs):
 def test_generate_refuses_options_it_cannot_honour(llama, kwargs, match):
     with pytest.raises(ValueError, match=match):
         ih.generate(llama, torch.tensor([[5, 6, 7, 8]]), max_new_tokens=3, **kwargs)
+
+
+def test_async_a_step_that_keeps_raising_fails_every_stream(llama, setup):
+    prompt, other, free, other_free = setup
+    engine = make_engine(llama, "swap")
+    runner = engine.runner = FlakyRunner(engine.runner)
+    runner.fail_at = set(range(1, 10_000))  # the device is gone for good
+
+    async def main():
+        async with ih.AsyncInterceptEngine(engine) as aengine:
+            with pytest.raises(RuntimeError, match="driver thread failed"):
+                await asyncio.wait_for(aengine.generate(prompt, max_new_tokens=12), timeout=30)
+
+    asyncio.run(main())
+    assert runner.calls == ih.serving.MAX_STEP_FAILURES
+
+
+class RaisingCriterion(StoppingCriteria):
+    def __call__(self, input_ids, scores, **kwargs):
+        raise KeyError("criterion")
+
+
+class RaisingProcessor:
+    def __call__(self, input_ids, scores):
+        raise KeyError("processor")
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(stopping_criteria=StoppingCriteriaList([RaisingCriterion()])), "a stopping criterion raised KeyError"),
+    (dict(logits_processor=[RaisingProcessor()]), "generation failed for 2 row.*sampling raised KeyError"),
+])
+def test_generate_raises_what_model_generate_would_raise(llama, kwargs, match):
+    ids, mask = left_pad(prompts_for(44, [5, 8]))
+    with pytest.raises(RuntimeError, match=match):
+        ih.generate(llama, ids, attention_mask=mask, max_new_tokens=4, **kwargs)
