@@ -151,6 +151,7 @@ def test_a_forward_that_raises_once_loses_nothing(llama, setup):
     runner = engine.runner = FlakyRunner(engine.runner)
     keep = engine.add_request(prompt, max_new_tokens=12)
     dropped = engine.add_request(other, max_new_tokens=12)
+    short = engine.add_request(other, max_new_tokens=3)
     engine.step()
     engine.cancel(dropped)
     runner.fail_at = {2, 5}
@@ -160,8 +161,10 @@ def test_a_forward_that_raises_once_loses_nothing(llama, setup):
     assert engine.has_unfinished()
     assert [r.finish_reason for r in engine.step()] == ["cancelled"], "gathered before the raise, returned next"
     with pytest.raises(RuntimeError, match="transient device error"):
-        engine.run()  # a run() that raises keeps what it gathered for the next call
+        engine.run()  # finishes `short` on forward 4, then raises on forward 5
+    engine.cache.check_integrity()
     results = engine.run()
+    assert results[short].token_ids == other_free[:3], "a raising run() keeps what it gathered for the next call"
     assert results[keep].token_ids == free and not engine.has_unfinished()
     assert engine.cache.is_empty()
 
