@@ -511,7 +511,9 @@ class InterceptEngine:
                 raise AnswerError(f"tool {tool!r}: the tokenizer could not encode its answer: {describe(exc)}") from exc
         bad = [t for t in value if not 0 <= t < self.vocab_size]
         if bad:
-            raise AnswerError(f"tool {tool!r} answered with token ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}")
+            raise AnswerError(
+                f"tool {tool!r} answered with token ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}"
+            )
         return list(value)
 
     def _finish(self, req: Request, reason: str, now: float) -> None:

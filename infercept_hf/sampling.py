@@ -29,7 +29,8 @@ class Sampler:
 
     def __init__(self, processors: Callable | None = None, do_sample: bool = False, seed: int | None = None) -> None:
         if processors is not None and not callable(processors):
-            raise TypeError(f"Sampler processors must be callable (e.g. a LogitsProcessorList), got {type(processors).__name__}")
+            raise TypeError("Sampler processors must be callable (e.g. a LogitsProcessorList), "
+                            f"got {type(processors).__name__}")
         if not isinstance(do_sample, bool):
             raise TypeError(f"Sampler do_sample must be a bool, got {do_sample!r}")
         if seed is not None:

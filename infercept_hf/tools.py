@@ -15,7 +15,6 @@ import math
 import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from .checks import as_token_ids, positive_int
 

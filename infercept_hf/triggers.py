@@ -40,7 +40,9 @@ class TriggerMatcher:
         try:
             encoded = len(self.tokenizer.encode(tool.end, add_special_tokens=False))
         except Exception as exc:  # noqa: BLE001 - any tokenizer failure is bad input at the boundary
-            raise ValueError(f"Tool {tool.name!r}: the tokenizer cannot encode its end {tool.end!r}: {describe(exc)}") from exc
+            raise ValueError(
+                f"Tool {tool.name!r}: the tokenizer cannot encode its end {tool.end!r}: {describe(exc)}"
+            ) from exc
         return max(encoded, len(tool.end.encode("utf-8", "surrogatepass")))
 
     def match(self, segment_ids: Sequence[int]) -> tuple[Tool, str] | None:

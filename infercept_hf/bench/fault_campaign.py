@@ -257,7 +257,8 @@ def random_case(rng: random.Random, model: torch.nn.Module, free_runs: dict) -> 
         free = free_runs[prompt]
         end = chr(free[rng.randrange(0, max_new - 1)]) if rng.random() < 0.8 else None
         answer = "".join(chr(rng.randrange(32, VOCAB)) for _ in range(rng.randint(1, 4)))
-        fault = rng.choice([None] * 4 + [*REQUEST_FAULTS]) if end is not None else rng.choice([None, None, "sampler", "nan"])
+        # tool faults need a tool; a request without one may still carry a sampler fault
+        fault = rng.choice([None] * 4 + [*REQUEST_FAULTS] if end is not None else [None, None, "sampler", "nan"])
         specs.append(RequestSpec(prompt, max_new, end, answer, fault, rng.randint(1, max_new)))
     armed: dict[int, list[str]] = {}
     for kind in [*ARMED_FAULTS, FORWARD]:
