@@ -5,6 +5,10 @@
 top-k/p, penalties) and validates arguments as it always does; `custom_generate` then runs
 every row as a request of an `InterceptEngine` and returns what `model.generate` returns:
 prompt + generated ids (tool answers spliced in where they were appended), right-padded.
+
+Every option `model.generate` honours is honoured the same way or refused by name. Rows run
+independently, so each row's logits processors and stopping criteria see that row as
+`model.generate` would: its left padding included, as a batch of one.
 """
 from __future__ import annotations
 
@@ -12,14 +16,24 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from transformers import EosTokenCriteria, LogitsProcessorList, MaxLengthCriteria, StoppingCriteriaList
+
+from .patches.generation import row_processors
 
 from .engine import InterceptEngine
+from .faults import describe
+from .outputs import RequestEvent
 from .policy import CostModel
 from .sampling import Sampler
 from .scheduler import check_policy
 from .tools import Scripted, Tool
 
 ANSWER_MARGIN_TOKENS = 256  # KV headroom per row for tool answers whose length is unknown in advance
+# What transformers' generate() prepares for its own loop; the engine keeps its own cache and positions.
+ENGINE_OWNED_KWARGS = frozenset({"attention_mask", "position_ids", "logits_to_keep", "past_key_values", "use_cache",
+                                 "cache_position"})
+# Stopping criteria the engine applies itself: max_new_tokens and eos_token_id, per request.
+ENGINE_OWNED_CRITERIA = (MaxLengthCriteria, EosTokenCriteria)
 
 
 def generate(
@@ -86,6 +100,10 @@ def custom_generate(
     check_policy(policy)
     if streamer is not None:
         raise ValueError("infercept_hf.generate does not support streamer= yet; use InterceptEngine for streaming")
+    if synced_gpus:
+        raise ValueError("infercept_hf.generate does not support synced_gpus=True (DeepSpeed ZeRO-3 / FSDP); "
+                         "serve sharded models with infercept_hf.distributed.TensorParallelEngine")
+    _check_model_kwargs(model_kwargs)
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
     batch = input_ids.shape[0]
@@ -102,6 +120,7 @@ def custom_generate(
     pad = _as_list(cfg.pad_token_id)
     pad_id = pad[0] if pad else (eos[0] if eos else 0)
     processors = logits_processor if logits_processor is not None and len(logits_processor) else None
+    stops = [c for c in (stopping_criteria or ()) if not isinstance(c, ENGINE_OWNED_CRITERIA)]
     answers = [sum(len(s.answer_ids) for s in x.segments) for x in interceptions] if interceptions else [0] * batch
     if num_blocks is None:
         bs = block_size or 16
@@ -120,8 +139,14 @@ def custom_generate(
     )
     try:
         ids = []
+        stop_checks = []
         for i, prompt in enumerate(prompts):
-            sampler = Sampler(processors, do_sample=bool(cfg.do_sample)) if (processors or cfg.do_sample) else None
+            padding = input_ids[i, : input_ids.shape[1] - len(prompt)].tolist()
+            sampler = None
+            if processors or cfg.do_sample:
+                row = _PaddedRow(LogitsProcessorList(row_processors(processors, i)), padding) if processors else None
+                sampler = Sampler(row, do_sample=bool(cfg.do_sample))
+            check = _RowStops(engine, StoppingCriteriaList(stops), padding + prompt) if stops else None
             ids.append(
                 engine.add_request(
                     prompt,
@@ -130,11 +155,22 @@ def custom_generate(
                     interceptions=interceptions[i] if interceptions else None,
                     sampler=sampler,
                     eos_token_id=eos,
+                    on_event=check,
                 )
             )
+            stop_checks.append(check)
         results = engine.run()
     finally:
         engine.close()
+    for check in stop_checks:
+        if check is not None and check.error is not None:
+            raise RuntimeError(f"a stopping criterion raised {describe(check.error)}") from check.error
+    # A row a tool failed ends where it failed (the tool's on_error); any other failure (a logits
+    # processor raising, NaN scores) raises, as it would from model.generate.
+    failed = [r for r in results.values() if r.finish_reason == "error"
+              and not (r.interceptions and r.interceptions[-1].error == r.error)]
+    if failed:
+        raise RuntimeError(f"generation failed for {len(failed)} row(s): {failed[0].error}")
     rows = [input_ids[i].tolist() + results[rid].token_ids for i, rid in enumerate(ids)]
     width = max(len(r) for r in rows)
     out = torch.full((batch, width), pad_id, dtype=torch.long, device=input_ids.device)
@@ -143,8 +179,63 @@ def custom_generate(
     return out
 
 
+class _PaddedRow:
+    """A row's processors, fed the row as `model.generate` holds it: its left padding first (a
+    length-based processor, `min_new_tokens` say, counts it; the repetition penalty masks it)."""
+
+    def __init__(self, processors: LogitsProcessorList, padding: list[int]) -> None:
+        self.processors = processors
+        self.padding = padding
+
+    def __call__(self, ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.padding:
+            ids = torch.cat([torch.tensor([self.padding], dtype=ids.dtype, device=ids.device), ids], dim=1)
+        return self.processors(ids, scores)
+
+
+class _RowStops:
+    """`stopping_criteria` checked on one row after each of its tokens, as `model.generate`
+    checks them on the batch; the row stops where they say. Criteria get `scores=None`
+    (a criterion that needs the scores raises, and generate() reports it)."""
+
+    def __init__(self, engine: InterceptEngine, criteria: StoppingCriteriaList, row: list[int]) -> None:
+        self.engine = engine
+        self.criteria = criteria
+        self.row = list(row)
+        self.error: Exception | None = None
+
+    def __call__(self, event: RequestEvent) -> None:
+        self.row.extend(event.token_ids)
+        if event.kind != "token" or self.error is not None:
+            return
+        try:
+            stop = bool(self.criteria(torch.tensor([self.row]), None).any())
+        except Exception as exc:  # noqa: BLE001 - reported once run() returns
+            self.error, stop = exc, True
+        if stop:
+            self.engine.cancel(event.request_id)
+
+
+def _check_model_kwargs(model_kwargs: dict[str, Any]) -> None:
+    """Refuse model inputs the engine would silently drop (it feeds the model token ids only)."""
+    unknown = sorted(k for k, v in model_kwargs.items()
+                     if k not in ENGINE_OWNED_KWARGS and v is not None and not (isinstance(v, dict) and not v))
+    if unknown:
+        raise ValueError(f"infercept_hf.generate does not support these generate() arguments: {unknown}")
+    cache = model_kwargs.get("past_key_values")
+    if cache is not None and cache.get_seq_length() > 0:
+        raise ValueError("infercept_hf.generate does not support a pre-filled past_key_values: the engine keeps its "
+                         "own paged cache; pass the full context as input_ids")
+
+
 def _check_supported(cfg: Any) -> None:
     """Refuse generation options the engine would otherwise silently ignore."""
+    if cfg.guidance_scale is not None and cfg.guidance_scale != 1:
+        raise ValueError("guidance_scale (classifier-free guidance) is not supported by infercept_hf.generate")
+    if cfg.penalty_alpha is not None and (cfg.top_k or 0) > 1:
+        raise ValueError("penalty_alpha (contrastive search) is not supported by infercept_hf.generate")
+    if cfg.dola_layers is not None:
+        raise ValueError("dola_layers (DoLa decoding) is not supported by infercept_hf.generate")
     if (cfg.num_beams or 1) > 1:
         raise ValueError("infercept_hf.generate supports greedy and sampling, not beam search (num_beams > 1)")
     if (cfg.num_return_sequences or 1) > 1:

@@ -353,7 +353,7 @@ class TensorParallelEngine(InterceptEngine):
         are never sent: every rank's own close cancels the rest)."""
         message = None
         if self.is_driver:
-            cancels = [("cancel", r.request_id, r.finish_time) for r in self._cancelled]
+            cancels = [("cancel", r.request_id, r.finish_time) for r in self._ready if r.finish_reason == "cancelled"]
             message = _Message(command, self._inbox + cancels)
             if command == "step":
                 now = self.clock()

@@ -7,21 +7,32 @@ call, or go on. Tools run on worker threads; the loop never waits on one.
 Threads: every public method takes the engine's lock, so `add_request` and `cancel` may be
 called from any thread while another drives `run()` or `step()`; they take effect between
 steps. `on_event` callbacks run outside the lock, in the order the events happened.
+
+Faults: whatever fails while the engine works for one request (tokenizing its answer,
+decoding for its triggers, its sampler, its tool's outcome) ends that request with
+`finish_reason="error"` and frees its blocks; the others carry on. A request's state moves
+forward only once the step's work for it has succeeded. A failure that is no one request's
+(the forward) leaves every request where it was: `step()` raises, and the next call picks up
+from the same state and returns what was already finished.
 """
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 
 from .batch_runner import ModelRunner
 from .cache import InterceptPagedCache
+from .checks import as_token_ids, finite_time, positive_int, token_id_set
 from .estimator import DurationEstimator
+from .faults import AnswerError, RequestFault, describe
 from .memory import PoolSizes, default_pool_sizes
 from .model_spec import ModelSpec
 from .outputs import InterceptionRecord, RequestEvent, RequestResult
@@ -29,31 +40,18 @@ from .policy import CostModel
 from .profiler import load_or_profile
 from .request import Request, Status
 from .sampling import GREEDY, Sampler
-from .scheduler import Scheduler, check_policy
+from .scheduler import Scheduler, StepPlan, check_policy
 from .stats import EngineStats
 from .step_inputs import LocalInputs
-from .tools import (
-    Answer,
-    PendingCall,
-    Scripted,
-    ScriptedCall,
-    Tool,
-    ToolCall,
-    ToolExecutor,
-    TriggerMatcher,
-    as_token_ids,
-    positive_int,
-)
+from .tool_pool import ToolPool
+from .tools import Answer, PendingCall, Scripted, ScriptedCall, Tool, ToolCall
+from .triggers import TriggerMatcher
 
 logger = logging.getLogger(__name__)
 
 IDLE_POLL_S = 0.05  # longest sleep of an idle loop: bounds how late an unannounced event is seen
 
 EventCallback = Callable[[RequestEvent], None]
-
-
-class AnswerError(ValueError):
-    """A tool answer this request cannot use: it fails the request, never the engine."""
 
 
 class InterceptEngine:
@@ -121,7 +119,7 @@ class InterceptEngine:
         self.scheduler = Scheduler(self.cache, policy, max_batch_tokens, self.cost, self.estimator)
         build_runner = batch_runner or (lambda m, c: ModelRunner(m, c, attention_backend))
         self.runner = build_runner(model, self.cache)
-        self.executor = ToolExecutor(max_tool_workers)
+        self.executor = ToolPool(max_tool_workers)
         self.stats_ = EngineStats(self.cache)
         self._requests: dict[int, Request] = {}
         self._matchers: dict[int, TriggerMatcher] = {}
@@ -129,7 +127,9 @@ class InterceptEngine:
         self._lock = threading.RLock()
         self._wakeup = threading.Event()
         self._closed = False
-        self._cancelled: list[Request] = []
+        self._ready: list[Request] = []  # finished (cancelled, failed, done), result not yet returned
+        self._held: list[RequestResult] = []  # results a raising run() had gathered: returned by the next call
+        self._last_time = -math.inf
         self._events: deque[tuple[EventCallback, RequestEvent]] = deque()
         self._dispatch_lock = threading.RLock()
         gen_cfg = getattr(model, "generation_config", None)
@@ -165,18 +165,17 @@ class InterceptEngine:
         max_new_tokens = positive_int(max_new_tokens, "max_new_tokens")
         if interceptions is not None and not isinstance(interceptions, Scripted):
             raise TypeError(f"interceptions must be an infercept_hf.Scripted, got {type(interceptions).__name__}")
-        tools = tuple(tools or ())
-        for t in tools:
-            if not isinstance(t, Tool):
-                raise TypeError(f"tools must be infercept_hf.Tool objects, got {type(t).__name__}")
+        tools = self._check_tools(tools)
         if on_event is not None and not callable(on_event):
             raise TypeError(f"on_event must be callable, got {type(on_event).__name__}")
+        if sampler is not None and not isinstance(sampler, Sampler):
+            raise TypeError(f"sampler must be an infercept_hf.Sampler (None: greedy), got {type(sampler).__name__}")
+        if arrival_time is not None:
+            arrival_time = finite_time(arrival_time, "arrival_time")
+        eos = self.default_eos if eos_token_id is None else token_id_set(eos_token_id, "eos_token_id")
         matcher = TriggerMatcher(tools, self.tokenizer) if tools else None
         answers = self._check_scripted(interceptions)
         self._check_fits(len(prompt), max_new_tokens, answers)
-        eos = self.default_eos if eos_token_id is None else frozenset(
-            [eos_token_id] if isinstance(eos_token_id, int) else eos_token_id
-        )
         with self._lock:
             self._check_open()
             rid = self._next_id
@@ -186,7 +185,7 @@ class InterceptEngine:
                 tokens=list(prompt),
                 prompt_len=len(prompt),
                 max_new_tokens=max_new_tokens,
-                arrival_time=self.clock() if arrival_time is None else arrival_time,
+                arrival_time=self._now() if arrival_time is None else arrival_time,
                 tools=tools,
                 scripted=interceptions,
                 eos_token_ids=eos,
@@ -202,6 +201,17 @@ class InterceptEngine:
             self.scheduler.add(req)
         self._wakeup.set()
         return rid
+
+    @staticmethod
+    def _check_tools(tools: Sequence[Tool] | None) -> tuple[Tool, ...]:
+        if tools is None:
+            return ()
+        if isinstance(tools, (Tool, str, bytes)) or not isinstance(tools, Sequence):
+            raise TypeError(f"tools must be a list of infercept_hf.Tool objects, got {type(tools).__name__}")
+        for t in tools:
+            if not isinstance(t, Tool):
+                raise TypeError(f"tools must be infercept_hf.Tool objects, got {type(t).__name__}")
+        return tuple(tools)
 
     def _check_prompt(self, prompt_ids: Sequence[int] | torch.Tensor) -> list[int]:
         if isinstance(prompt_ids, torch.Tensor):
@@ -257,7 +267,7 @@ class InterceptEngine:
             if req is None or req.status == Status.FINISHED:
                 return False
             self._cancel(req)
-            self._cancelled.append(req)
+            self._ready.append(req)
         self._wakeup.set()
         self._dispatch_events()
         return True
@@ -265,45 +275,75 @@ class InterceptEngine:
     def _cancel(self, req: Request) -> None:
         if req.pending is not None:
             req.pending.abandon()
-        self._finish(req, "cancelled", self.clock())
+        self._finish(req, "cancelled", self._now())
 
     def has_unfinished(self) -> bool:
         """True while some request's result has yet to be returned by `step()` or `run()`
         (a cancelled request's result comes with the next step)."""
         with self._lock:
-            return bool(self._requests)
+            return bool(self._requests or self._held)
+
+    def _now(self) -> float:
+        """The engine's time: its clock, never stepping back (a wall clock may be corrected
+        backwards; every duration the engine measures is a difference of these reads)."""
+        t = self.clock()
+        if t > self._last_time:  # a NaN read compares False and is ignored too
+            self._last_time = t
+        return self._last_time
 
     # ------------------------------------------------------------------ the loop
     def step(self) -> list[RequestResult]:
-        """One iteration. Returns the results of requests that finished in it (or were cancelled since the last)."""
-        with self._lock:
-            results = self._step()
-        self._dispatch_events()
+        """One iteration. Returns the results of requests that finished in it (or were cancelled
+        or failed since the last call).
+
+        Raises only for a failure that is no one request's (the forward itself, e.g. a device
+        error): then no request has moved, nothing is lost, and the next `step()` or `run()`
+        carries on and returns what had finished."""
+        try:
+            with self._lock:
+                results = self._step()
+        finally:
+            self._dispatch_events()
         return results
 
     def _step(self) -> list[RequestResult]:
         self._check_open()
-        done, self._cancelled = self._cancelled, []
-        now = self.clock()
-        self._collect_answers(now, done)
+        now = self._now()
+        self._collect_answers(now)
         plan = self.scheduler.schedule(now)
-        if plan.chunks:
-            t0 = self.clock()
-            logits = self.runner.forward(plan.chunks)
-            sampled = [c.request for c in plan.chunks if c.yields_token]
-            tokens = self.inputs.tokens(sampled, logits)
-            self.stats_.record_forward(plan, self.clock() - t0)
-            for c in plan.chunks:
-                self.cache.record_computed(c.request.rid, c.length)
-            now = self.clock()
-            for req, tok in zip(sampled, tokens):
-                self._append_token(req, tok, now, done)
-        self.cache.finish_transfers()
-        self.stats_.record_step(self.scheduler, self.clock())
+        try:
+            if plan.chunks:
+                self._compute(plan)
+        finally:
+            self.cache.finish_transfers()
+        self.stats_.record_step(self.scheduler, self._now())
+        return self._deliver()
+
+    def _compute(self, plan: StepPlan) -> None:
+        """Forward and sample, then advance every chunk's request. Nothing moves until both
+        succeeded, so a raise leaves the step to be run again from the same state."""
+        t0 = self._now()
+        logits = self.runner.forward(plan.chunks)
+        sampled = [c.request for c in plan.chunks if c.yields_token]
+        tokens = self.inputs.tokens(sampled, logits)
+        self.stats_.record_forward(plan, self._now() - t0)
+        for c in plan.chunks:
+            self.cache.record_computed(c.request.rid, c.length)
+        now = self._now()
+        for req, tok in zip(sampled, tokens):
+            if isinstance(tok, RequestFault):
+                self._fail(req, f"sampling failed: {tok}", now)
+            else:
+                self._append_token(req, tok, now)
+
+    def _deliver(self) -> list[RequestResult]:
+        done, self._ready = self._ready, []
+        results, self._held = self._held, []
         for r in done:
             self._requests.pop(r.request_id, None)
             self._matchers.pop(r.request_id, None)
-        return [r.result() for r in done]
+            results.append(r.result())
+        return results
 
     def run(self, progress: bool = False) -> dict[int, RequestResult]:
         """Drive until every request has finished (requests added meanwhile, from any thread,
@@ -315,24 +355,32 @@ class InterceptEngine:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(self._requests), desc="requests", unit="req")
-        while True:
-            with self._lock:
-                finished = self._run_step()
-            if finished is None:
-                break
-            self._dispatch_events()
-            results.update((r.request_id, r) for r in finished)
-            if bar is not None and finished:
-                bar.update(len(finished))
-            if not finished:
-                self.wait_for_work()
-        if bar is not None:
-            bar.close()
+        try:
+            while True:
+                try:
+                    with self._lock:
+                        finished = self._run_step()
+                finally:
+                    self._dispatch_events()
+                if finished is None:
+                    break
+                results.update((r.request_id, r) for r in finished)
+                if bar is not None and finished:
+                    bar.update(len(finished))
+                if not finished:
+                    self.wait_for_work()
+        except BaseException:
+            with self._lock:  # a step raised: the next call returns what this one had gathered
+                self._held[:0] = results.values()
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
         return results
 
     def _run_step(self) -> list[RequestResult] | None:
         """One iteration of `run()`, under the lock; None once there is nothing left to drive."""
-        if self._closed or not self._requests:
+        if self._closed or not (self._requests or self._held):
             return None
         return self._step()
 
@@ -342,17 +390,41 @@ class InterceptEngine:
         at most `timeout` seconds. Returns at once when there is work."""
         self._wakeup.clear()  # before looking: a wake-up from here on cuts the wait short
         with self._lock:
-            if self._closed or self._cancelled or self.scheduler.has_work():
+            if self._closed or self._ready or self._held or self.scheduler.has_work():
                 return
-            now = self.clock()
+            now = self._now()
             due = [t for r in self.scheduler.paused if (t := r.pending.next_check(now)) is not None]
         if due:
             timeout = min(timeout, min(due) - now)
         if timeout > 0:
             self._wakeup.wait(timeout)
 
-    # ------------------------------------------------------------------ per-token work
-    def _append_token(self, req: Request, tok: int, now: float, done: list[Request]) -> None:
+    # ------------------------------------------------------------------ per-request work
+    @contextmanager
+    def _isolated(self, req: Request, what: str, now: float) -> Iterator[None]:
+        """Work done for `req` alone: if it fails, `req` ends with the cause and the step goes on."""
+        try:
+            yield
+        except RequestFault as exc:
+            self._fail(req, str(exc), now)
+        except Exception as exc:  # noqa: BLE001 - one request's fault must not stop the others
+            logger.warning("request %d: %s failed", req.request_id, what, exc_info=True)
+            self._fail(req, f"{what} failed: {describe(exc)}", now)
+
+    def _fail(self, req: Request, message: str, now: float) -> None:
+        """End `req` with `finish_reason="error"`, from whatever state it is in; its blocks are freed."""
+        if req.status is Status.FINISHED:
+            return
+        if req.pending is not None:
+            req.pending.abandon()
+            req.pending = None
+        if req.interceptions and req.interceptions[-1].returned_at is None:  # failed inside a tool call
+            req.interceptions[-1] = req.interceptions[-1]._replace(returned_at=now, error=message)
+        req.error = message
+        self._finish(req, "error", now)
+        self._ready.append(req)
+
+    def _append_token(self, req: Request, tok: int, now: float) -> None:
         req.tokens.append(tok)
         req.num_generated += 1
         req.token_times.append(now)
@@ -365,12 +437,13 @@ class InterceptEngine:
             req.resume_pending_since = None
         if tok in req.eos_token_ids:
             self._finish(req, "stop", now)
-            done.append(req)
+            self._ready.append(req)
         elif req.num_generated >= req.max_new_tokens:
             self._finish(req, "length", now)
-            done.append(req)
+            self._ready.append(req)
         else:
-            self._maybe_pause(req, now)
+            with self._isolated(req, "looking for a tool call (trigger matching)", now):
+                self._maybe_pause(req, now)
 
     def _maybe_pause(self, req: Request, now: float) -> None:
         pending: PendingCall | None = None
@@ -390,22 +463,21 @@ class InterceptEngine:
             return
         req.pending = pending
         req.num_pauses += 1
+        req.interceptions.append(InterceptionRecord(pending.tool_name, pending.call_text, now, None, None, "", 0, {}))
         self.scheduler.pause(req, now)
-        req.interceptions.append(
-            InterceptionRecord(pending.tool_name, pending.call_text, now, None, None, req.strategy, 0, dict(req.waste))
-        )
+        req.interceptions[-1] = req.interceptions[-1]._replace(strategy=req.strategy, waste=dict(req.waste))
         self._emit(req, "tool_call", tool=pending.tool_name, text=pending.call_text)
 
-    def _collect_answers(self, now: float, done: list[Request]) -> None:
+    def _collect_answers(self, now: float) -> None:
         for req, answer in self.inputs.answers(self.scheduler.paused, now):
-            self._resume(req, answer, now, done)
+            self._resume(req, answer, now)
 
-    def _resume(self, req: Request, answer: Answer, now: float, done: list[Request]) -> None:
-        """Append the answer and queue the request, or fail it when the answer is unusable."""
-        pending, req.pending = req.pending, None
-        self.estimator.observe(pending.tool_name, now - pending.started_at)
-        error = answer.error
-        try:
+    def _resume(self, req: Request, answer: Answer, now: float) -> None:
+        """Append the answer and queue the request, or fail it when the answer is unusable.
+        Everything that can fail runs before the request is touched."""
+        pending = req.pending
+        with self._isolated(req, f"using the answer of tool {pending.tool_name!r}", now):
+            self.estimator.observe(pending.tool_name, now - pending.started_at)
             if answer.fail:
                 raise AnswerError(answer.error)
             ids = self._answer_ids(pending.tool_name, answer)
@@ -415,33 +487,35 @@ class InterceptEngine:
                     f"tool {pending.tool_name!r}: the context after its answer ({total} tokens) exceeds what the "
                     "model or the pool can hold"
                 )
-        except AnswerError as exc:
-            req.interceptions[-1] = req.interceptions[-1]._replace(returned_at=now, error=str(exc))
-            req.error = str(exc)
-            self._finish(req, "error", now)
-            done.append(req)
-            return
-        rec = req.interceptions[-1]
-        req.interceptions[-1] = rec._replace(
-            returned_at=now, strategy=req.strategy or rec.strategy, answer_len=len(ids), waste=dict(req.waste),
-            error=error,
-        )
-        req.tokens.extend(ids)
-        req.segment_start = len(req.tokens)
-        req.resume_pending_since = now
-        self.scheduler.resume(req, now)
-        self._emit(req, "tool_answer", token_ids=tuple(ids), tool=pending.tool_name, error=error)
+            req.pending = None
+            rec = req.interceptions[-1]
+            req.interceptions[-1] = rec._replace(
+                returned_at=now, strategy=req.strategy or rec.strategy, answer_len=len(ids), waste=dict(req.waste),
+                error=answer.error,
+            )
+            req.tokens.extend(ids)
+            req.segment_start = len(req.tokens)
+            req.resume_pending_since = now
+            self.scheduler.resume(req, now)
+            self._emit(req, "tool_answer", token_ids=tuple(ids), tool=pending.tool_name, error=answer.error)
 
     def _answer_ids(self, tool: str, answer: Answer) -> list[int]:
+        """The answer as ids inside the vocabulary, text or ids alike (an id past the vocabulary
+        would fail every later forward, of every request in the batch)."""
         value = answer.value
         if isinstance(value, str):
             if self.tokenizer is None:
                 what = answer.error or f"tool {tool!r} answered with text"
                 raise AnswerError(f"{what}; the engine has no tokenizer to encode it (pass tokenizer=, or answer ids)")
-            return list(self.tokenizer.encode(value, add_special_tokens=False))
+            try:
+                value = as_token_ids(self.tokenizer.encode(value, add_special_tokens=False), "the encoded answer")
+            except Exception as exc:  # noqa: BLE001 - the tokenizer's failure is this answer's
+                raise AnswerError(f"tool {tool!r}: the tokenizer could not encode its answer: {describe(exc)}") from exc
         bad = [t for t in value if not 0 <= t < self.vocab_size]
         if bad:
-            raise AnswerError(f"tool {tool!r} answered with token ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}")
+            raise AnswerError(
+                f"tool {tool!r} answered with token ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}"
+            )
         return list(value)
 
     def _finish(self, req: Request, reason: str, now: float) -> None:
@@ -507,7 +581,8 @@ class InterceptEngine:
                     self._cancel(req)
             self._requests.clear()
             self._matchers.clear()
-            self._cancelled.clear()
+            self._ready.clear()
+            self._held.clear()
             self._closed = True
         self._wakeup.set()
         self._dispatch_events()

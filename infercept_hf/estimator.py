@@ -26,9 +26,19 @@ DEFAULT_FLOOR_S = 1e-3
 
 
 def _check_duration(name: str, seconds: float) -> float:
+    """A duration given by the caller (a hint): refused when it makes no sense."""
     if not 0 <= seconds < float("inf"):  # also rejects NaN
         raise ValueError(f"{name} must be a finite number >= 0, got {seconds!r}")
     return float(seconds)
+
+
+def _measured(name: str, seconds: float) -> float:
+    """A duration measured as the difference of two clock reads: clamped at zero, since no
+    clock is trusted to be monotonic (an NTP step back must not fail a request). A NaN or an
+    infinity is still a bug upstream and is refused."""
+    if not -float("inf") < seconds < float("inf"):
+        raise ValueError(f"{name} must be a finite number, got {seconds!r}")
+    return max(float(seconds), 0.0)
 
 
 @dataclass
@@ -70,8 +80,8 @@ class DurationEstimator:
                 entry.estimate_s = entry.seed_s = seconds
 
     def observe(self, tool: str, seconds: float) -> None:
-        """A call of `tool` returned after `seconds`."""
-        seconds = _check_duration("seconds", seconds)
+        """A call of `tool` returned after `seconds` (a negative measurement counts as 0)."""
+        seconds = _measured("seconds", seconds)
         with self._lock:
             entry = self._tools.setdefault(tool, _ToolEstimate(seconds))
             entry.observations += 1
@@ -93,7 +103,7 @@ class DurationEstimator:
         estimate, and the online rule `max(elapsed_s, floor_s)` when there is no estimate or
         the call has outlived it (the estimate was evidently wrong for this call).
         """
-        elapsed_s = _check_duration("elapsed_s", elapsed_s)
+        elapsed_s = _measured("elapsed_s", elapsed_s)
         if self.oracle:
             if true_duration is None:
                 raise ValueError("oracle mode needs the call's true_duration")

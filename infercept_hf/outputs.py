@@ -7,7 +7,8 @@ from typing import NamedTuple
 class InterceptionRecord(NamedTuple):
     """One pause of one request, as it happened.
 
-    Times are `time.monotonic()` seconds (or the simulator's virtual clock). `waste` holds the
+    Times are seconds on the engine's clock (`time.monotonic()` by default, or the simulator's
+    virtual clock), never stepping back even if that clock does. `waste` holds the
     figures the policy compared when it chose `strategy` (bytes x seconds, keyed by strategy name).
     """
 
@@ -39,7 +40,7 @@ class RequestResult(NamedTuple):
     token_ids: list[int]
     num_generated: int
     finish_reason: str  # "length" | "stop" | "cancelled" | "error"
-    error: str | None
+    error: str | None  # with "error": what failed (the tool, the tokenizer, the sampler...) and why
     arrival_time: float
     first_token_time: float | None
     finish_time: float

@@ -11,12 +11,17 @@ Nothing here blocks the event loop: requests are added on a worker thread (the e
 may be held by a step), events come back through `loop.call_soon_threadsafe`, and a consumer
 that stops early (`break`, task cancelled, client gone) cancels its request, which frees its
 blocks at once.
+
+A failure of one request ends that stream only (its last event is a "finish" whose result has
+`finish_reason="error"`). A step that raises (a transient device error) is retried; only a step
+that keeps raising fails every open stream.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import functools
+import logging
 import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -25,6 +30,10 @@ from .engine import IDLE_POLL_S, InterceptEngine
 from .outputs import RequestEvent, RequestResult
 
 Listener = Callable[[RequestEvent | BaseException], None]
+
+logger = logging.getLogger(__name__)
+
+MAX_STEP_FAILURES = 3  # consecutive raising steps before the driver gives up on the engine
 
 
 class AsyncInterceptEngine:
@@ -81,19 +90,31 @@ class AsyncInterceptEngine:
 
     # ------------------------------------------------------------------ driver side
     def _drive(self) -> None:
+        failures = 0
         try:
             while not self._stop.is_set():
                 if self.engine.has_unfinished():
-                    self.engine.step()
+                    try:
+                        self.engine.step()
+                        failures = 0
+                    except Exception:
+                        if self.engine.closed:
+                            return  # closed under us is a normal way to stop
+                        failures += 1
+                        if failures >= MAX_STEP_FAILURES:
+                            raise
+                        logger.warning("engine step failed (%d in a row); retrying", failures, exc_info=True)
+                        self._stop.wait(IDLE_POLL_S * failures)
+                        continue
                 self.engine.wait_for_work(IDLE_POLL_S)
         except RuntimeError as exc:
-            if not self.engine.closed:  # closed under us is a normal way to stop
+            if not self.engine.closed:
                 self._fail_everyone(exc)
         except BaseException as exc:
             self._fail_everyone(exc)
 
     def _fail_everyone(self, exc: BaseException) -> None:
-        """An engine bug: every open stream raises rather than waits forever."""
+        """The engine cannot step any more: every open stream raises rather than waits forever."""
         self._failure = exc
         with self._listeners_lock:
             listeners = list(self._listeners)

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .faults import RequestFault, describe
 from .request import Request
 from .sampling import sample_batch
 from .tools import Answer
@@ -20,9 +21,20 @@ class LocalInputs:
     """The inputs of a step on one process."""
 
     def answers(self, paused: Sequence[Request], now: float) -> list[tuple[Request, Answer]]:
-        """The paused requests whose tool answered by `now`, with their answers, in pause order."""
-        return [(req, answer) for req in list(paused) if (answer := req.pending.poll(now)) is not None]
+        """The paused requests whose tool answered by `now`, with their answers, in pause order. A
+        poll that raises is that request's failure: it comes back as an answer that fails it."""
+        out = []
+        for req in list(paused):
+            try:
+                answer = req.pending.poll(now)
+            except Exception as exc:  # noqa: BLE001 - one request's fault must not stop the others
+                what = f"collecting the outcome of tool {req.pending.tool_name!r} failed: {describe(exc)}"
+                answer = Answer("", error=what, fail=True)
+            if answer is not None:
+                out.append((req, answer))
+        return out
 
-    def tokens(self, requests: Sequence[Request], logits: torch.Tensor) -> list[int]:
-        """One token per row of `logits`, drawn by each request's sampler."""
+    def tokens(self, requests: Sequence[Request], logits: torch.Tensor) -> list[int | RequestFault]:
+        """One token per row of `logits`, drawn by each request's sampler, or the fault that ends
+        that request."""
         return sample_batch([r.sampler for r in requests], [r.tokens for r in requests], logits)

@@ -15,7 +15,9 @@ import torch
 from .patches.tp_group import TPGroup
 
 from .batch_runner import ModelRunner
+from .faults import RequestFault
 from .request import Chunk, Request
+from .sampling import SamplingError
 from .step_inputs import LocalInputs
 from .tools import Answer, PendingCall, Tool, ToolCall
 
@@ -89,10 +91,15 @@ class ReplicatedInputs(LocalInputs):
         by_id = {r.request_id: r for r in paused}
         return [(by_id[rid], answer) for rid, answer in answers]
 
-    def tokens(self, requests: Sequence[Request], logits: torch.Tensor) -> list[int]:
-        """The driver samples (only its requests hold their real samplers); every rank appends its tokens."""
+    def tokens(self, requests: Sequence[Request], logits: torch.Tensor) -> list[int | RequestFault]:
+        """The driver samples (only its requests hold their real samplers); every rank appends its
+        tokens, and fails the requests whose sampling failed on the driver (sent as -1)."""
         mine = super().tokens(requests, logits) if self.group.is_driver else [0] * len(requests)
-        return self.group.broadcast(torch.tensor(mine, dtype=torch.long)).tolist()
+        sent = torch.tensor([-1 if isinstance(t, RequestFault) else t for t in mine], dtype=torch.long)
+        tokens = self.group.broadcast(sent).tolist()
+        if self.group.is_driver:
+            return mine
+        return [SamplingError("sampling failed on the driver rank") if t < 0 else t for t in tokens]
 
 
 def driver_only(call: ToolCall) -> str:

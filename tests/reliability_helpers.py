@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable, Sequence
 
 import infercept_hf as ih
-from conftest import greedy
+from conftest import TEST_COST, greedy
 
 
 class CharTokenizer:
@@ -80,3 +80,30 @@ async def eventually_async(condition: Callable[[], bool], timeout: float = 10.0)
     while not condition():
         assert time.monotonic() < deadline, "timed out waiting for the engine"
         await asyncio.sleep(0.005)
+
+
+def make_engine(model, policy="min-waste", **kw):
+    kw.setdefault("num_blocks", 64)
+    kw.setdefault("block_size", 4)
+    kw.setdefault("host_pool_bytes", 16 * 4 * 512)
+    return ih.InterceptEngine(model, policy=policy, cost_model=TEST_COST, **kw)
+
+
+def drive(engine, clock: ManualClock | None = None, max_steps: int = 500) -> dict[int, ih.RequestResult]:
+    """Step to the end, checking block accounting after every step; a bounded loop, so a deadlock fails."""
+    results = {}
+    for _ in range(max_steps):
+        if not engine.has_unfinished():
+            break
+        for r in engine.step():
+            results[r.request_id] = r
+        engine.cache.check_integrity()
+        if not engine.scheduler.has_work():
+            if clock is not None:
+                clock.advance(0.25)
+            else:
+                engine.wait_for_work(0.01)
+    assert not engine.has_unfinished(), "requests left after the step bound: deadlock or livelock"
+    assert engine.cache.is_empty() and engine.cache.free_device_blocks() == engine.cache.num_blocks
+    assert engine.cache.free_host_blocks() == engine.cache.num_host_blocks
+    return results

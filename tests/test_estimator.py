@@ -73,16 +73,30 @@ def test_online_mode_ignores_true_duration():
 
 
 @pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf")])
-def test_rejects_bad_durations(bad):
+def test_rejects_bad_hints(bad):
     est = DurationEstimator()
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="seconds must be a finite number >= 0"):
         est.seed("t", bad)
-    with pytest.raises(ValueError):
-        est.observe("t", bad)
-    with pytest.raises(ValueError):
-        est.remaining("t", bad)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="true_duration"):
         DurationEstimator(oracle=True).remaining("t", 1.0, true_duration=bad)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_rejects_measurements_that_are_not_numbers(bad):
+    est = DurationEstimator()
+    with pytest.raises(ValueError, match="must be a finite number"):
+        est.observe("t", bad)
+    with pytest.raises(ValueError, match="must be a finite number"):
+        est.remaining("t", bad)
+
+
+def test_a_clock_that_steps_back_measures_zero_not_an_error():
+    """Measured durations are clock differences; a clock stepped back (NTP) yields a negative one."""
+    est = DurationEstimator()
+    est.observe("t", 2.0)
+    est.observe("t", -5.0)
+    assert est.estimate("t") == pytest.approx(1.0)  # the mean of 2 and 0
+    assert est.remaining("t", -3.0) == pytest.approx(1.0)  # as if no time had passed
 
 
 @pytest.mark.parametrize("alpha", [0.0, -0.1, 1.5])

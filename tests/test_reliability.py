@@ -10,38 +10,20 @@ import pytest
 import torch
 
 import infercept_hf as ih
-from conftest import TEST_COST, prompts_for, reference_scripted, tiny_model
+from conftest import prompts_for, reference_scripted, tiny_model
 from infercept_hf.request import Status
-from reliability_helpers import CharTokenizer, Gate, ManualClock, eventually, eventually_async, reference_tool
+from reliability_helpers import (
+    CharTokenizer,
+    Gate,
+    ManualClock,
+    drive,
+    eventually,
+    eventually_async,
+    make_engine,
+    reference_tool,
+)
 
 TOK = CharTokenizer()
-
-
-def make_engine(model, policy="min-waste", **kw):
-    kw.setdefault("num_blocks", 64)
-    kw.setdefault("block_size", 4)
-    kw.setdefault("host_pool_bytes", 16 * 4 * 512)
-    return ih.InterceptEngine(model, policy=policy, cost_model=TEST_COST, **kw)
-
-
-def drive(engine, clock: ManualClock | None = None, max_steps: int = 500) -> dict[int, ih.RequestResult]:
-    """Step to the end, checking block accounting after every step; a bounded loop, so a deadlock fails."""
-    results = {}
-    for _ in range(max_steps):
-        if not engine.has_unfinished():
-            break
-        for r in engine.step():
-            results[r.request_id] = r
-        engine.cache.check_integrity()
-        if not engine.scheduler.has_work():
-            if clock is not None:
-                clock.advance(0.25)
-            else:
-                engine.wait_for_work(0.01)
-    assert not engine.has_unfinished(), "requests left after the step bound: deadlock or livelock"
-    assert engine.cache.is_empty() and engine.cache.free_device_blocks() == engine.cache.num_blocks
-    assert engine.cache.free_host_blocks() == engine.cache.num_host_blocks
-    return results
 
 
 def assert_holds_nothing(engine, rid: int) -> None:

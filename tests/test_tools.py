@@ -1,5 +1,5 @@
-"""tools.py on its own: argument checks, tool outcomes (raise, time out, wrong type), the worker
-slots an abandoned call gives back, and trigger matching. No model needed."""
+"""tools, tool_pool and triggers on their own: argument checks, tool outcomes (raise, time out,
+wrong type), the worker slots an abandoned call gives back, and trigger matching. No model needed."""
 from __future__ import annotations
 
 import math
@@ -9,7 +9,10 @@ import time
 import pytest
 
 import infercept_hf as ih
-from infercept_hf.tools import ScriptedCall, ToolExecutor, TriggerMatcher, as_token_ids
+from infercept_hf.checks import as_token_ids
+from infercept_hf.tool_pool import ToolPool
+from infercept_hf.tools import ScriptedCall
+from infercept_hf.triggers import TriggerMatcher
 from reliability_helpers import CharTokenizer, eventually
 
 
@@ -19,7 +22,7 @@ def call(text: str = "2+2") -> ih.ToolCall:
 
 def outcome(fn, **tool_kwargs) -> ih.tools.Answer:
     """Run one call to completion and poll its answer."""
-    executor = ToolExecutor(2)
+    executor = ToolPool(2)
     pending = executor.submit(ih.Tool("t", end=[1], fn=fn, **tool_kwargs), call())
     pending.future.exception(timeout=5)
     return pending.poll(time.monotonic())
@@ -113,7 +116,7 @@ def test_a_timed_out_call_is_abandoned_and_frees_its_slot():
         late.append(c.text)
         return [9]
 
-    executor = ToolExecutor(1)
+    executor = ToolPool(1)
     slow = ih.Tool("slow", end=[1], fn=hangs, timeout=0.5)
     t0 = time.monotonic()
     first = executor.submit(slow, ih.ToolCall("slow", "a", 0, (), t0))
@@ -129,7 +132,7 @@ def test_a_timed_out_call_is_abandoned_and_frees_its_slot():
 
 
 def test_timeout_can_fail_the_request_instead():
-    executor = ToolExecutor(1)
+    executor = ToolPool(1)
     gate = threading.Event()
     pending = executor.submit(ih.Tool("slow", end=[1], fn=lambda c: gate.wait(5), timeout=1, on_error="fail"), call())
     answer = pending.poll(call().started_at + 1.0)
@@ -140,7 +143,7 @@ def test_timeout_can_fail_the_request_instead():
 def test_close_abandons_queued_calls_before_they_start():
     started = []
     gate = threading.Event()
-    executor = ToolExecutor(1)
+    executor = ToolPool(1)
     executor.submit(ih.Tool("a", end=[1], fn=lambda c: gate.wait(5)), call())
     queued = executor.submit(ih.Tool("b", end=[1], fn=lambda c: started.append(c) or [1]), call())
     executor.close()
