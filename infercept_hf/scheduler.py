@@ -171,11 +171,12 @@ class Scheduler:
 
         min-waste recomputes in chunks that fill the device up to its saturation point S next to
         the running decodes (INFERCEPT's chunked recomputation), so no decode stalls behind a long
-        prefill; the other policies prefill as much as the batch allows, as vLLM does.
+        prefill; with no decode running nobody can stall, and chunks would only add steps, so it
+        prefills as much as the batch allows, as the other policies (and vLLM) always do.
         """
-        if self.policy != "min-waste":
+        decodes = sum(1 for r in self.running if r.uncached == 1) if self.policy == "min-waste" else 0
+        if not decodes:
             return self.max_batch_tokens
-        decodes = sum(1 for r in self.running if r.uncached == 1)
         return max(1, min(self.max_batch_tokens, self.cost.saturation_tokens) - decodes)
 
     # ------------------------------------------------------------------ memory
