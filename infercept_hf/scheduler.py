@@ -167,16 +167,24 @@ class Scheduler:
         return plan
 
     def _prefill_budget(self) -> int:
-        """Tokens for prompt, answer and recompute chunks this iteration (the chunk size of a recompute).
+        """Tokens for prompt, answer and recompute chunks this iteration: `_chunk_tokens()` while
+        chunking lowers waste, that is while decodes run (a long prefill would stall them) or while
+        memory is short (a chunk takes fewer blocks now, so a paused request may return before its
+        KV is evicted); otherwise chunks would only add steps."""
+        if not any(r.uncached == 1 for r in self.running) and not self._memory_pressure():
+            return self.max_batch_tokens
+        return self._chunk_tokens()
+
+    def _chunk_tokens(self) -> int:
+        """The chunk size of a recompute next to the running decodes.
 
         min-waste recomputes in chunks that fill the device up to its saturation point S next to
         the running decodes (INFERCEPT's chunked recomputation), so no decode stalls behind a long
-        prefill; with no decode running nobody can stall, and chunks would only add steps, so it
-        prefills as much as the batch allows, as the other policies (and vLLM) always do.
+        prefill; the other policies prefill as much as the batch allows, as vLLM does.
         """
-        decodes = sum(1 for r in self.running if r.uncached == 1) if self.policy == "min-waste" else 0
-        if not decodes:
+        if self.policy != "min-waste":
             return self.max_batch_tokens
+        decodes = sum(1 for r in self.running if r.uncached == 1)
         return max(1, min(self.max_batch_tokens, self.cost.saturation_tokens) - decodes)
 
     # ------------------------------------------------------------------ memory
@@ -310,7 +318,7 @@ class Scheduler:
         )
 
     def _waste_figures(self, req: Request, now: float) -> dict[str, float]:
-        figs = waste_figures(self._view(req, now), self._others_tokens(), self.cost, self._prefill_budget())
+        figs = waste_figures(self._view(req, now), self._others_tokens(), self.cost, self._chunk_tokens())
         return _as_dict(figs)
 
     def _min_waste(self, now: float, batch_tokens: int, swap_in_tokens: int) -> None:
@@ -342,7 +350,7 @@ class Scheduler:
         )
         pressure = self._memory_pressure()
         views = [self._view(r, now) for r in holders]
-        ranked = rank_by_waste(views, self._others_tokens(), self.cost, self._prefill_budget())
+        ranked = rank_by_waste(views, self._others_tokens(), self.cost, self._chunk_tokens())
         by_id = {r.request_id: r for r in holders}
         moved = 0
         for view, figs in ranked:

@@ -48,7 +48,12 @@ def main() -> None:
     p.add_argument("--policies", default=",".join(POLICIES))
     p.add_argument("--saturation-tokens", type=int,
                    help="override the profiled saturation point S (min-waste's chunk budget), e.g. 32")
+    p.add_argument("--threads", type=int,
+                   help="torch CPU threads (default: torch's); 1 keeps CPU time honest on a busy machine, "
+                        "where idle threads spin")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=1024, hidden_size=args.hidden, intermediate_size=4 * args.hidden,
                       num_hidden_layers=args.layers, num_attention_heads=8, num_key_value_heads=4,
