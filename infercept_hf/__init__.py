@@ -4,17 +4,44 @@ An implementation of INFERCEPT (Abhyankar et al., ICML 2024): while a sequence w
 tool, its KV cache is preserved, swapped to host memory, or discarded and recomputed in
 chunks, whichever wastes the least memory-time.
 """
-from .api import custom_generate, generate
-from .cache import InterceptPagedCache
-from .distributed import TensorParallelEngine, build_engine
-from .engine import InterceptEngine
-from .outputs import InterceptionRecord, RequestEvent, RequestResult
-from .policy import CostModel
-from .runner import UnsupportedModelError
-from .sampling import Sampler
-from .scheduler import POLICIES
-from .serving import AsyncInterceptEngine
-from .tools import Scripted, Tool, ToolCall
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+# name -> module: imported on first use, so that `infercept-bench --help` and other light
+# entry points do not pay for torch and transformers (seconds) before doing anything
+_EXPORTS = {
+    "custom_generate": "api", "generate": "api", "InterceptPagedCache": "cache",
+    "TensorParallelEngine": "distributed", "build_engine": "distributed", "InterceptEngine": "engine",
+    "InterceptionRecord": "outputs", "RequestEvent": "outputs", "RequestResult": "outputs",
+    "CostModel": "policy", "UnsupportedModelError": "runner", "Sampler": "sampling", "POLICIES": "scheduler",
+    "AsyncInterceptEngine": "serving", "Scripted": "tools", "Tool": "tools", "ToolCall": "tools",
+}
+
+if TYPE_CHECKING:
+    from .api import custom_generate, generate
+    from .cache import InterceptPagedCache
+    from .distributed import TensorParallelEngine, build_engine
+    from .engine import InterceptEngine
+    from .outputs import InterceptionRecord, RequestEvent, RequestResult
+    from .policy import CostModel
+    from .runner import UnsupportedModelError
+    from .sampling import Sampler
+    from .scheduler import POLICIES
+    from .serving import AsyncInterceptEngine
+    from .tools import Scripted, Tool, ToolCall
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'infercept_hf' has no attribute {name!r}")
+    value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
+
 
 __version__ = "0.1.0"
 

@@ -82,12 +82,14 @@ class InterceptEngine:
         executor: Callable[[torch.nn.Module, InterceptPagedCache], Any] | None = None,
         attention_backend: str = "auto",
         distributed_helper: Any = None,
+        estimator: DurationEstimator | None = None,
     ) -> None:
         """`executor(model, cache)` builds what runs each batch (`.forward(chunks) -> logits`): the
         default `ModelRunner` runs the model; the simulator passes one that advances a virtual `clock`
         by a cost model instead, so the same scheduler and policy code is measured at GPU scale.
         `distributed_helper` (transformers' `DistributedHelper`) gives the cache this rank's share of
-        KV heads under tensor parallelism (`distributed.TensorParallelEngine`)."""
+        KV heads under tensor parallelism (`distributed.TensorParallelEngine`). `estimator` predicts
+        pause lengths for min-waste (the benchmark's oracle passes one told the true durations)."""
         self.model = model
         self.tokenizer = tokenizer
         self.policy = check_policy(policy)
@@ -112,7 +114,7 @@ class InterceptEngine:
             distributed_helper=distributed_helper,
         )
         self.cost = cost_model or load_or_profile(model, dtype, device)
-        self.estimator = DurationEstimator()
+        self.estimator = estimator or DurationEstimator()
         self.scheduler = Scheduler(self.cache, policy, max_batch_tokens, self.cost, self.estimator)
         self.runner = executor(model, self.cache) if executor else ModelRunner(model, self.cache, attention_backend)
         self.executor = ToolExecutor(max_tool_workers)
@@ -400,6 +402,8 @@ class InterceptEngine:
     def _resume(self, req: Request, answer: Answer, now: float, done: list[Request]) -> None:
         """Append the answer and queue the request, or fail it when the answer is unusable."""
         pending, req.pending = req.pending, None
+        due = pending.next_check(now)  # a scripted answer is due at its deadline, not at the step that saw it
+        now = now if due is None else min(now, due)
         self.estimator.observe(pending.tool_name, now - pending.started_at)
         error = answer.error
         try:
@@ -483,6 +487,25 @@ class InterceptEngine:
         A consistent snapshot, taken under the step lock, for live views such as the demo's."""
         with self._lock:
             return {r.request_id: (r.strategy, dict(r.waste)) for r in self.scheduler.paused}
+
+    def timeline(self) -> list[dict[str, float]]:
+        """KV blocks by state after each step, oldest first (`{"t", "running", "preserved",
+        "swapped_host", "free"}`; thinned to every other sample on long runs)."""
+        with self._lock:
+            return list(self.stats_.timeline)
+
+    @property
+    def steps(self) -> int:
+        """Iterations that ran a forward so far: a caller driving `step()` sees whether one did."""
+        return self.stats_.steps
+
+    def next_answer_due(self) -> float | None:
+        """The earliest engine time at which a paused request's answer may be due (None: none
+        is known, only a finishing tool can wake the engine): a driver may sleep until then."""
+        with self._lock:
+            now = self.clock()
+            due = [t for r in self.scheduler.paused if (t := r.pending.next_check(now)) is not None]
+            return min(due, default=None)
 
     @property
     def closed(self) -> bool:
