@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import torch
 
 from infercept_hf.bench import runner
-from infercept_hf.bench.__main__ import max_positions
+from infercept_hf.bench.jobs import EngineSettings, make_jobs
+from infercept_hf.bench.models import max_positions
 from infercept_hf.bench.presets import PRESETS, get_preset
 from infercept_hf.bench.simulator import meta_model
 from infercept_hf.bench.workloads import KINDS, MIX, generate_trace
@@ -78,7 +79,7 @@ def run(test: LoadTest, model: torch.nn.Module, cost_model: CostModel | None) ->
     """One row per policy, yielded as each run ends (the UI redraws in between)."""
     test.check()
     if test.hardware == REAL:
-        settings = runner.EngineSettings(num_blocks=test.num_blocks, cost_model=cost_model)
+        settings = EngineSettings(num_blocks=test.num_blocks, cost_model=cost_model)
         limits = [n for n in (max_positions(model), settings.num_blocks * settings.block_size) if n]
         trace = generate_trace(test.mix, test.users, test.rate, test.seed, test.time_scale, test.context_scale,
                                min(limits))
@@ -86,7 +87,7 @@ def run(test: LoadTest, model: torch.nn.Module, cost_model: CostModel | None) ->
         preset = get_preset(test.hardware)
         model = meta_model(preset.make_config())
         trace = generate_trace(test.mix, test.users, test.rate, test.seed, max_context=preset.max_context)
-    jobs = runner.make_jobs(trace, model.config.get_text_config().vocab_size, test.seed)
+    jobs = make_jobs(trace, model.config.get_text_config().vocab_size, test.seed)
     for policy in test.policies:
         if test.hardware == REAL:
             result = runner.run_real(model, policy, jobs, settings)

@@ -88,6 +88,9 @@ class Scheduler:
         # min-waste: budget and tokens moved, per iteration (the most recent ones: a server runs for ever)
         self.swap_log: deque[SwapIteration] = deque(maxlen=SWAP_LOG_LENGTH)
         self.preemptions = 0
+        # the decisions behind the placements, counted (engine stats "moves"): every move of paused
+        # KV (at the pause and after it), and the iterations whose prefills min-waste chunked
+        self.moves: dict[str, int] = {}
 
     # ------------------------------------------------------------------ transitions
     def add(self, req: Request) -> None:
@@ -173,7 +176,10 @@ class Scheduler:
         KV is evicted); otherwise chunks would only add steps."""
         if not any(r.uncached == 1 for r in self.running) and not self._memory_pressure():
             return self.max_batch_tokens
-        return self._chunk_tokens()
+        chunk = self._chunk_tokens()
+        if chunk < self.max_batch_tokens:
+            self._note("chunked_iterations")
+        return chunk
 
     def _chunk_tokens(self) -> int:
         """The chunk size of a recompute next to the running decodes.
@@ -269,7 +275,12 @@ class Scheduler:
         eviction under memory pressure needs the blocks now and waits."""
         moved = self.cache.swap_out(req.rid, num_blocks, wait=wait)
         self._count_swap(req, moved)
+        if moved and req.status is Status.PAUSED:
+            self._note("swap_out_paused")
         return moved
+
+    def _note(self, move: str) -> None:
+        self.moves[move] = self.moves.get(move, 0) + 1
 
     def _count_swap(self, req: Request, blocks: int) -> None:
         if blocks:
@@ -278,6 +289,8 @@ class Scheduler:
 
     def _discard(self, req: Request, num_blocks: int | None = None) -> None:
         """Drop device blocks from the tail (all by default); the token log keeps what to recompute."""
+        if req.status is Status.PAUSED:
+            self._note("discard_paused")
         if num_blocks is None or not self.cache.supports_partial:
             self.cache.discard_host(req.rid)
             self.cache.discard_device(req.rid)
@@ -394,6 +407,7 @@ class Scheduler:
         for rid in host_victims(longer, missing * self.cache.block_size):
             victim = by_id[rid]
             self.cache.discard_host(victim.rid)
+            self._note("host_drop_paused")
             victim.num_cached = min(victim.num_cached, self.cache.device_blocks(victim.rid) * self.cache.block_size)
             victim.strategy = self._placement(victim)
             if self.cache.free_host_blocks() >= blocks:
