@@ -172,7 +172,7 @@ def build_app(model: Any, tokenizer: Any, tools: list[ih.Tool], policy: str = "m
             policies = gr.CheckboxGroup(list(ih.POLICIES), value=list(loadtest.DEFAULT_POLICIES), label="policies")
             start = gr.Button("Run load test", variant="primary")
             load_notice = gr.Markdown()
-            table = gr.Dataframe(headers=list(loadtest.COLUMNS), interactive=False, label="per policy")
+            table = gr.Dataframe(headers=list(loadtest.COLUMNS), interactive=False, label="per policy", wrap=True)
             with gr.Row():
                 rps_plot = gr.BarPlot(x="policy", y="value", title="completed requests/s (higher is better)",
                                       y_title="req/s", sort=list(ih.POLICIES), y_lim=[0, None], height=260)
@@ -195,13 +195,15 @@ def build_app(model: Any, tokenizer: Any, tools: list[ih.Tool], policy: str = "m
     return app
 
 
-def _load_frames(rows: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+def _load_frames(rows: list[dict]) -> tuple[pd.DataFrame, gr.BarPlot, gr.BarPlot]:
     table = pd.DataFrame(rows, columns=list(loadtest.COLUMNS))
 
-    def bars(column: str) -> pd.DataFrame:  # typed even when empty: the chart keeps its first axis types
-        return pd.DataFrame({"policy": table["policy"], "value": table[column]}).dropna().astype({"value": float})
+    def bars(column: str) -> gr.BarPlot:  # typed even when empty: the chart keeps its first axis types
+        frame = pd.DataFrame({"policy": table["policy"], "value": table[column]}).dropna().astype({"value": float})
+        top = float(frame["value"].max()) * 1.15 if len(frame) else 1.0  # headroom: the tallest bar stays whole
+        return gr.BarPlot(value=frame, y_lim=[0, top])
 
-    return table, bars("completed req/s"), bars("normalized latency (ms/token)")
+    return table, bars(loadtest.RPS_COLUMN), bars(loadtest.LATENCY_COLUMN)
 
 
 def main(argv: list[str] | None = None) -> None:
