@@ -195,13 +195,11 @@ def build_app(model: Any, tokenizer: Any, tools: list[ih.Tool], policy: str = "m
     return app
 
 
-def _load_frames(rows: list[dict]) -> tuple[pd.DataFrame, gr.BarPlot, gr.BarPlot]:
+def _load_frames(rows: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     table = pd.DataFrame(rows, columns=list(loadtest.COLUMNS))
 
-    def bars(column: str) -> gr.BarPlot:  # typed even when empty: the chart keeps its first axis types
-        frame = pd.DataFrame({"policy": table["policy"], "value": table[column]}).dropna().astype({"value": float})
-        top = float(frame["value"].max()) * 1.15 if len(frame) else 1.0  # headroom: the tallest bar stays whole
-        return gr.BarPlot(value=frame, y_lim=[0, top])
+    def bars(column: str) -> pd.DataFrame:  # typed even when empty: the chart keeps its first axis types
+        return pd.DataFrame({"policy": table["policy"], "value": table[column]}).dropna().astype({"value": float})
 
     return table, bars(loadtest.RPS_COLUMN), bars(loadtest.LATENCY_COLUMN)
 
