@@ -172,7 +172,7 @@ def build_app(model: Any, tokenizer: Any, tools: list[ih.Tool], policy: str = "m
             policies = gr.CheckboxGroup(list(ih.POLICIES), value=list(loadtest.DEFAULT_POLICIES), label="policies")
             start = gr.Button("Run load test", variant="primary")
             load_notice = gr.Markdown()
-            table = gr.Dataframe(headers=list(loadtest.COLUMNS), interactive=False, label="per policy")
+            table = gr.Dataframe(headers=list(loadtest.COLUMNS), interactive=False, label="per policy", wrap=True)
             with gr.Row():
                 rps_plot = gr.BarPlot(x="policy", y="value", title="completed requests/s (higher is better)",
                                       y_title="req/s", sort=list(ih.POLICIES), y_lim=[0, None], height=260)
@@ -201,7 +201,7 @@ def _load_frames(rows: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataF
     def bars(column: str) -> pd.DataFrame:  # typed even when empty: the chart keeps its first axis types
         return pd.DataFrame({"policy": table["policy"], "value": table[column]}).dropna().astype({"value": float})
 
-    return table, bars("completed req/s"), bars("normalized latency (ms/token)")
+    return table, bars(loadtest.RPS_COLUMN), bars(loadtest.LATENCY_COLUMN)
 
 
 def main(argv: list[str] | None = None) -> None:

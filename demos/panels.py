@@ -1,6 +1,6 @@
 """The live KV memory panel: where the shared engine's blocks are, sampled while requests run.
 
-Block counts come from the engine's own per-step timeline (`EngineStats.timeline`). What
+Block counts come from the engine's own per-step timeline (`InterceptEngine.timeline()`). What
 it does not record is sampled here: KV that was computed, then dropped, and not yet rebuilt
 (`Request.high_water - Request.num_cached`, over every live request), and the running total
 of recomputed tokens. Sampling reads plain attributes without the engine lock: a sample may
@@ -61,7 +61,7 @@ class MemoryMonitor:
     def block_frame(self, engine: ih.InterceptEngine) -> pd.DataFrame:
         """Long-form (t, series, blocks) for the last `WINDOW_S` seconds of the engine's timeline."""
         now = time.monotonic()
-        recent = [s for s in list(engine.stats_.timeline) if s["t"] >= now - WINDOW_S]
+        recent = [s for s in engine.timeline() if s["t"] >= now - WINDOW_S]
         recent = recent[:: max(1, len(recent) // MAX_POINTS)] or [{"t": now, **dict.fromkeys(BLOCK_SERIES, 0)}]
         rows = []
         for prev, sample in zip([None, *recent], recent, strict=False):

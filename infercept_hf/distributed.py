@@ -176,6 +176,7 @@ class ReplicaOptions(TypedDict, total=False):
     policy: str
     max_batch_tokens: int
     max_tool_workers: int
+    estimator: Any
 
 
 class _Message(NamedTuple):

@@ -82,6 +82,7 @@ class InterceptEngine:
         model_spec: ModelSpec | None = None,
         pool_sizes: PoolSizes | None = None,
         step_inputs: LocalInputs | None = None,
+        estimator: DurationEstimator | None = None,
     ) -> None:
         """`batch_runner(model, cache)` builds what runs each batch (`.forward(chunks) -> logits`): the
         default `ModelRunner` runs the model; the simulator passes one that advances a virtual `clock`
@@ -91,7 +92,8 @@ class InterceptEngine:
         `ModelSpec.of(model)`, for a caller that worked it out already (tensor parallel, to size pools);
         `pool_sizes`, pools that caller sized itself (then `num_blocks`, `block_size` and
         `host_pool_bytes` stay None). `step_inputs` gives each step its tool answers and sampled
-        tokens: `LocalInputs` by default; tensor-parallel replicas take the driver's."""
+        tokens: `LocalInputs` by default; tensor-parallel replicas take the driver's. `estimator`
+        predicts pause lengths for min-waste (the benchmark's oracle passes one told the true durations)."""
         self.model = model
         self.tokenizer = tokenizer
         self.policy = check_policy(policy)
@@ -114,7 +116,7 @@ class InterceptEngine:
             distributed_helper=distributed_helper,
         )
         self.cost = cost_model or load_or_profile(model, self.spec)
-        self.estimator = DurationEstimator()
+        self.estimator = estimator or DurationEstimator()
         self.inputs = step_inputs or LocalInputs()
         self.scheduler = Scheduler(self.cache, policy, max_batch_tokens, self.cost, self.estimator)
         build_runner = batch_runner or (lambda m, c: ModelRunner(m, c, attention_backend))
@@ -476,6 +478,8 @@ class InterceptEngine:
         """Append the answer and queue the request, or fail it when the answer is unusable.
         Everything that can fail runs before the request is touched."""
         pending = req.pending
+        due = pending.next_check(now)  # a scripted answer is due at its deadline, not at the step that saw it
+        now = now if due is None else min(now, due)
         with self._isolated(req, f"using the answer of tool {pending.tool_name!r}", now):
             self.estimator.observe(pending.tool_name, now - pending.started_at)
             if answer.fail:
@@ -560,6 +564,25 @@ class InterceptEngine:
         A consistent snapshot, taken under the step lock, for live views such as the demo's."""
         with self._lock:
             return {r.request_id: (r.strategy, dict(r.waste)) for r in self.scheduler.paused}
+
+    def timeline(self) -> list[dict[str, float]]:
+        """KV blocks by state after each step, oldest first (`{"t", "running", "preserved",
+        "swapped_host", "free"}`; thinned to every other sample on long runs)."""
+        with self._lock:
+            return list(self.stats_.timeline)
+
+    @property
+    def steps(self) -> int:
+        """Iterations that ran a forward so far: a caller driving `step()` sees whether one did."""
+        return self.stats_.steps
+
+    def next_answer_due(self) -> float | None:
+        """The earliest engine time at which a paused request's answer may be due (None: none
+        is known, only a finishing tool can wake the engine): a driver may sleep until then."""
+        with self._lock:
+            now = self._now()
+            due = [t for r in self.scheduler.paused if (t := r.pending.next_check(now)) is not None]
+            return min(due, default=None)
 
     @property
     def closed(self) -> bool:

@@ -89,6 +89,9 @@ class Scheduler:
         self.swap_log: deque[SwapIteration] = deque(maxlen=SWAP_LOG_LENGTH)
         self.preemptions = 0
         self._swapped_in_bytes = 0  # by the swap-ins of the iteration being scheduled
+        # the decisions behind the placements, counted (engine stats "moves"): every move of paused
+        # KV (at the pause and after it), and the iterations whose prefills min-waste chunked
+        self.moves: dict[str, int] = {}
 
     # ------------------------------------------------------------------ transitions
     def add(self, req: Request) -> None:
@@ -169,7 +172,19 @@ class Scheduler:
         return plan
 
     def _prefill_budget(self) -> int:
-        """Tokens for prompt, answer and recompute chunks this iteration (the chunk size of a recompute).
+        """Tokens for prompt, answer and recompute chunks this iteration: `_chunk_tokens()` while
+        chunking lowers waste, that is while decodes run (a long prefill would stall them) or while
+        memory is short (a chunk takes fewer blocks now, so a paused request may return before its
+        KV is evicted); otherwise chunks would only add steps."""
+        if not any(r.uncached == 1 for r in self.running) and not self._memory_pressure():
+            return self.max_batch_tokens
+        chunk = self._chunk_tokens()
+        if chunk < self.max_batch_tokens:
+            self._note("chunked_iterations")
+        return chunk
+
+    def _chunk_tokens(self) -> int:
+        """The chunk size of a recompute next to the running decodes.
 
         min-waste recomputes in chunks that fill the device up to its saturation point S next to
         the running decodes (INFERCEPT's chunked recomputation), so no decode stalls behind a long
@@ -260,10 +275,18 @@ class Scheduler:
     def _swap_out(self, req: Request, num_blocks: int | None, wait: bool = True) -> int:
         """`wait=False` lets the copy run behind the next forward (its blocks come free after it);
         eviction under memory pressure needs the blocks now and waits."""
-        return self.cache.swap_out(req.rid, num_blocks, wait=wait)
+        moved = self.cache.swap_out(req.rid, num_blocks, wait=wait)
+        if moved and req.status is Status.PAUSED:
+            self._note("swap_out_paused")
+        return moved
+
+    def _note(self, move: str) -> None:
+        self.moves[move] = self.moves.get(move, 0) + 1
 
     def _discard(self, req: Request, num_blocks: int | None = None) -> None:
         """Drop device blocks from the tail (all by default); the token log keeps what to recompute."""
+        if req.status is Status.PAUSED:
+            self._note("discard_paused")
         if num_blocks is None or not self.cache.supports_partial:
             self.cache.discard_host(req.rid)
             self.cache.discard_device(req.rid)
@@ -302,7 +325,7 @@ class Scheduler:
         )
 
     def _waste_figures(self, req: Request, now: float) -> dict[str, float]:
-        figs = waste_figures(self._view(req, now), self._others_tokens(), self.cost, self._prefill_budget())
+        figs = waste_figures(self._view(req, now), self._others_tokens(), self.cost, self._chunk_tokens())
         return _as_dict(figs)
 
     def _min_waste(self, now: float, batch_tokens: int, swap_in_tokens: int) -> None:
@@ -334,7 +357,7 @@ class Scheduler:
         )
         pressure = self._memory_pressure()
         views = [self._view(r, now) for r in holders]
-        ranked = rank_by_waste(views, self._others_tokens(), self.cost, self._prefill_budget())
+        ranked = rank_by_waste(views, self._others_tokens(), self.cost, self._chunk_tokens())
         by_id = {r.request_id: r for r in holders}
         moved = 0
         for view, figs in ranked:
@@ -376,6 +399,7 @@ class Scheduler:
         for rid in host_victims(longer, missing * self.cache.block_size):
             victim = by_id[rid]
             self.cache.discard_host(victim.rid)
+            self._note("host_drop_paused")
             victim.strategy = self._placement(victim)
             if self.cache.free_host_blocks() >= blocks:
                 return

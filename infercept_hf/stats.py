@@ -125,4 +125,5 @@ class EngineStats:
             "strategies": dict(self.strategies),
             "finished": dict(self.finished),
             "preemptions": scheduler.preemptions,
+            "moves": dict(scheduler.moves),
         }

@@ -170,12 +170,13 @@ def test_a_pause_answered_before_min_waste_decided_says_so():
 def test_memory_chart_is_never_empty_and_drops_to_zero_when_idle():
     now = time.monotonic()
     sample = {"running": 3, "preserved": 1, "swapped_host": 2}
-    engine = SimpleNamespace(stats_=SimpleNamespace(timeline=[]))
+    timeline: list[dict] = []
+    engine = SimpleNamespace(timeline=lambda: list(timeline))
     monitor = MemoryMonitor(lambda: None)
     try:
         empty = monitor.block_frame(engine)
         assert len(empty) == 3 and set(empty["blocks"]) == {0.0}  # a first frame with no rows draws no lines later
-        engine.stats_.timeline = [{"t": now - 5, **sample}, {"t": now - 1, **sample}]
+        timeline += [{"t": now - 5, **sample}, {"t": now - 1, **sample}]
         frame = monitor.block_frame(engine)
         assert list(frame["blocks"]) == [3, 1, 2, 0, 0, 0, 3, 1, 2]  # idle gap: zero, not a slope
     finally:

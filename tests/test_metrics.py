@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from infercept_hf.bench.metrics import merge_engine_stats, results_json, summarize, tool_excluded_itls
+from infercept_hf.bench.metrics import IN_FLIGHT, clip_to_window, merge_engine_stats, results_json, summarize, tool_excluded_itls
 from infercept_hf.bench.plots import plot_latency_vs_rate, plot_memory_timeline
 from infercept_hf.bench.report import markdown_summary
 from infercept_hf.outputs import InterceptionRecord, RequestResult
@@ -85,23 +85,45 @@ def test_empty_statistics_are_none_and_bad_input_is_refused():
     s = summarize([C, D], duration_s=5.0)
     assert s["completed"] == 0 and s["normalized_latency_mean_s"] is None and s["p99_itl_ms"] is None
     assert "ttft_ms" in s["slo"]
-    with pytest.raises(ValueError, match="duration_s"):
+    with pytest.raises(ValueError, match="measured duration must be > 0"):
         summarize(RUN, duration_s=0)
     with pytest.raises(ValueError, match="unknown SLO keys"):
         summarize(RUN, duration_s=1.0, slo={"ttft": 1.0})
 
 
-def test_merge_engine_stats_copies_known_keys_and_derives_recompute_share():
+def test_merge_engine_stats_copies_known_keys_and_shares_recompute_by_tokens():
     base = summarize(RUN, duration_s=10.0)
     stats = {"recompute_share": 0.3, "waste_by_cause": {"preserve": 5.0, "discard": 1.0}, "swapped_bytes": 4096,
-             "swap_gbps": 2.5, "recomputed_tokens": 70, "device_blocks_used": 0}
+             "swap_gbps": 2.5, "recomputed_tokens": 70, "forward_tokens": 280, "device_blocks_used": 0}
     merged = merge_engine_stats(base, stats)
-    assert merged["recompute_share"] == 0.3
+    assert merged["recompute_share"] == 0.25  # by tokens, as for the peers
+    assert merged["recompute_time_share"] == 0.3  # the engine's own figure, by forward seconds
     assert merged["waste_by_cause"] == {"preserve": 5.0, "swap": 0.0, "discard": 1.0}
     assert (merged["swapped_bytes"], merged["swap_gbps"], merged["recomputed_tokens"]) == (4096, 2.5, 70)
     assert "device_blocks_used" not in merged and "recompute_share" not in base
-    assert merge_engine_stats(base, {"forward_s": 4.0, "recompute_forward_s": 1.0})["recompute_share"] == 0.25
-    assert merge_engine_stats(base, {"forward_tokens": 200, "recomputed_tokens": 50})["recompute_share"] == 0.25
+    peer = merge_engine_stats(base, {"forward_s": 4.0, "forward_tokens": 200, "recomputed_tokens": 50})
+    assert peer["recompute_share"] == 0.25 and "recompute_time_share" not in peer
+
+
+def test_window_counts_requests_in_flight_as_the_reference_does():
+    # E arrives at 1.0 s, tokens at 2.0, 2.5, 3.5 (after a pause from 2.5 s to 3.4 s): at the window's end
+    # (3.0 s) it has 2 tokens and 0.5 s of tool time, so (3.0 - 1.0 - 0.5) / 2 = 0.75 s/token
+    pause = InterceptionRecord("scripted", "", paused_at=2.5, returned_at=3.4, resumed_at=3.45, strategy="swap",
+                               answer_len=1, waste={})
+    e = result(4, 1.0, [2.0, 2.5, 3.5], interceptions=[pause])
+    late = result(5, 2.9, [3.2, 3.3])  # no token by 3.0 s: left out, as the reference leaves it out
+    early = result(6, 0.2, [0.3, 0.4])  # arrived before the window opened: rates count it, latencies do not
+    clipped = clip_to_window([A, B, e, late, early], 0.4, 3.0)
+    assert [r.request_id for r in clipped] == [1, 4]  # A arrived at 0 s, before the window
+    assert clipped[0] is B  # finished inside the window: kept whole
+    cut = clipped[1]
+    assert (cut.finish_reason, cut.finish_time, cut.num_generated) == (IN_FLIGHT, 3.0, 2)
+    assert cut.interceptions[0].returned_at == 3.0 and cut.interceptions[0].resumed_at is None
+    assert cut.normalized_latency == pytest.approx(0.75)
+    s = summarize([A, B, e, late, early], duration_s=99.0, window=(0.4, 3.0))
+    assert (s["duration_s"], s["completed"], s["in_flight"]) == (pytest.approx(2.6), 1, 1)
+    assert s["completed_rps"] == pytest.approx(2 / 2.6)  # B (1.0 s) and `early` (0.4 s) finished inside it
+    assert s["normalized_latency_mean_s"] == pytest.approx((0.5 / 4 + 0.75) / 2)  # B and E
 
 
 def test_results_json_fills_the_keys_every_run_must_have():
@@ -126,15 +148,20 @@ def _is_png(path):
 
 
 def test_plots_write_png_files(tmp_path):
-    plot_latency_vs_rate(RUNS, tmp_path / "latency.png")
+    plot_latency_vs_rate(RUNS, tmp_path / "latency.png", slo=0.3)
+    plot_latency_vs_rate([r for r in RUNS if r["qps"] == 1.0], tmp_path / "bars.png", slo=0.3)  # one rate: bars
     samples = [{"t": 10 + i * 0.1, "running": i % 5, "preserved": 2, "swapped_host": i % 3, "free": 10 - i % 5}
                for i in range(50)]
-    plot_memory_timeline(samples, tmp_path / "memory.png")
-    assert _is_png(tmp_path / "latency.png") and _is_png(tmp_path / "memory.png")
+    plot_memory_timeline(samples, tmp_path / "memory.png", policy="swap", x_max=8.0)
+    assert all(_is_png(tmp_path / f) for f in ("latency.png", "bars.png", "memory.png"))
 
 
-def test_markdown_summary_has_a_table_per_rate():
+def test_markdown_summary_has_a_table_per_rate_with_rows_in_the_order_given():
     md = markdown_summary(RUNS)
+    assert [line.split(" | ")[0] for line in md.splitlines() if line.startswith("| discard") or
+            line.startswith("| min-waste")] == ["| discard", "| min-waste"] * 2
+    reordered = markdown_summary([r for r in RUNS if r["policy"] == "min-waste"] + [r for r in RUNS if r["policy"] == "discard"])
+    assert reordered.index("| min-waste") < reordered.index("| discard")
     assert md.index("### 1 requests/s") < md.index("### 2 requests/s")
     assert md.count("| policy |") == 2
     rows = [line for line in md.splitlines() if line.startswith("| min-waste")]

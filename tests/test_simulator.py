@@ -7,10 +7,12 @@ import pytest
 import torch
 
 from infercept_hf.bench import policy_runs
+from infercept_hf.bench.jobs import make_jobs
 from infercept_hf.bench.presets import A100_80G, PRESETS, get_preset
 from infercept_hf.bench.simulator import HardwareModel, VirtualClock, meta_model, sim_engine
 from infercept_hf.bench.workloads import generate_trace
-from infercept_hf.request import Chunk, Request
+from infercept_hf.request import Request
+from infercept_hf.request import Chunk
 
 from conftest import VOCAB, tiny_model
 
@@ -35,7 +37,7 @@ def _small_trace(seed: int):
 
 def _replay(engine, clock, jobs):
     recorder = Recorder(engine)
-    results, duration = policy_runs.replay(engine, jobs, clock, policy_runs.virtual_wait(clock))
+    results, _, duration = policy_runs.replay(engine, jobs, clock, policy_runs.virtual_wait(clock))
     strategies = {r.request_id: [(i.strategy, round(i.paused_at, 9)) for i in r.interceptions] for r in results}
     stats = engine.stats()
     engine.cache.check_integrity()
@@ -52,7 +54,7 @@ def test_simulated_and_executed_runs_schedule_alike(policy):
     twin = meta_model(model.config, dtype=torch.float32)
     hardware = HardwareModel.for_model(model, A100_80G)
     assert hardware == HardwareModel.for_model(twin, A100_80G)
-    jobs = policy_runs.make_jobs(_small_trace(seed=3), VOCAB, seed=3)
+    jobs = make_jobs(_small_trace(seed=3), VOCAB, seed=3)
     sizes = dict(num_blocks=24, block_size=4, host_pool_bytes=6 * 4 * hardware.kv_bytes_per_token, max_batch_tokens=48)
     real = _replay(*sim_engine(model, hardware, policy, run_model=True, **sizes), jobs)
     sim = _replay(*sim_engine(twin, hardware, policy, **sizes), jobs)
@@ -70,7 +72,7 @@ def test_two_thousand_requests_fast_and_leak_free():
     preset = get_preset("gpt-j-6b/a100-80g")
     model = meta_model(preset.make_config())
     trace = generate_trace("mix", 2000, 10.0, 0, time_scale=0.02, context_scale=0.2, max_context=preset.max_context)
-    jobs = policy_runs.make_jobs(trace, model.config.vocab_size, 0)
+    jobs = make_jobs(trace, model.config.vocab_size, 0)
     t0 = time.perf_counter()
     run = policy_runs.run_simulated(preset, model, "min-waste", jobs)  # checks integrity and empty pools itself
     assert time.perf_counter() - t0 < 60

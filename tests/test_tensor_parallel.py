@@ -198,7 +198,7 @@ def test_tensor_parallel_cost_model(llama):
 
 
 BENCH_ARGS = ["--num-requests", "4", "--qps", "4", "--policies", "discard,min-waste", "--num-blocks", "64",
-              "--block-size", "8", "--max-batch-tokens", "64"]
+              "--block-size", "8", "--max-batch-tokens", "64", "--warmup", "0", "--window", "60"]
 
 
 def test_bench_runs_tensor_parallel(llama, tmp_path):

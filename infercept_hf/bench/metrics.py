@@ -6,6 +6,12 @@ computes them (`*_tpot_ms`, `*_e2el_ms`, tool time included, as a client would s
 with tool time removed (`*_tpot_excl_tool_ms`, `*_e2el_excl_tool_ms`). Goodput judges the
 tool-excluded figures. Statistics of an empty set are None (vLLM reports 0, which reads as a
 perfect latency). Definitions: docs/WORKLOADS.md.
+
+Steady state, as the INFERCEPT reference measures it: given a window `(start, end)`, rates
+count what happened inside it, and latencies cover the requests that arrived inside it,
+those still in flight at its end included, judged on what they had by then (the reference's
+normalized latency of an unfinished request: time so far, less tool time so far, per token
+so far). A request with no token by the end is left out, as the reference leaves it out.
 """
 from __future__ import annotations
 
@@ -17,9 +23,10 @@ import numpy as np
 from ..outputs import RequestResult
 
 COMPLETED = ("length", "stop")
+IN_FLIGHT = "in-flight"  # the finish reason of a request clipped at the end of the window
 DEFAULT_SLO: dict[str, float] = {"ttft_ms": 2000.0, "tpot_ms": 100.0}
 SLO_KEYS = ("ttft_ms", "tpot_ms", "e2el_ms")
-ENGINE_KEYS = ("recomputed_tokens", "swapped_bytes", "swap_gbps", "strategies", "preemptions")
+ENGINE_KEYS = ("recomputed_tokens", "swapped_bytes", "swap_gbps", "strategies", "preemptions", "moves")
 WASTE_CAUSES = ("preserve", "swap", "discard")
 RUN_KEYS = (
     "policy", "qps", "completed_rps", "normalized_latency_mean_s", "normalized_latency_p99_s",
@@ -77,12 +84,43 @@ def _good(ttft_s: float, tpot_excl_s: float | None, e2el_excl_s: float, slo: Map
     return all(measured[k] <= limit for k, limit in slo.items())
 
 
+def clip_to_window(results: Sequence[RequestResult], start: float, end: float) -> list[RequestResult]:
+    """The requests that arrived in `[start, end)`, as they stood at `end`: one finished by then
+    is kept whole; one still running is cut there (its tokens, pauses and time up to `end`,
+    finish reason `IN_FLIGHT`); one with no token by then is dropped."""
+    out = []
+    for r in results:
+        if not start <= r.arrival_time < end:
+            continue
+        if r.finish_time <= end and r.finish_reason != "cancelled":
+            out.append(r)
+            continue
+        times = [t for t in r.token_times if t <= end]
+        if not times:
+            continue
+        records = [
+            rec._replace(returned_at=min(end, rec.returned_at if rec.returned_at is not None else end),
+                         resumed_at=rec.resumed_at if rec.resumed_at is not None and rec.resumed_at <= end else None)
+            for rec in r.interceptions if rec.paused_at < end
+        ]
+        out.append(r._replace(num_generated=len(times), finish_reason=IN_FLIGHT, error=None, finish_time=end,
+                              token_times=times, interceptions=records))
+    return out
+
+
 def summarize(
-    results: Sequence[RequestResult], duration_s: float, slo: Mapping[str, float] | None = None
+    results: Sequence[RequestResult], duration_s: float, slo: Mapping[str, float] | None = None,
+    window: tuple[float, float] | None = None,
 ) -> dict[str, Any]:
-    """Metrics of one run over its wall-clock window `duration_s`."""
+    """Metrics of one run: over its whole length `duration_s`, or over `window` (start and end
+    on the results' clock; `duration_s` is then ignored)."""
+    everything = results
+    if window is not None:
+        start, end = window
+        duration_s = end - start
+        results = clip_to_window(results, start, end)
     if not duration_s > 0:
-        raise ValueError(f"duration_s must be > 0, got {duration_s}")
+        raise ValueError(f"the measured duration must be > 0, got {duration_s}")
     slo = dict(DEFAULT_SLO if slo is None else slo)
     bad = sorted(set(slo) - set(SLO_KEYS))
     if bad:
@@ -96,7 +134,8 @@ def summarize(
     tpots_excl_each = [_tpot(r, exclude_tool=True) for r in done]  # None for a single-token output
     tpots_excl = [t for t in tpots_excl_each if t is not None]
     itls = [gap for r in done for gap in tool_excluded_itls(r)]
-    normalized = [r.normalized_latency for r in done]
+    in_flight = [r for r in results if r.finish_reason == IN_FLIGHT]
+    normalized = [r.normalized_latency for r in (*done, *in_flight)]
     records = [rec for r in results for rec in r.interceptions]
     resumes = [
         rec.resumed_at - rec.returned_at
@@ -104,17 +143,24 @@ def summarize(
         if rec.resumed_at is not None and rec.returned_at is not None
     ]
     output_tokens = sum(r.num_generated for r in done)
-    completed_rps = len(done) / duration_s
+    if window is None:
+        completed_rps = len(done) / duration_s
+        generated = sum(r.num_generated for r in results)
+    else:  # whatever finished or was generated inside the window, whenever it arrived
+        finished = [r for r in everything if r.finish_reason in COMPLETED and start <= r.finish_time <= end]
+        completed_rps = len(finished) / duration_s
+        generated = sum(start <= t <= end for r in everything for t in r.token_times)
     out: dict[str, Any] = {
         "duration_s": duration_s,
         "requests": len(results),
         "completed": len(done),
+        "in_flight": len(in_flight),
         "failed": reasons.count("error"),
         "cancelled": reasons.count("cancelled"),
         "completed_rps": completed_rps,
         "normalized_latency_mean_s": _stat(normalized, "mean"),
         "normalized_latency_p99_s": _stat(normalized, 99),
-        "throughput_tok_s": sum(r.num_generated for r in results) / duration_s,
+        "throughput_tok_s": generated / duration_s,
         "request_throughput": completed_rps,  # vLLM's name for it
         "output_throughput": output_tokens / duration_s,
         "total_token_throughput": (output_tokens + sum(r.prompt_len for r in done)) / duration_s,
@@ -135,18 +181,17 @@ def summarize(
 
 
 def merge_engine_stats(summary: Mapping[str, Any], stats: Mapping[str, Any]) -> dict[str, Any]:
-    """The summary plus the engine-side figures of `InterceptEngine.stats()` that it holds.
+    """The summary plus the engine-side figures of `InterceptEngine.stats()` (or a peer's) that it holds.
 
-    `recompute_share` is taken as the engine reports it (forward seconds spent recomputing /
-    all forward seconds), else computed from seconds, else from tokens.
+    `recompute_share` is by tokens for every contender (tokens computed again / all tokens
+    the forwards processed); the engine, which times its forwards per chunk, also reports the
+    share of forward seconds as `recompute_time_share`.
     """
     out = dict(summary)
-    if "recompute_share" in stats:
-        out["recompute_share"] = stats["recompute_share"]
-    elif stats.get("forward_s") and "recompute_forward_s" in stats:
-        out["recompute_share"] = stats["recompute_forward_s"] / stats["forward_s"]
-    elif stats.get("forward_tokens") and "recomputed_tokens" in stats:
+    if stats.get("forward_tokens") and "recomputed_tokens" in stats:
         out["recompute_share"] = stats["recomputed_tokens"] / stats["forward_tokens"]
+    if "recompute_share" in stats:  # the engine's own figure is by forward time
+        out["recompute_time_share"] = stats["recompute_share"]
     if "waste_by_cause" in stats:
         waste = stats["waste_by_cause"]
         out["waste_by_cause"] = {cause: float(waste.get(cause, 0.0)) for cause in WASTE_CAUSES}

@@ -10,9 +10,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from transformers import GPTJConfig, LlamaConfig, PretrainedConfig
+from typing import TYPE_CHECKING
 
-from ..model_spec import max_positions
+if TYPE_CHECKING:
+    from transformers import GPTJConfig, LlamaConfig, PretrainedConfig
+
 
 GIB = 1 << 30
 
@@ -79,10 +81,14 @@ class Preset:
 
     @property
     def max_context(self) -> int:
+        from ..model_spec import max_positions  # here: the presets are listed before torch is needed
+
         return int(max_positions(self.make_config()))
 
 
 def gpt_j_6b() -> GPTJConfig:
+    from transformers import GPTJConfig  # here, not above: `infercept-bench --help` must not load transformers
+
     return GPTJConfig(
         vocab_size=50400, n_positions=2048, n_embd=4096, n_layer=28, n_head=16, rotary_dim=64, n_inner=None,
         activation_function="gelu_new", tie_word_embeddings=False,
@@ -90,6 +96,8 @@ def gpt_j_6b() -> GPTJConfig:
 
 
 def vicuna_13b() -> LlamaConfig:
+    from transformers import LlamaConfig
+
     return LlamaConfig(
         vocab_size=32000, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
         num_key_value_heads=40, max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False,
@@ -97,6 +105,8 @@ def vicuna_13b() -> LlamaConfig:
 
 
 def llama_3_70b() -> LlamaConfig:
+    from transformers import LlamaConfig
+
     return LlamaConfig(
         vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
         num_key_value_heads=8, max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=500000.0,

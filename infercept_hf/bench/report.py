@@ -1,4 +1,5 @@
-"""A markdown summary of benchmark runs: one table per request rate, one row per policy."""
+"""A markdown summary of benchmark runs: one table per request rate, one row per policy, in the
+order the runs came (the order of --policies)."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -14,7 +15,9 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("TTFT p99 (ms)", "p99_ttft_ms", "{:.0f}"),
     ("ITL p99 (ms)", "p99_itl_ms", "{:.1f}"),
     ("resume mean (ms)", "mean_resume_latency_ms", "{:.1f}"),
-    ("recompute share", "recompute_share", "{:.1%}"),
+    ("in flight at window end", "in_flight", "{:d}"),
+    ("recompute share (tokens)", "recompute_share", "{:.1%}"),
+    ("recompute share (forward time)", "recompute_time_share", "{:.1%}"),
 )
 
 
@@ -41,8 +44,18 @@ def markdown_summary(runs: Sequence[Mapping[str, Any]]) -> str:
             "| " + " | ".join(header) + " |",
             "|" + "---|" * len(header),
         ]
-        for run in sorted((r for r in runs if r["qps"] == qps), key=lambda r: str(r["policy"])):
+        for run in (r for r in runs if r["qps"] == qps):
             cells = [str(run["policy"]), *(_cell(run.get(key), fmt) for _, key, fmt in COLUMNS), _waste(run)]
             lines.append("| " + " | ".join(cells) + " |")
         parts.append("\n".join(lines))
     return "\n\n".join(parts) + "\n"
+
+
+def sustainable_table(rates: Mapping[str, Any], slo: float) -> str:
+    """The sustainable rate per policy (`policy_runs.Sustainable`), with its note."""
+    lines = [f"### Sustainable rate (normalized latency mean <= {slo:g} s/token)", "",
+             "| policy | requests/s | note |", "|---|---|---|"]
+    for policy, s in rates.items():
+        rate = "-" if s.rate is None else (">= " if s.note == "not broken" else "") + f"{s.rate:.2f}"
+        lines.append(f"| {policy} | {rate} | {s.note} |")
+    return "\n".join(lines) + "\n"

@@ -29,6 +29,7 @@ from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from ..cache import InterceptPagedCache
 from ..engine import InterceptEngine
+from ..estimator import DurationEstimator
 from ..offload import SwapPipeline, Transfer
 from ..policy import CostModel
 from ..model_spec import kv_bytes_per_token
@@ -222,9 +223,10 @@ def sim_engine(
     max_batch_tokens: int,
     block_size: int = BLOCK_SIZE,
     run_model: bool = False,
+    estimator: DurationEstimator | None = None,
 ) -> tuple[InterceptEngine, VirtualClock]:
     """An engine on a fresh virtual clock that `hardware` advances. `run_model=True` also runs
-    `model` (a real one) for its logits: the same schedule, executed."""
+    `model` (a real one) for its logits: the same schedule, executed. `estimator`: the engine's."""
     clock = VirtualClock()
 
     def executor(model: torch.nn.Module, cache: InterceptPagedCache) -> SimExecutor:
@@ -233,12 +235,13 @@ def sim_engine(
     engine = InterceptEngine(
         model, policy=policy, num_blocks=num_blocks, block_size=block_size, host_pool_bytes=host_pool_bytes,
         max_batch_tokens=max_batch_tokens, cost_model=hardware.cost_model(), clock=clock, batch_runner=executor,
+        estimator=estimator,
     )
     return engine, clock
 
 
 def preset_engine(
-    preset: Preset, policy: str, model: torch.nn.Module | None = None
+    preset: Preset, policy: str, model: torch.nn.Module | None = None, estimator: DurationEstimator | None = None
 ) -> tuple[InterceptEngine, VirtualClock]:
     """An engine for `preset`, its KV pool sized from GPU memory minus weights (`model`: a
     `meta_model` of the preset's config to reuse across runs)."""
@@ -246,5 +249,5 @@ def preset_engine(
     hardware = HardwareModel.for_preset(model, preset)
     return sim_engine(
         model, hardware, policy, num_blocks=hardware.kv_pool_blocks(BLOCK_SIZE),
-        host_pool_bytes=preset.host_pool_bytes, max_batch_tokens=preset.max_batch_tokens,
+        host_pool_bytes=preset.host_pool_bytes, max_batch_tokens=preset.max_batch_tokens, estimator=estimator,
     )
