@@ -23,6 +23,7 @@ from patches.architectures import paged_cache_config
 from patches.placement import execution_device
 
 from .cache import InterceptPagedCache
+from .chat_tools import ChatFormat, ChatPending, ChatSession, split_tools
 from .estimator import DurationEstimator
 from .memory import default_pool_sizes
 from .outputs import InterceptionRecord, RequestEvent, RequestResult
@@ -121,6 +122,7 @@ class InterceptEngine:
         self.vocab_size = config.vocab_size
         self._requests: dict[int, Request] = {}
         self._matchers: dict[int, TriggerMatcher] = {}
+        self._chats: dict[int, ChatSession] = {}  # requests with function tools: their chat-format calls
         self._next_id = 0
         self._lock = threading.RLock()
         self._wakeup = threading.Event()
@@ -137,15 +139,18 @@ class InterceptEngine:
         self,
         prompt_ids: Sequence[int] | torch.Tensor,
         max_new_tokens: int = 128,
-        tools: Sequence[Tool] | None = None,
+        tools: Sequence[Tool | Callable[..., Any]] | None = None,
         interceptions: Scripted | None = None,
         sampler: Sampler | None = None,
         eos_token_id: int | Sequence[int] | None = None,
         arrival_time: float | None = None,
         on_event: EventCallback | None = None,
+        response_template: dict | None = None,
     ) -> int:
         """Queue a request; returns its id. Bad input raises here, never inside the forward.
 
+        `tools` holds `Tool`s (text triggers) and plain functions (called through the model's chat
+        format: see `infercept_hf.chat_tools`; `response_template` overrides the tokenizer's call format).
         `on_event(RequestEvent)` hears of every token, tool call, tool answer and the finish, in
         order (it runs on whichever thread drove the engine: keep it quick).
         """
@@ -153,10 +158,7 @@ class InterceptEngine:
         max_new_tokens = positive_int(max_new_tokens, "max_new_tokens")
         if interceptions is not None and not isinstance(interceptions, Scripted):
             raise TypeError(f"interceptions must be an infercept_hf.Scripted, got {type(interceptions).__name__}")
-        tools = tuple(tools or ())
-        for t in tools:
-            if not isinstance(t, Tool):
-                raise TypeError(f"tools must be infercept_hf.Tool objects, got {type(t).__name__}")
+        tools, functions = split_tools(tools)
         if on_event is not None and not callable(on_event):
             raise TypeError(f"on_event must be callable, got {type(on_event).__name__}")
         matcher = TriggerMatcher(tools, self.tokenizer) if tools else None
@@ -165,6 +167,9 @@ class InterceptEngine:
         eos = self.default_eos if eos_token_id is None else frozenset(
             [eos_token_id] if isinstance(eos_token_id, int) else eos_token_id
         )
+        model_type = getattr(getattr(self.model, "config", None), "model_type", None)
+        chat = ChatSession(ChatFormat(self.tokenizer, functions, sorted(eos), model_type, response_template)) \
+            if functions else None
         with self._lock:
             self._check_open()
             rid = self._next_id
@@ -181,12 +186,14 @@ class InterceptEngine:
                 sampler=sampler or GREEDY,
                 on_event=on_event,
             )
-            for t in tools:
+            for t in (*tools, *(f.worker for f in functions)):
                 if t.expected_duration is not None:
                     self.estimator.seed(t.name, t.expected_duration)
             self._requests[rid] = req
             if matcher:
                 self._matchers[rid] = matcher
+            if chat:
+                self._chats[rid] = chat
             self.scheduler.add(req)
         self._wakeup.set()
         return rid
@@ -292,6 +299,7 @@ class InterceptEngine:
         for r in done:
             self._requests.pop(r.request_id, None)
             self._matchers.pop(r.request_id, None)
+            self._chats.pop(r.request_id, None)
         return [r.result() for r in done]
 
     def run(self, progress: bool = False) -> dict[int, RequestResult]:
@@ -357,20 +365,24 @@ class InterceptEngine:
             rec = req.interceptions[-1]
             req.interceptions[-1] = rec._replace(resumed_at=now)
             req.resume_pending_since = None
-        if tok in req.eos_token_ids:
+        stop = tok in req.eos_token_ids  # unless it ends a turn of chat tool calls: then it pauses
+        if req.num_generated < req.max_new_tokens and self._maybe_pause(req, now, at_eos=stop):
+            return
+        if stop:
             self._finish(req, "stop", now)
             done.append(req)
         elif req.num_generated >= req.max_new_tokens:
             self._finish(req, "length", now)
             done.append(req)
-        else:
-            self._maybe_pause(req, now)
 
-    def _maybe_pause(self, req: Request, now: float) -> None:
+    def _maybe_pause(self, req: Request, now: float, at_eos: bool = False) -> bool:
         pending: PendingCall | None = None
         segment = req.next_segment
         matcher = self._matchers.get(req.request_id)
-        if segment is not None and req.segment_len >= segment.n_tokens:
+        chat = self._chats.get(req.request_id)
+        if at_eos:
+            pass  # only a chat turn's calls pause at EOS
+        elif segment is not None and req.segment_len >= segment.n_tokens:
             pending = ScriptedCall(segment, now, req.scripted.name)
         elif matcher is not None:
             generated = req.generated_since_resume()
@@ -380,8 +392,11 @@ class InterceptEngine:
                 call = ToolCall(tool.name, text, req.request_id, tuple(generated), now)
                 pending = self.executor.submit(tool, call)
                 pending.future.add_done_callback(lambda _f: self._wakeup.set())
+        if pending is None and chat is not None:
+            pending = chat.pause(req.tokens, req.segment_start, at_eos, now, req.request_id, self.executor,
+                                 self._wakeup.set)
         if pending is None:
-            return
+            return False
         req.pending = pending
         req.num_pauses += 1
         self.scheduler.pause(req, now)
@@ -389,6 +404,7 @@ class InterceptEngine:
             InterceptionRecord(pending.tool_name, pending.call_text, now, None, None, req.strategy, 0, dict(req.waste))
         )
         self._emit(req, "tool_call", tool=pending.tool_name, text=pending.call_text)
+        return True
 
     def _collect_answers(self, now: float, done: list[Request]) -> None:
         for req in list(self.scheduler.paused):
@@ -421,7 +437,7 @@ class InterceptEngine:
         rec = req.interceptions[-1]
         req.interceptions[-1] = rec._replace(
             returned_at=now, strategy=req.strategy or rec.strategy, answer_len=len(ids), waste=dict(req.waste),
-            error=error,
+            error=error, calls=pending.records() if isinstance(pending, ChatPending) else (),
         )
         req.tokens.extend(ids)
         req.segment_start = len(req.tokens)
@@ -504,6 +520,7 @@ class InterceptEngine:
                     self._cancel(req)
             self._requests.clear()
             self._matchers.clear()
+            self._chats.clear()
             self._cancelled.clear()
             self._closed = True
         self._wakeup.set()

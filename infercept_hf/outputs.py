@@ -9,6 +9,8 @@ class InterceptionRecord(NamedTuple):
 
     Times are `time.monotonic()` seconds (or the simulator's virtual clock). `waste` holds the
     figures the policy compared when it chose `strategy` (bytes x seconds, keyed by strategy name).
+    `calls` holds a chat-format pause's calls (`chat_tools.CallRecord`: name, parsed arguments, result
+    text, seconds), in call order; empty for `Tool` and `Scripted` pauses.
     """
 
     tool: str
@@ -20,6 +22,7 @@ class InterceptionRecord(NamedTuple):
     answer_len: int
     waste: dict[str, float]
     error: str | None = None
+    calls: tuple = ()
 
     @property
     def tool_seconds(self) -> float:

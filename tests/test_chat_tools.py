@@ -1,0 +1,142 @@
+"""Python functions as tools, called through three chat formats (Hermes/Qwen, Llama 3.1 JSON,
+Mistral): the function gets the right arguments, the context at resume is the chat template's
+rendering of the whole transcript, and the tokens equal plain transformers' from that context,
+under every policy, with one and two parallel calls, in a batch with a request that calls nothing."""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+from transformers import LogitsProcessorList
+from transformers.cli.serving.utils import get_response_template
+
+import infercept_hf as ih
+from chat_formats import FORMATS, ForceText, format_model, format_tokenizer
+from conftest import TEST_COST
+
+CALLS: list[tuple[str, dict]] = []
+
+
+def get_weather(city: str) -> str:
+    """Get the current weather in a city.
+
+    Args:
+        city: The city's name.
+    """
+    CALLS.append(("get_weather", {"city": city}))
+    time.sleep(0.02)
+    return f"sunny in {city}"
+
+
+def add(a: int, b: int) -> int:
+    """Add two integers.
+
+    Args:
+        a: The first number.
+        b: The second number.
+    """
+    CALLS.append(("add", {"a": a, "b": b}))
+    return a + b
+
+
+FUNCTIONS = {"get_weather": get_weather, "add": add}
+ONE_CALL = [("get_weather", '{"city": "Paris"}')]
+TWO_CALLS = [("get_weather", '{"city": "Paris"}'), ("add", '{"a": 2, "b": 40}')]
+RESULTS = {"get_weather": "sunny in Paris", "add": "42"}
+MAX_NEW = 6  # free tokens after the forced ones
+
+
+def setup(name: str):
+    fmt = FORMATS[name]
+    tok = format_tokenizer(fmt)
+    return fmt, tok, format_model(fmt, tok)
+
+
+def prompt_ids(tok, question: str) -> list[int]:
+    return tok.apply_chat_template([{"role": "user", "content": question}], tools=list(FUNCTIONS.values()),
+                                   add_generation_prompt=True, return_dict=False)
+
+
+@torch.no_grad()
+def reference(model, tok, question: str, forced: list[int], max_new: int) -> tuple[list[int], list[str]]:
+    """Plain transformers: generate to EOS, parse the calls with transformers' parser, run them,
+    render the transcript with the chat template and generate again from it. Returns the final
+    ids and the rendered transcript at each resume (checked to be what the context decodes to)."""
+    messages = [{"role": "user", "content": question}]
+    tools = list(FUNCTIONS.values())
+    ctx = prompt_ids(tok, question)
+    proc = LogitsProcessorList([ForceText([(ctx, forced)])])
+    template = get_response_template(tok, model)
+    eos, generated, renders, n = tok.eos_token_id, 0, [], 0
+    while True:
+        ids = torch.tensor([ctx])
+        new = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new - generated,
+                             logits_processor=proc, do_sample=False, eos_token_id=eos,
+                             pad_token_id=tok.pad_token_id)[0, len(ctx):].tolist()
+        before, ctx, generated = ctx, ctx + new, generated + len(new)
+        if generated >= max_new or new[-1] != eos:
+            return ctx, renders
+        parsed = tok.parse_response(new, template, prefix=before, tools=tools)
+        if not parsed.get("tool_calls"):
+            return ctx, renders
+        calls = [{"id": c.get("id", f"call{n + i:05d}"), "type": "function", "function": c["function"]}
+                 for i, c in enumerate(parsed["tool_calls"])]
+        n += len(calls)
+        results = [FUNCTIONS[c["function"]["name"]](**c["function"]["arguments"]) for c in calls]
+        messages += [{"role": "assistant", "content": parsed.get("content", ""), "tool_calls": calls}]
+        messages += [{"role": "tool", "tool_call_id": c["id"], "name": c["function"]["name"], "content": str(r)}
+                     for c, r in zip(calls, results)]
+        rendered = tok.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
+        have = tok.decode(ctx)
+        assert rendered.startswith(have), (rendered, have)
+        ctx = ctx + tok.encode(rendered[len(have):], add_special_tokens=False)
+        assert tok.decode(ctx) == rendered
+        renders.append(rendered)
+
+
+CASES = [("hermes", ONE_CALL), ("hermes", TWO_CALLS), ("llama", ONE_CALL), ("mistral", ONE_CALL),
+         ("mistral", TWO_CALLS)]
+
+
+@pytest.mark.parametrize("policy", ih.POLICIES)
+@pytest.mark.parametrize("name, calls", CASES, ids=[f"{n}-{len(c)}call" for n, c in CASES])
+def test_forced_calls_match_the_plain_transformers_loop(name, calls, policy):
+    fmt, tok, model = setup(name)
+    questions = ["Weather in Paris?", "Say hi."]
+    forced = [tok.encode(fmt.call_text(calls), add_special_tokens=False), tok.encode("Hi!", add_special_tokens=False)]
+    prompts = [prompt_ids(tok, q) for q in questions]
+    max_new = len(forced[0]) + MAX_NEW
+    refs = [reference(model, tok, q, f, max_new) for q, f in zip(questions, forced)]
+    assert CALLS == [(n, json.loads(a)) for n, a in calls]
+    CALLS.clear()
+
+    contexts: dict[int, list[int]] = {0: list(prompts[0]), 1: list(prompts[1])}
+    resumed: dict[int, list[str]] = {0: [], 1: []}
+
+    def on_event(ev: ih.RequestEvent) -> None:
+        if ev.kind == "tool_answer":
+            contexts[ev.request_id] += ev.token_ids
+            resumed[ev.request_id].append(tok.decode(contexts[ev.request_id]))
+        elif ev.kind == "token":
+            contexts[ev.request_id] += ev.token_ids
+
+    proc = LogitsProcessorList([ForceText(list(zip(prompts, forced)))])
+    with ih.InterceptEngine(model, tokenizer=tok, policy=policy, num_blocks=160, block_size=8,
+                            cost_model=TEST_COST) as engine:
+        rids = [engine.add_request(p, max_new_tokens=max_new, tools=[get_weather, add], on_event=on_event,
+                                   sampler=ih.Sampler(proc)) for p in prompts]
+        results = engine.run()
+        engine.cache.check_integrity()
+    expected = [(n, json.loads(a)) for n, a in calls]
+    assert sorted(CALLS, key=str) == sorted(expected, key=str)  # each function ran once, with these arguments
+    for rid, prompt, (ref_ids, renders) in zip(rids, prompts, refs):
+        assert prompt + results[rid].token_ids == ref_ids
+        assert resumed[rid] == renders  # the context at each resume is the template's rendering
+    record = results[rids[0]].interceptions[0]
+    assert [(c.name, c.arguments) for c in record.calls] == expected
+    assert [c.result for c in record.calls] == [RESULTS[n] for n, _ in calls]
+    assert all(c.seconds >= 0 and c.error is None for c in record.calls)
+    assert results[rids[1]].interceptions == []
+    CALLS.clear()
