@@ -120,14 +120,19 @@ FORMATS = {
 }
 
 CHARACTERS = tuple(c for c in string.printable if c not in "\t\r\x0b\x0c")
+# Multi-character pieces, as a real BPE vocabulary has them: short calls keep the tests fast.
+PIECES = ('{"name": "', '", "arguments": ', '", "parameters": ', ', "id": "', '{"type": "function", "function": ',
+          '"description": "', '"parameters": {"type": "object", "properties": {', '"type": "string"', '"type": "integer"',
+          '"required": [', "weather", '"city"', "Rome")
 
 
 def format_tokenizer(fmt: Format) -> PreTrainedTokenizerFast:
-    """One token per printable character, one per control token of the format."""
+    """One token per printable character, per common piece and per control token of the format."""
     specials = ("<pad>", "<unk>") + fmt.specials
-    vocab = {t: i for i, t in enumerate(specials + CHARACTERS)}
+    vocab = {t: i for i, t in enumerate(specials + PIECES + CHARACTERS)}
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    backend.add_tokens([AddedToken(t, special=False, normalized=False) for t in PIECES])
     backend.decoder = decoders.Fuse()
     tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=fmt.eos, pad_token="<pad>", unk_token="<unk>",
                                   chat_template=fmt.chat_template, clean_up_tokenization_spaces=False)

@@ -4,6 +4,7 @@ rendering of the whole transcript, and the tokens equal plain transformers' from
 under every policy, with one and two parallel calls, in a batch with a request that calls nothing."""
 from __future__ import annotations
 
+import functools
 import json
 import time
 
@@ -19,33 +20,33 @@ from conftest import TEST_COST
 CALLS: list[tuple[str, dict]] = []
 
 
-def get_weather(city: str) -> str:
-    """Get the current weather in a city.
+def weather(city: str) -> str:
+    """Weather now.
 
     Args:
-        city: The city's name.
+        city: A city.
     """
-    CALLS.append(("get_weather", {"city": city}))
+    CALLS.append(("weather", {"city": city}))
     time.sleep(0.02)
     return f"sunny in {city}"
 
 
 def add(a: int, b: int) -> int:
-    """Add two integers.
+    """Sum.
 
     Args:
-        a: The first number.
-        b: The second number.
+        a: A number.
+        b: A number.
     """
     CALLS.append(("add", {"a": a, "b": b}))
     return a + b
 
 
-FUNCTIONS = {"get_weather": get_weather, "add": add}
-ONE_CALL = [("get_weather", '{"city": "Paris"}')]
-TWO_CALLS = [("get_weather", '{"city": "Paris"}'), ("add", '{"a": 2, "b": 40}')]
-RESULTS = {"get_weather": "sunny in Paris", "add": "42"}
-MAX_NEW = 6  # free tokens after the forced ones
+FUNCTIONS = {"weather": weather, "add": add}
+ONE_CALL = (("weather", '{"city": "Rome"}'),)
+TWO_CALLS = (("weather", '{"city": "Rome"}'), ("add", '{"a": 2, "b": 40}'))
+RESULTS = {"weather": "sunny in Rome", "add": "42"}
+MAX_NEW = 3  # free tokens after the forced ones
 
 
 def setup(name: str):
@@ -57,6 +58,20 @@ def setup(name: str):
 def prompt_ids(tok, question: str) -> list[int]:
     return tok.apply_chat_template([{"role": "user", "content": question}], tools=list(FUNCTIONS.values()),
                                    add_generation_prompt=True, return_dict=False)
+
+
+@functools.cache
+def case(name: str, calls: tuple[tuple[str, str], ...]):
+    """The format's tokenizer and model, two prompts (one forced to call, one to answer "Hi!"), what
+    is forced, and the reference loop's ids and renders for each (computed once per case)."""
+    fmt, tok, model = setup(name)
+    questions = ["Rome?", "Say hi."]
+    forced = [tok.encode(fmt.call_text(list(calls)), add_special_tokens=False), tok.encode("Hi!", add_special_tokens=False)]
+    max_new = len(forced[0]) + MAX_NEW
+    refs = [reference(model, tok, q, f, max_new) for q, f in zip(questions, forced)]
+    assert CALLS == [(n, json.loads(a)) for n, a in calls]
+    CALLS.clear()
+    return tok, model, [prompt_ids(tok, q) for q in questions], forced, max_new, refs
 
 
 @torch.no_grad()
@@ -103,14 +118,7 @@ CASES = [("hermes", ONE_CALL), ("hermes", TWO_CALLS), ("llama", ONE_CALL), ("mis
 @pytest.mark.parametrize("policy", ih.POLICIES)
 @pytest.mark.parametrize("name, calls", CASES, ids=[f"{n}-{len(c)}call" for n, c in CASES])
 def test_forced_calls_match_the_plain_transformers_loop(name, calls, policy):
-    fmt, tok, model = setup(name)
-    questions = ["Weather in Paris?", "Say hi."]
-    forced = [tok.encode(fmt.call_text(calls), add_special_tokens=False), tok.encode("Hi!", add_special_tokens=False)]
-    prompts = [prompt_ids(tok, q) for q in questions]
-    max_new = len(forced[0]) + MAX_NEW
-    refs = [reference(model, tok, q, f, max_new) for q, f in zip(questions, forced)]
-    assert CALLS == [(n, json.loads(a)) for n, a in calls]
-    CALLS.clear()
+    tok, model, prompts, forced, max_new, refs = case(name, calls)
 
     contexts: dict[int, list[int]] = {0: list(prompts[0]), 1: list(prompts[1])}
     resumed: dict[int, list[str]] = {0: [], 1: []}
@@ -125,7 +133,7 @@ def test_forced_calls_match_the_plain_transformers_loop(name, calls, policy):
     proc = LogitsProcessorList([ForceText(list(zip(prompts, forced)))])
     with ih.InterceptEngine(model, tokenizer=tok, policy=policy, num_blocks=160, block_size=8,
                             cost_model=TEST_COST) as engine:
-        rids = [engine.add_request(p, max_new_tokens=max_new, tools=[get_weather, add], on_event=on_event,
+        rids = [engine.add_request(p, max_new_tokens=max_new, tools=[weather, add], on_event=on_event,
                                    sampler=ih.Sampler(proc)) for p in prompts]
         results = engine.run()
         engine.cache.check_integrity()
