@@ -6,6 +6,7 @@ chunks, whichever wastes the least memory-time.
 """
 from .api import custom_generate, generate
 from .cache import InterceptPagedCache
+from .chat_tools import CallRecord, FunctionTool, chat, function_tool
 from .distributed import TensorParallelEngine, build_engine
 from .engine import InterceptEngine
 from .outputs import InterceptionRecord, RequestEvent, RequestResult
@@ -21,7 +22,9 @@ __version__ = "0.1.0"
 __all__ = [
     "POLICIES",
     "AsyncInterceptEngine",
+    "CallRecord",
     "CostModel",
+    "FunctionTool",
     "InterceptEngine",
     "InterceptPagedCache",
     "InterceptionRecord",
@@ -34,6 +37,8 @@ __all__ = [
     "ToolCall",
     "UnsupportedModelError",
     "build_engine",
+    "chat",
     "custom_generate",
+    "function_tool",
     "generate",
 ]

@@ -4,6 +4,7 @@
 template and renders results with its chat template, `session` pauses a request on a turn's
 calls and answers them, `conversations` runs whole chats (`infercept_hf.chat`).
 """
+from .conversations import chat
 from .format import ChatFormat, ChatTemplateError, ParsedCall, ParsedTurn
 from .functions import FunctionTool, function_tool, split_tools
 from .session import CallRecord, ChatPending, ChatSession
@@ -17,6 +18,7 @@ __all__ = [
     "FunctionTool",
     "ParsedCall",
     "ParsedTurn",
+    "chat",
     "function_tool",
     "split_tools",
 ]

@@ -50,6 +50,15 @@ def calculate(expression: str) -> str:
         return f"error: {exc.msg if isinstance(exc, SyntaxError) else exc}"
 
 
+def calculator(expression: str) -> str:
+    """Evaluate an arithmetic expression with + - * / and parentheses.
+
+    Args:
+        expression: The expression, e.g. "123*45".
+    """
+    return calculate(expression)
+
+
 def slug(text: str) -> str:
     """A file name stem from a prompt's first words: what the image and speech tools save under."""
     words = re.findall(r"[a-z0-9]+", text.lower())[:_MAX_SLUG_WORDS]
