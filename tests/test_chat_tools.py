@@ -4,6 +4,7 @@ rendering of the whole transcript, and the tokens equal plain transformers' from
 under every policy, with one and two parallel calls, in a batch with a request that calls nothing."""
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import time
@@ -148,3 +149,100 @@ def test_forced_calls_match_the_plain_transformers_loop(name, calls, policy):
     assert all(c.seconds >= 0 and c.error is None for c in record.calls)
     assert results[rids[1]].interceptions == []
     CALLS.clear()
+
+
+def run_forced(name: str, text: str, tools, max_new_extra: int = 2) -> tuple[ih.RequestResult, str]:
+    """One request forced to write `text`; its result and its decoded context."""
+    fmt, tok, model = setup(name)
+    prompt = prompt_ids(tok, "Rome?")
+    forced = tok.encode(text, add_special_tokens=False)
+    proc = LogitsProcessorList([ForceText([(prompt, forced)])])
+    with ih.InterceptEngine(model, tokenizer=tok, num_blocks=128, block_size=8, cost_model=TEST_COST) as engine:
+        rid = engine.add_request(prompt, max_new_tokens=len(forced) + max_new_extra, tools=tools,
+                                 sampler=ih.Sampler(proc))
+        result = engine.run()[rid]
+        engine.cache.check_integrity()
+    return result, tok.decode(prompt + result.token_ids)
+
+
+def refuse(a: int) -> int:
+    """Always fails.
+
+    Args:
+        a: Anything.
+    """
+    raise RuntimeError("no way")
+
+
+@pytest.mark.parametrize("text, error", [
+    ('<tool_call>\n{"name": "nope", "arguments": {}}\n</tool_call><|im_end|>', "unknown tool 'nope'"),
+    ('<tool_call>\n{"name": "add", "arguments": {"a": 1\n</tool_call><|im_end|>', "could not be parsed"),
+    ('<tool_call>\n{"name": "add", "arguments": {"a": 1}}\n</tool_call><|im_end|>', "missing 1 required"),
+    ('<tool_call>\n{"name": "refuse", "arguments": {"a": 1}}\n</tool_call><|im_end|>', "RuntimeError: no way"),
+])
+def test_bad_calls_are_answered_to_the_model_as_errors(text, error):
+    CALLS.clear()
+    result, context = run_forced("hermes", text, [add, refuse])
+    [record] = result.interceptions
+    assert result.finish_reason == "length" and record.resumed_at is not None  # the model went on
+    [call] = record.calls
+    assert error in call.error and error in record.error
+    assert f"<tool_response>\n[error: {call.error}]\n</tool_response><|im_end|>\n<|im_start|>assistant\n" in context
+
+
+def test_on_error_fail_ends_the_request():
+    result, _ = run_forced("hermes", '<tool_call>\n{"name": "refuse", "arguments": {"a": 1}}\n</tool_call><|im_end|>',
+                           [ih.function_tool(refuse, on_error="fail")])
+    assert result.finish_reason == "error" and "RuntimeError: no way" in result.error
+
+
+def test_a_turn_without_calls_ends_at_eos():
+    result, _ = run_forced("hermes", "Sunny.<|im_end|>", [weather], max_new_extra=5)
+    assert result.finish_reason == "stop" and result.interceptions == []
+
+
+def no_docstring(x: int) -> int:
+    return x
+
+
+def test_bad_tools_are_refused_at_the_boundary():
+    fmt, tok, model = setup("hermes")
+    with ih.InterceptEngine(model, tokenizer=tok, num_blocks=32, block_size=8, cost_model=TEST_COST) as engine:
+        with pytest.raises(ValueError, match="'no_docstring' cannot be described as a JSON schema"):
+            engine.add_request([1, 2], tools=[no_docstring])
+        with pytest.raises(ValueError, match="two tools share the name 'add'"):
+            engine.add_request([1, 2], tools=[add, ih.function_tool(add, timeout=1.0)])
+        with pytest.raises(ValueError, match="two tools share the name 'weather'"):
+            engine.add_request([1, 2], tools=[weather, ih.Tool("weather", end="</w>", fn=str)])
+        with pytest.raises(TypeError, match="Tool objects or functions, got int"):
+            engine.add_request([1, 2], tools=[3])
+    bare = format_tokenizer(fmt)
+    bare.chat_template = None
+    with ih.InterceptEngine(model, tokenizer=bare, num_blocks=32, block_size=8, cost_model=TEST_COST) as engine:
+        with pytest.raises(ValueError, match="need a tokenizer with a chat template"):
+            engine.add_request([1, 2], tools=[add])
+    fmt, tok, model = setup("llama")
+    tok.response_template = None  # a Llama has no transformers fallback
+    with ih.InterceptEngine(model, tokenizer=tok, num_blocks=32, block_size=8, cost_model=TEST_COST) as engine:
+        with pytest.raises(ValueError, match="no tool-call format for this model.*model_type 'llama'.*response_template="):
+            engine.add_request([1, 2], tools=[add])
+        engine.add_request([1, 2], tools=[add], response_template=FORMATS["llama"].response_template)  # passed: fine
+
+
+def test_async_engine_streams_a_function_call():
+    fmt, tok, model = setup("mistral")
+    prompt = prompt_ids(tok, "Rome?")
+    forced = tok.encode(fmt.call_text(list(ONE_CALL)), add_special_tokens=False)
+    proc = LogitsProcessorList([ForceText([(prompt, forced)])])
+
+    async def main() -> list[ih.RequestEvent]:
+        engine = ih.InterceptEngine(model, tokenizer=tok, num_blocks=64, block_size=8, cost_model=TEST_COST)
+        async with ih.AsyncInterceptEngine(engine) as aengine:
+            return [ev async for ev in aengine.stream(prompt, max_new_tokens=len(forced) + 2, tools=[weather],
+                                                      sampler=ih.Sampler(proc))]
+
+    events = asyncio.run(asyncio.wait_for(main(), 60))
+    kinds = [e.kind for e in events if e.kind != "token"]
+    assert kinds == ["tool_call", "tool_answer", "finish"]
+    answer = tok.decode(next(e for e in events if e.kind == "tool_answer").token_ids)
+    assert answer == '[TOOL_RESULTS]{"content": "sunny in Rome", "call_id": "call00000"}[/TOOL_RESULTS]'
