@@ -9,6 +9,7 @@ from .cache import InterceptPagedCache
 from .chat_tools import CallRecord, FunctionTool, chat, function_tool
 from .distributed import TensorParallelEngine, build_engine
 from .engine import InterceptEngine
+from .loading import load_causal_lm
 from .outputs import InterceptionRecord, RequestEvent, RequestResult
 from .policy import CostModel
 from .runner import UnsupportedModelError
@@ -41,4 +42,5 @@ __all__ = [
     "custom_generate",
     "function_tool",
     "generate",
+    "load_causal_lm",
 ]

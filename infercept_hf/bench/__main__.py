@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from ..distributed import is_torchrun, load_tp_model
+from ..loading import load_causal_lm
 from ..memory import default_pool_sizes
 from ..profiler import load_or_profile
 from . import runner
@@ -132,7 +133,7 @@ def load_model(name: str) -> tuple[torch.nn.Module, str]:
         return tiny_random_llama(), "tiny-random-llama"
     if name == "smollm2":
         return _smollm2(), "SmolLM2-135M-Instruct"
-    return AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32).eval(), name
+    return load_causal_lm(name)[0], name  # a hub id, a folder or a GGUF file
 
 
 def max_positions(model: torch.nn.Module) -> int | None:
