@@ -134,7 +134,7 @@ class ChatFormat:
         turn = {"role": "assistant", "content": "", "tool_calls": [probe.message()]}
         try:
             rendered = self.render([*PLACEHOLDER_HISTORY, turn], add_generation_prompt=False)
-        except Exception:  # a template that cannot render the probe: fall back to pausing at EOS  # noqa: BLE001
+        except Exception:  # noqa: BLE001 - a template that cannot render the probe: pause at EOS
             return False
         end = _last_match_end(self.close_re, rendered)
         return end is not None and not any(t in rendered[end:] for t in self.eos_texts)
