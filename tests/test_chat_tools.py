@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import threading
 import time
 
 import pytest
@@ -246,3 +247,26 @@ def test_async_engine_streams_a_function_call():
     assert kinds == ["tool_call", "tool_answer", "finish"]
     answer = tok.decode(next(e for e in events if e.kind == "tool_answer").token_ids)
     assert answer == '[TOOL_RESULTS]{"content": "sunny in Rome", "call_id": "call00000"}[/TOOL_RESULTS]'
+
+
+BARRIER = threading.Barrier(2, timeout=10)
+
+
+def meet(name: str) -> str:
+    """Waits until the other call is running too.
+
+    Args:
+        name: Who arrives.
+    """
+    BARRIER.wait()  # raises BrokenBarrierError if the calls ran one after the other
+    return f"{name} met"
+
+
+def test_parallel_calls_run_concurrently_and_answer_in_call_order():
+    BARRIER.reset()
+    calls = "\n".join(f'<tool_call>\n{{"name": "meet", "arguments": {{"name": "{n}"}}}}\n</tool_call>' for n in "ab")
+    result, context = run_forced("hermes", calls + "<|im_end|>", [meet])
+    [record] = result.interceptions
+    assert [(c.arguments, c.result, c.error) for c in record.calls] == [({"name": "a"}, "a met", None),
+                                                                       ({"name": "b"}, "b met", None)]
+    assert "<tool_response>\na met\n</tool_response>\n<tool_response>\nb met\n</tool_response><|im_end|>" in context
