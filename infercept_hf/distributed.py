@@ -55,6 +55,7 @@ from .profiler import fit_linear, load_or_profile, measure_forward, saturation_p
 from .request import Request
 from .runner import Chunk, ModelRunner
 from .sampling import Sampler
+from .chat_tools import split_tools
 from .tools import Answer, Scripted, Tool
 from .tp_replica import ReplicatedClock, ReplicaToolExecutor, VerifiedRunner, driver_only
 from .tp_sizing import rank_kv_bytes_per_token, rank_pool_sizes
@@ -280,6 +281,9 @@ class TensorParallelEngine(InterceptEngine):
         the next step. On a worker: ignored, returns None."""
         if not self.is_driver:
             return None
+        if split_tools(tools)[1]:
+            raise ValueError("function tools (chat-format calls) are not supported under tensor parallelism yet: "
+                             "pass infercept_hf.Tool objects")
         with self._lock:  # queued and in the inbox together: no step sends one without the other
             rid = super().add_request(prompt_ids, max_new_tokens, tools, interceptions, sampler, eos_token_id,
                                       arrival_time, on_event)

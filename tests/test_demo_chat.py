@@ -54,3 +54,16 @@ def test_chat_returns_the_pipeline_shape_with_tool_messages(demo):
     rendered = tok.apply_chat_template(out["generated_text"], tools=[calculator], tokenize=False)
     assert rendered == demo_prompt(conv[0]["content"]) + "<calculator expression>123*45</calculator><r>5535</r>" \
         "The answer is 5535.<eos>"
+
+
+def test_two_rounds_of_calls_render_back_to_the_context_the_model_ran_on(demo):
+    model, tok = demo
+    conv = [{"role": "user", "content": "A shop has 12 boxes with 5 pens each. It sells 7 pens. How many pens are left?"}]
+    [out] = ih.chat(model, tok, conv, tools=[calculator], max_new_tokens=80)
+    messages = out["generated_text"]
+    assert [m["role"] for m in messages] == ["user", "assistant", "tool", "assistant", "tool", "assistant"]
+    assert messages[4]["content"] == calculator(**messages[3]["tool_calls"][0]["function"]["arguments"])
+    enc = tok.apply_chat_template(conv, tools=[calculator], add_generation_prompt=True, return_tensors="pt",
+                                  return_dict=True)
+    ids = ih.generate(model, **enc, tokenizer=tok, tools=[calculator], max_new_tokens=80)
+    assert tok.decode(ids[0]) == tok.apply_chat_template(messages, tools=[calculator], tokenize=False)
