@@ -18,7 +18,7 @@ import torch
 from jinja2 import TemplateError
 
 import infercept_hf as ih
-from infercept_hf.demo import demo_model, demo_tools
+from infercept_hf.demo import demo_functions, demo_model, demo_tools
 from infercept_hf.demo.chat_format import CHAT_TEMPLATE, call_text
 from infercept_hf.loading import load_causal_lm
 from infercept_hf.outputs import RequestEvent
@@ -50,7 +50,7 @@ class LoadedModel:
     name: str
     model: torch.nn.Module
     tokenizer: Any
-    tools: list[ih.Tool]
+    tools: list[ih.Tool | ih.FunctionTool]
 
     @property
     def demo_format(self) -> bool:
@@ -61,10 +61,11 @@ class LoadedModel:
 def load_bundled() -> LoadedModel:
     """The project's own tool-calling model: the one place the demo is wired to it."""
     try:
-        model, tokenizer, tools = demo_model(chat_seconds=USER_REPLY_S)
+        model, tokenizer, _ = demo_model()
     except FileNotFoundError as exc:
         raise ModelLoadError(f"The bundled demo model is not installed: {exc}") from None
-    return LoadedModel(BUNDLED, model, tokenizer, tools)
+    # its tools as plain functions, called through its chat and response templates like a real model's
+    return LoadedModel(BUNDLED, model, tokenizer, demo_functions(chat_seconds=USER_REPLY_S))
 
 
 def _looks_local(spec: str) -> bool:

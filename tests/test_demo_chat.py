@@ -7,7 +7,10 @@ import torch
 import infercept_hf as ih
 from infercept_hf.demo import calculator, demo_model, demo_prompt
 from infercept_hf.demo.evaluate import chat_arithmetic_score
-from infercept_hf.demo.tools import demo_tools
+from conftest import TEST_COST
+from infercept_hf.demo.tools import demo_functions, demo_tools
+
+FAST = dict(lookup_seconds=0.0, game_seconds=0.0, image_seconds=0.0, tts_seconds=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -24,17 +27,20 @@ def test_heldout_arithmetic_through_a_plain_function_in_chat(demo):
     assert score.accuracy >= 0.9, score.failures
 
 
-@pytest.mark.parametrize("policy", ih.POLICIES)
-def test_a_function_tool_gives_the_tokens_of_the_trigger_tool(demo, policy):
-    """The chat template renders the function's result exactly as the trigger tool's answer, so
-    the two paths (and through the trigger path, the reference loop) agree token for token."""
+@pytest.mark.parametrize("policy", ["min-waste", "discard"])
+def test_function_tools_give_the_tokens_of_the_trigger_tools(demo, policy):
+    """The chat template renders each function's result exactly as the trigger tool's answer, so
+    the two paths (and through the trigger path, the reference loop) agree token for token, for
+    all six tools (the game's state is per request: `current_call().request_id`)."""
     model, tok = demo
-    questions = ["What is 123 * 45?", "Repeat after me: 77 ab", "Compute 9817-2046"]
+    questions = ["What is 123 * 45?", "What is the capital of Peru?", "Read this aloud: dinner is ready",
+                 "Fetch the lamp."]
     enc = tok.apply_chat_template([[{"role": "user", "content": q}] for q in questions], tools=[calculator],
                                   add_generation_prompt=True, padding=True, return_tensors="pt", return_dict=True)
     assert tok.decode(enc.input_ids[0][enc.attention_mask[0].bool()]) == demo_prompt(questions[0])
-    by_function = ih.generate(model, **enc, tokenizer=tok, tools=[calculator], policy=policy, max_new_tokens=48)
-    by_trigger = ih.generate(model, **enc, tokenizer=tok, tools=[demo_tools()[0]], policy=policy, max_new_tokens=48)
+    kwargs = dict(tokenizer=tok, policy=policy, max_new_tokens=48, cost_model=TEST_COST)
+    by_function = ih.generate(model, **enc, tools=demo_functions(**FAST), **kwargs)
+    by_trigger = ih.generate(model, **enc, tools=demo_tools(**FAST), **kwargs)
     assert torch.equal(by_function, by_trigger)
     assert "<r>5535</r>The answer is 5535." in tok.decode(by_function[0])
 

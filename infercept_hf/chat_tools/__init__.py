@@ -6,7 +6,7 @@ calls and answers them, `conversations` runs whole chats (`infercept_hf.chat`).
 """
 from .conversations import chat
 from .format import ChatFormat, ChatTemplateError, ParsedCall, ParsedTurn
-from .functions import FunctionTool, function_tool, split_tools
+from .functions import FunctionTool, current_call, function_tool, split_tools
 from .session import CallRecord, ChatPending, ChatSession
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "ParsedCall",
     "ParsedTurn",
     "chat",
+    "current_call",
     "function_tool",
     "split_tools",
 ]

@@ -9,6 +9,7 @@ engine's tool workers with the same timeout and error handling as every other to
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +17,15 @@ from typing import Any
 from transformers.utils import get_json_schema
 
 from ..tools import Tool, ToolCall
+
+
+_RUNNING = threading.local()
+
+
+def current_call() -> ToolCall | None:
+    """Inside a function tool (on its worker thread): the call it runs for, e.g. its
+    `request_id` for per-request state; None elsewhere."""
+    return getattr(_RUNNING, "call", None)
 
 
 @dataclass(frozen=True)
@@ -51,7 +61,11 @@ class FunctionTool:
     def _run(self, call: ToolCall) -> str:
         """On a worker thread: the call's arguments (JSON in `call.text`) into the function; the
         result as the text of the `tool` message (JSON for anything but a string)."""
-        result = self.fn(**json.loads(call.text))
+        _RUNNING.call = call
+        try:
+            result = self.fn(**json.loads(call.text))
+        finally:
+            _RUNNING.call = None
         return result if isinstance(result, str) else json.dumps(result)
 
 

@@ -71,7 +71,8 @@ class ChatPending(PendingCall):
                                             for c in turn.calls]
         durations = [t.expected_duration for t in tools if t is not None and t.expected_duration is not None]
         # One name keys the pause estimate: the tool's own for one tool, the combination otherwise.
-        super().__init__(names[0] if len(set(names)) == 1 else "+".join(names), turn.raw, started_at,
+        text = "; ".join(turn.raw if c.arguments is None else json.dumps(c.arguments) for c in turn.calls)
+        super().__init__(names[0] if len(set(names)) == 1 else "+".join(names), text, started_at,
                          max(durations) if durations else None)
         self.session = session
         self.turn = turn

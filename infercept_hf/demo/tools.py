@@ -12,10 +12,11 @@ import re
 import time
 from collections.abc import Callable
 
+from ..chat_tools import FunctionTool, current_call, function_tool
 from ..tools import Tool, ToolCall
 from .chat_format import TOOL_TAGS, wrap_answer
 from .game import GameSessions
-from .knowledge import lookup
+from .knowledge import lookup as knowledge_lookup
 
 _BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
 _MAX_SLUG_WORDS = 6
@@ -132,7 +133,7 @@ def demo_tools(
     sessions = GameSessions(game_seed)
     fns: dict[str, tuple[float, Callable[[ToolCall], str]]] = {
         "calculator": (0.0, lambda call: calculate(call.text)),
-        "lookup": (lookup_seconds, lambda call: lookup(call.text)),
+        "lookup": (lookup_seconds, lambda call: knowledge_lookup(call.text)),
         "game": (game_seconds, lambda call: sessions.act(call.request_id, call.text)),
         "image": (image_seconds, lambda call: image_file(call.text)),
         "tts": (tts_seconds, lambda call: speech_file(call.text)),
@@ -145,3 +146,73 @@ def demo_tools(
         tools.append(Tool(name=name, start=start, end=end, fn=_sleeping(seconds, answer),
                           expected_duration=expected.get(name, seconds)))
     return tools
+
+
+def demo_functions(
+    *,
+    lookup_seconds: float = 0.05,
+    game_seconds: float = 0.05,
+    image_seconds: float = 3.0,
+    tts_seconds: float = 2.0,
+    chat_seconds: float = 0.0,
+    chat_reply: Callable[[str], str] = scripted_reply,
+    game_seed: int = 0,
+) -> list[FunctionTool]:
+    """The six demo tools as plain Python functions, called through the chat protocol (the
+    tokenizer's response and chat templates) rather than text triggers: the same answers,
+    latencies and expected durations as `demo_tools`, which see the same tokens."""
+    sessions = GameSessions(game_seed)
+
+    def pause(seconds: float) -> None:
+        if seconds > 0:
+            time.sleep(seconds)
+
+    def lookup(query: str) -> str:
+        """Look up the capital, currency or continent of a country.
+
+        Args:
+            query: The question, e.g. "capital of Peru".
+        """
+        pause(lookup_seconds)
+        return knowledge_lookup(query)
+
+    def game(action: str) -> str:
+        """Act in the text game: "start <item>", "go <direction>" or "take <item>".
+
+        Args:
+            action: The action.
+        """
+        pause(game_seconds)
+        return sessions.act(current_call().request_id, action)
+
+    def image(prompt: str) -> str:
+        """Draw a picture.
+
+        Args:
+            prompt: What to draw.
+        """
+        pause(image_seconds)
+        return image_file(prompt)
+
+    def tts(text: str) -> str:
+        """Read text aloud.
+
+        Args:
+            text: What to say.
+        """
+        pause(tts_seconds)
+        return speech_file(text)
+
+    def chat(question: str) -> str:
+        """Ask the user a question.
+
+        Args:
+            question: The question.
+        """
+        pause(chat_seconds)
+        return chat_reply(question)
+
+    seconds = {"calculator": 0.0, "lookup": lookup_seconds, "game": game_seconds, "image": image_seconds,
+               "tts": tts_seconds, "chat": chat_seconds + (0.0 if chat_reply is scripted_reply else HUMAN_TURN_S)}
+    return [function_tool(fn, expected_duration=seconds[fn.__name__])
+            for fn in (calculator, lookup, game, image, tts, chat)]
