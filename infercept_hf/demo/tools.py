@@ -11,10 +11,11 @@ import operator
 import re
 import time
 from collections.abc import Callable
+from typing import Any
 
 from ..chat_tools import FunctionTool, current_call, function_tool
 from ..tools import Tool, ToolCall
-from .chat_format import TOOL_TAGS, wrap_answer
+from .chat_format import ANSWER_CLOSE, ANSWER_OPEN, TOOL_TAGS, wrap_answer
 from .game import GameSessions
 from .knowledge import lookup as knowledge_lookup
 
@@ -148,24 +149,17 @@ def demo_tools(
     return tools
 
 
-def demo_functions(
-    *,
-    lookup_seconds: float = 0.05,
-    game_seconds: float = 0.05,
-    image_seconds: float = 3.0,
-    tts_seconds: float = 2.0,
-    chat_seconds: float = 0.0,
-    chat_reply: Callable[[str], str] = scripted_reply,
-    game_seed: int = 0,
-) -> list[FunctionTool]:
+def demo_functions(**options: Any) -> list[FunctionTool]:
     """The six demo tools as plain Python functions, called through the chat protocol (the
-    tokenizer's response and chat templates) rather than text triggers: the same answers,
-    latencies and expected durations as `demo_tools`, which see the same tokens."""
-    sessions = GameSessions(game_seed)
+    tokenizer's response and chat templates) rather than text triggers. `options` are
+    `demo_tools`'s; each function runs that tool's `fn` (its latency, its per-request game), and
+    the chat template adds the answer tags, so both forms append the same tokens."""
+    tools = {t.name: t for t in demo_tools(**options)}
 
-    def pause(seconds: float) -> None:
-        if seconds > 0:
-            time.sleep(seconds)
+    def answer(name: str, text: str) -> str:
+        call = current_call()
+        wrapped = tools[name].fn(ToolCall(name, text, call.request_id, call.generated_ids, call.started_at))
+        return wrapped[len(ANSWER_OPEN):-len(ANSWER_CLOSE)]
 
     def lookup(query: str) -> str:
         """Look up the capital, currency or continent of a country.
@@ -173,8 +167,7 @@ def demo_functions(
         Args:
             query: The question, e.g. "capital of Peru".
         """
-        pause(lookup_seconds)
-        return knowledge_lookup(query)
+        return answer("lookup", query)
 
     def game(action: str) -> str:
         """Act in the text game: "start <item>", "go <direction>" or "take <item>".
@@ -182,8 +175,7 @@ def demo_functions(
         Args:
             action: The action.
         """
-        pause(game_seconds)
-        return sessions.act(current_call().request_id, action)
+        return answer("game", action)
 
     def image(prompt: str) -> str:
         """Draw a picture.
@@ -191,8 +183,7 @@ def demo_functions(
         Args:
             prompt: What to draw.
         """
-        pause(image_seconds)
-        return image_file(prompt)
+        return answer("image", prompt)
 
     def tts(text: str) -> str:
         """Read text aloud.
@@ -200,8 +191,7 @@ def demo_functions(
         Args:
             text: What to say.
         """
-        pause(tts_seconds)
-        return speech_file(text)
+        return answer("tts", text)
 
     def chat(question: str) -> str:
         """Ask the user a question.
@@ -209,10 +199,7 @@ def demo_functions(
         Args:
             question: The question.
         """
-        pause(chat_seconds)
-        return chat_reply(question)
+        return answer("chat", question)
 
-    seconds = {"calculator": 0.0, "lookup": lookup_seconds, "game": game_seconds, "image": image_seconds,
-               "tts": tts_seconds, "chat": chat_seconds + (0.0 if chat_reply is scripted_reply else HUMAN_TURN_S)}
-    return [function_tool(fn, expected_duration=seconds[fn.__name__])
+    return [function_tool(fn, expected_duration=tools[fn.__name__].expected_duration)
             for fn in (calculator, lookup, game, image, tts, chat)]
