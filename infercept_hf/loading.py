@@ -41,12 +41,13 @@ def resolve(spec: str, gguf_file: str | None = None) -> tuple[str, str | None]:
 
 
 def load_causal_lm(spec: str, gguf_file: str | None = None, dtype: torch.dtype = torch.float32,
-                   **kwargs: Any) -> tuple[torch.nn.Module, Any]:
-    """The model (eval mode) and tokenizer named by `spec`; `kwargs` go to the model's `from_pretrained`."""
+                   with_tokenizer: bool = True, **kwargs: Any) -> tuple[torch.nn.Module, Any]:
+    """The model (eval mode) and tokenizer (None without `with_tokenizer`: a folder of weights
+    only) named by `spec`; `kwargs` go to the model's `from_pretrained`."""
     where, gguf = resolve(spec, gguf_file)
     extra = {"gguf_file": gguf} if gguf else {}
     if gguf and importlib.util.find_spec("gguf") is None:
         raise ImportError(f"loading {gguf} needs the `gguf` package: pip install gguf")
-    tokenizer = AutoTokenizer.from_pretrained(where, **extra)
+    tokenizer = AutoTokenizer.from_pretrained(where, **extra) if with_tokenizer else None
     model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **extra, **kwargs).eval()
     return model, tokenizer

@@ -133,7 +133,7 @@ def load_model(name: str) -> tuple[torch.nn.Module, str]:
         return tiny_random_llama(), "tiny-random-llama"
     if name == "smollm2":
         return _smollm2(), "SmolLM2-135M-Instruct"
-    return load_causal_lm(name)[0], name  # a hub id, a folder or a GGUF file
+    return load_causal_lm(name, with_tokenizer=False)[0], name  # a hub id, a folder or a GGUF file
 
 
 def max_positions(model: torch.nn.Module) -> int | None:
