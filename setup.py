@@ -30,7 +30,8 @@ setup(
         "demo": ["gradio>=6,<7", "matplotlib"],
         "bench": ["matplotlib"],
         "flash": ["flash-attn>=2.6"],
-        "test": ["pytest", "hypothesis", "matplotlib", "playwright", "gradio>=6,<7", "gradio_client"],
+        "gguf": ["gguf>=0.10"],
+        "test": ["pytest", "hypothesis", "matplotlib", "playwright", "gradio>=6,<7", "gradio_client", "gguf>=0.10"],
     },
     entry_points={"console_scripts": ["infercept-bench=infercept_hf.bench.__main__:main"]},
 )

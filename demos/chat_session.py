@@ -16,11 +16,11 @@ from typing import Any, TypeVar
 
 import torch
 from jinja2 import TemplateError
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import infercept_hf as ih
-from infercept_hf.demo import demo_model, demo_tools
-from infercept_hf.demo.chat_format import CHAT_TEMPLATE
+from infercept_hf.demo import demo_functions, demo_model, demo_tools
+from infercept_hf.demo.chat_format import CHAT_TEMPLATE, call_text
+from infercept_hf.loading import load_causal_lm
 from infercept_hf.outputs import RequestEvent
 from infercept_hf.scheduler import check_policy
 
@@ -35,8 +35,9 @@ USER_REPLY_S = 5.0  # the simulated user's think time when the model asks a foll
 # How a model that was not trained on the demo's tool tags learns of them: from its chat turn.
 TOOL_INSTRUCTIONS = (
     "You can use tools by writing a call and stopping; its answer appears after it inside <r>...</r>. "
-    "Calculator: <calc>123*45</calc>. Knowledge lookup: <lookup>capital of France</lookup>. "
-    "Image: <image>a red cat</image>. Speech: <tts>text</tts>. Ask the user: <ask>question</ask>."
+    + " ".join(f"{label}: {call_text(tool, example)}." for tool, label, example in (
+        ("calculator", "Calculator", "123*45"), ("lookup", "Knowledge lookup", "capital of France"),
+        ("image", "Image", "a red cat"), ("tts", "Speech", "text"), ("chat", "Ask the user", "question")))
 )
 
 
@@ -49,7 +50,7 @@ class LoadedModel:
     name: str
     model: torch.nn.Module
     tokenizer: Any
-    tools: list[ih.Tool]
+    tools: list[ih.Tool | ih.FunctionTool]
 
     @property
     def demo_format(self) -> bool:
@@ -60,10 +61,11 @@ class LoadedModel:
 def load_bundled() -> LoadedModel:
     """The project's own tool-calling model: the one place the demo is wired to it."""
     try:
-        model, tokenizer, tools = demo_model(chat_seconds=USER_REPLY_S)
+        model, tokenizer, _ = demo_model()
     except FileNotFoundError as exc:
         raise ModelLoadError(f"The bundled demo model is not installed: {exc}") from None
-    return LoadedModel(BUNDLED, model, tokenizer, tools)
+    # its tools as plain functions, called through its chat and response templates like a real model's
+    return LoadedModel(BUNDLED, model, tokenizer, demo_functions(chat_seconds=USER_REPLY_S))
 
 
 def _looks_local(spec: str) -> bool:
@@ -72,7 +74,7 @@ def _looks_local(spec: str) -> bool:
 
 
 def load_model(spec: str) -> LoadedModel:
-    """The bundled model (`""` or `"bundled"`), or any transformers causal LM id or path."""
+    """The bundled model (`""` or `"bundled"`), or any transformers causal LM id, path or GGUF file."""
     spec = spec.strip()
     if spec in ("", BUNDLED):
         return load_bundled()
@@ -81,8 +83,7 @@ def load_model(spec: str) -> LoadedModel:
         raise ModelLoadError(f"No model at `{spec}`: that path does not exist.")
     where = str(path) if path.exists() else spec
     try:
-        tokenizer = AutoTokenizer.from_pretrained(where)
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32).eval()
+        model, tokenizer = load_causal_lm(where)
     except Exception as exc:  # noqa: BLE001 - transformers raises many kinds; all mean "cannot load"
         log.info("loading %s failed", spec, exc_info=True)
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -100,7 +100,7 @@ class ToolStep:
 class Turn:
     """Folds a request's events (`RequestEvent`) into chat messages."""
 
-    def __init__(self, tokenizer: Any, tools: Sequence[ih.Tool], policy: str,
+    def __init__(self, tokenizer: Any, tools: Sequence[ih.Tool | ih.FunctionTool], policy: str,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.tokenizer = tokenizer
         self.tools = {t.name: t for t in tools}
@@ -148,7 +148,7 @@ class Turn:
         if not self.pieces or not isinstance(self.pieces[-1], list):
             return
         text = self.tokenizer.decode(self.pieces[-1], skip_special_tokens=False)
-        start = self.tools[tool].start if tool in self.tools else None
+        start = getattr(self.tools.get(tool), "start", None)  # a function tool has no start marker
         self.pieces[-1] = text[: text.rindex(start)] if isinstance(start, str) and start in text else ""
 
     def _finish(self, result: ih.RequestResult) -> None:

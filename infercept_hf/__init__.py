@@ -15,6 +15,8 @@ _EXPORTS = {
     "InterceptionRecord": "outputs", "RequestEvent": "outputs", "RequestResult": "outputs",
     "CostModel": "policy", "POLICIES": "policy", "UnsupportedModelError": "batch_runner", "Sampler": "sampling",
     "AsyncInterceptEngine": "serving", "Scripted": "tools", "Tool": "tools", "ToolCall": "tools",
+    "CallRecord": "chat_tools", "FunctionTool": "chat_tools", "chat": "chat_tools", "function_tool": "chat_tools",
+    "load_causal_lm": "loading",
 }
 # `ih.demo`: the bundled model, its tools and prompt format, loaded on first use too
 _SUBMODULES = ("demo",)
@@ -24,8 +26,10 @@ if TYPE_CHECKING:
     from .api import custom_generate, generate
     from .batch_runner import UnsupportedModelError
     from .cache import InterceptPagedCache
+    from .chat_tools import CallRecord, FunctionTool, chat, function_tool
     from .distributed import TensorParallelEngine, build_engine
     from .engine import InterceptEngine
+    from .loading import load_causal_lm
     from .outputs import InterceptionRecord, RequestEvent, RequestResult
     from .policy import POLICIES, CostModel
     from .sampling import Sampler
@@ -52,7 +56,9 @@ __version__ = "0.1.0"
 __all__ = [
     "POLICIES",
     "AsyncInterceptEngine",
+    "CallRecord",
     "CostModel",
+    "FunctionTool",
     "InterceptEngine",
     "InterceptPagedCache",
     "InterceptionRecord",
@@ -65,6 +71,9 @@ __all__ = [
     "ToolCall",
     "UnsupportedModelError",
     "build_engine",
+    "chat",
     "custom_generate",
+    "function_tool",
     "generate",
+    "load_causal_lm",
 ]

@@ -12,7 +12,7 @@ independently, so each row's logits processors and stopping criteria see that ro
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -20,7 +20,7 @@ from transformers import EosTokenCriteria, LogitsProcessorList, MaxLengthCriteri
 
 from .patches.generation import row_processors
 
-from .engine import InterceptEngine
+from .engine import EventCallback, InterceptEngine
 from .faults import describe
 from .outputs import RequestEvent
 from .policy import CostModel
@@ -41,7 +41,7 @@ def generate(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     *,
-    tools: Sequence[Tool] | None = None,
+    tools: Sequence[Tool | Callable[..., Any]] | None = None,
     interceptions: Sequence[Scripted] | None = None,
     policy: str = "min-waste",
     tokenizer: Any = None,
@@ -49,12 +49,16 @@ def generate(
     num_blocks: int | None = None,
     block_size: int | None = None,
     host_pool_bytes: int | None = None,
+    response_template: dict | None = None,
+    on_event: EventCallback | None = None,
     **generate_kwargs: Any,
 ) -> torch.Tensor:
     """Like `model.generate(input_ids, attention_mask=..., **kwargs)`, pausing rows at tool calls.
 
-    `tools` apply to every row; `interceptions` gives one `Scripted` per row instead. Greedy
-    float32 decoding returns exactly the tokens of a plain transformers loop that re-runs
+    `tools` apply to every row: `Tool`s, and plain functions the model calls in its chat format
+    (read with the tokenizer's response template, or `response_template`). `interceptions` gives
+    one `Scripted` per row instead. `on_event` hears every row's events (`request_id` = row).
+    Greedy float32 decoding returns exactly the tokens of a plain transformers loop that re-runs
     `model.generate` on the full context after each tool answer, under every policy.
     """
     check_policy(policy)
@@ -71,6 +75,8 @@ def generate(
         num_blocks=num_blocks,
         block_size=block_size,
         host_pool_bytes=host_pool_bytes,
+        response_template=response_template,
+        on_event=on_event,
         **generate_kwargs,
     )
 
@@ -83,7 +89,7 @@ def custom_generate(
     generation_config: Any = None,
     synced_gpus: bool = False,
     streamer: Any = None,
-    tools: Sequence[Tool] | None = None,
+    tools: Sequence[Tool | Callable[..., Any]] | None = None,
     interceptions: Sequence[Scripted] | None = None,
     policy: str = "min-waste",
     tool_tokenizer: Any = None,
@@ -93,6 +99,8 @@ def custom_generate(
     max_batch_tokens: int | None = None,
     cost_model: CostModel | None = None,
     attention_backend: str = "auto",
+    response_template: dict | None = None,
+    on_event: EventCallback | None = None,
     **model_kwargs: Any,
 ) -> torch.LongTensor:
     """transformers' `custom_generate` entry: `model.generate(ids, custom_generate=custom_generate, tools=[...],
@@ -155,7 +163,8 @@ def custom_generate(
                     interceptions=interceptions[i] if interceptions else None,
                     sampler=sampler,
                     eos_token_id=eos,
-                    on_event=check,
+                    on_event=_listeners(check, on_event),
+                    response_template=response_template,
                 )
             )
             stop_checks.append(check)
@@ -177,6 +186,19 @@ def custom_generate(
     for i, row in enumerate(rows):
         out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
     return out
+
+
+def _listeners(*callbacks: EventCallback | None) -> EventCallback | None:
+    """One `on_event` for the engine that tells every given listener, in order."""
+    given = [c for c in callbacks if c is not None]
+    if len(given) <= 1:
+        return given[0] if given else None
+
+    def hear(event: RequestEvent) -> None:
+        for callback in given:
+            callback(event)
+
+    return hear
 
 
 class _PaddedRow:

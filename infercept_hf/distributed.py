@@ -50,6 +50,7 @@ from .patches.paged_pool import allocators, block_tables
 from .patches.tp_group import TPGroup
 
 from .batch_runner import ModelRunner
+from .chat_tools import split_tools
 from .engine import InterceptEngine
 from .memory import PoolSizes
 from .model_spec import ModelSpec
@@ -270,6 +271,9 @@ class TensorParallelEngine(InterceptEngine):
         the next step what they need to replay it. On a worker: ignored, returns None."""
         if not self.is_driver:
             return None
+        if split_tools(kwargs.get("tools"))[1]:
+            raise ValueError("function tools (chat-format calls) are not supported under tensor parallelism yet: "
+                             "pass infercept_hf.Tool objects")
         with self._lock:  # queued and in the inbox together: no step sends one without the other
             rid = super().add_request(prompt_ids, **kwargs)
             req = self._requests[rid]

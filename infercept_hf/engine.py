@@ -30,6 +30,7 @@ import torch
 
 from .batch_runner import ModelRunner
 from .cache import InterceptPagedCache
+from .chat_tools import ChatFormat, ChatPending, ChatSession, FunctionTool, split_tools
 from .checks import as_token_ids, finite_time, positive_int, token_id_set
 from .estimator import DurationEstimator
 from .faults import AnswerError, RequestFault, describe
@@ -125,6 +126,7 @@ class InterceptEngine:
         self.stats_ = EngineStats(self.cache)
         self._requests: dict[int, Request] = {}
         self._matchers: dict[int, TriggerMatcher] = {}
+        self._chats: dict[int, ChatSession] = {}  # requests with function tools: their chat-format calls
         self._next_id = 0
         self._lock = threading.RLock()
         self._wakeup = threading.Event()
@@ -151,15 +153,18 @@ class InterceptEngine:
         self,
         prompt_ids: Sequence[int] | torch.Tensor,
         max_new_tokens: int = 128,
-        tools: Sequence[Tool] | None = None,
+        tools: Sequence[Tool | Callable[..., Any]] | None = None,
         interceptions: Scripted | None = None,
         sampler: Sampler | None = None,
         eos_token_id: int | Sequence[int] | None = None,
         arrival_time: float | None = None,
         on_event: EventCallback | None = None,
+        response_template: dict | None = None,
     ) -> int:
         """Queue a request; returns its id. Bad input raises here, never inside the forward.
 
+        `tools` holds `Tool`s (text triggers) and plain functions (called through the model's chat
+        format: see `infercept_hf.chat_tools`; `response_template` overrides the tokenizer's call format).
         `on_event(RequestEvent)` hears of every token, tool call, tool answer and the finish, in
         order (it runs on whichever thread drove the engine: keep it quick).
         """
@@ -167,7 +172,7 @@ class InterceptEngine:
         max_new_tokens = positive_int(max_new_tokens, "max_new_tokens")
         if interceptions is not None and not isinstance(interceptions, Scripted):
             raise TypeError(f"interceptions must be an infercept_hf.Scripted, got {type(interceptions).__name__}")
-        tools = self._check_tools(tools)
+        tools, functions = self._check_tools(tools)
         if on_event is not None and not callable(on_event):
             raise TypeError(f"on_event must be callable, got {type(on_event).__name__}")
         if sampler is not None and not isinstance(sampler, Sampler):
@@ -176,6 +181,8 @@ class InterceptEngine:
             arrival_time = finite_time(arrival_time, "arrival_time")
         eos = self.default_eos if eos_token_id is None else token_id_set(eos_token_id, "eos_token_id")
         matcher = TriggerMatcher(tools, self.tokenizer) if tools else None
+        chat = ChatSession(ChatFormat(self.tokenizer, functions, sorted(eos), self.spec.model_type,
+                                      response_template)) if functions else None
         answers = self._check_scripted(interceptions)
         self._check_fits(len(prompt), max_new_tokens, answers)
         with self._lock:
@@ -194,26 +201,25 @@ class InterceptEngine:
                 sampler=sampler or GREEDY,
                 on_event=on_event,
             )
-            for t in tools:
+            for t in (*tools, *(f.worker for f in functions)):
                 if t.expected_duration is not None:
                     self.estimator.seed(t.name, t.expected_duration)
             self._requests[rid] = req
             if matcher:
                 self._matchers[rid] = matcher
+            if chat:
+                self._chats[rid] = chat
             self.scheduler.add(req)
         self._wakeup.set()
         return rid
 
     @staticmethod
-    def _check_tools(tools: Sequence[Tool] | None) -> tuple[Tool, ...]:
-        if tools is None:
-            return ()
-        if isinstance(tools, (Tool, str, bytes)) or not isinstance(tools, Sequence):
-            raise TypeError(f"tools must be a list of infercept_hf.Tool objects, got {type(tools).__name__}")
-        for t in tools:
-            if not isinstance(t, Tool):
-                raise TypeError(f"tools must be infercept_hf.Tool objects, got {type(t).__name__}")
-        return tuple(tools)
+    def _check_tools(tools: Sequence[Any] | None) -> tuple[tuple[Tool, ...], tuple[FunctionTool, ...]]:
+        """(trigger tools, function tools) from `tools=`: a list, never a lone tool or string."""
+        if tools is not None and (callable(tools) or isinstance(tools, (Tool, str, bytes))
+                                  or not isinstance(tools, Sequence)):
+            raise TypeError(f"tools must be a list of infercept_hf.Tool objects or functions, got {type(tools).__name__}")
+        return split_tools(tools)
 
     def _check_prompt(self, prompt_ids: Sequence[int] | torch.Tensor) -> list[int]:
         if isinstance(prompt_ids, torch.Tensor):
@@ -344,6 +350,7 @@ class InterceptEngine:
         for r in done:
             self._requests.pop(r.request_id, None)
             self._matchers.pop(r.request_id, None)
+            self._chats.pop(r.request_id, None)
             results.append(r.result())
         return results
 
@@ -437,21 +444,29 @@ class InterceptEngine:
             rec = req.interceptions[-1]
             req.interceptions[-1] = rec._replace(resumed_at=now)
             req.resume_pending_since = None
-        if tok in req.eos_token_ids:
+        stop = tok in req.eos_token_ids  # unless it ends a turn of chat tool calls: then it pauses
+        if req.num_generated < req.max_new_tokens:
+            paused = False
+            with self._isolated(req, "looking for a tool call (trigger matching)", now):
+                paused = self._maybe_pause(req, now, at_eos=stop)
+            if paused or req.status is Status.FINISHED:
+                return
+        if stop:
             self._finish(req, "stop", now)
             self._ready.append(req)
         elif req.num_generated >= req.max_new_tokens:
             self._finish(req, "length", now)
             self._ready.append(req)
-        else:
-            with self._isolated(req, "looking for a tool call (trigger matching)", now):
-                self._maybe_pause(req, now)
 
-    def _maybe_pause(self, req: Request, now: float) -> None:
+    def _maybe_pause(self, req: Request, now: float, at_eos: bool = False) -> bool:
+        """Pause `req` if its last token completes a tool call (at an EOS, only a chat turn's calls do)."""
         pending: PendingCall | None = None
         segment = req.next_segment
         matcher = self._matchers.get(req.request_id)
-        if segment is not None and req.segment_len >= segment.n_tokens:
+        chat = self._chats.get(req.request_id)
+        if at_eos:
+            pass
+        elif segment is not None and req.segment_len >= segment.n_tokens:
             pending = ScriptedCall(segment, now, req.scripted.name)
         elif matcher is not None:
             generated = req.generated_since_resume()
@@ -461,14 +476,18 @@ class InterceptEngine:
                 call = ToolCall(tool.name, text, req.request_id, tuple(generated), now)
                 pending = self.executor.submit(tool, call)
                 pending.future.add_done_callback(lambda _f: self._wakeup.set())
+        if pending is None and chat is not None:
+            pending = chat.pause(req.tokens, req.segment_start, at_eos, now, req.request_id, self.executor,
+                                 self._wakeup.set)
         if pending is None:
-            return
+            return False
         req.pending = pending
         req.num_pauses += 1
         req.interceptions.append(InterceptionRecord(pending.tool_name, pending.call_text, now, None, None, "", 0, {}))
         self.scheduler.pause(req, now)
         req.interceptions[-1] = req.interceptions[-1]._replace(strategy=req.strategy, waste=dict(req.waste))
         self._emit(req, "tool_call", tool=pending.tool_name, text=pending.call_text)
+        return True
 
     def _collect_answers(self, now: float) -> None:
         for req, answer in self.inputs.answers(self.scheduler.paused, now):
@@ -495,7 +514,7 @@ class InterceptEngine:
             rec = req.interceptions[-1]
             req.interceptions[-1] = rec._replace(
                 returned_at=now, strategy=req.strategy or rec.strategy, answer_len=len(ids), waste=dict(req.waste),
-                error=answer.error,
+                error=answer.error, calls=pending.records() if isinstance(pending, ChatPending) else (),
             )
             req.tokens.extend(ids)
             req.segment_start = len(req.tokens)
@@ -604,6 +623,7 @@ class InterceptEngine:
                     self._cancel(req)
             self._requests.clear()
             self._matchers.clear()
+            self._chats.clear()
             self._ready.clear()
             self._held.clear()
             self._closed = True

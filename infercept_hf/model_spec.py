@@ -39,6 +39,7 @@ class ModelSpec:
     """The facts of one model that the engine's parts share."""
 
     config: Any  # the text config the paged cache is sized from (`paged_cache_config`)
+    model_type: str | None  # the whole model's (`model.config.model_type`): it picks a chat call format
     dtype: torch.dtype
     device: torch.device  # where the model computes (accelerate's main device when dispatched)
     kv_bytes_per_token: int  # M, over all layers, the whole model (one rank holds 1/tp of it)
@@ -57,6 +58,7 @@ class ModelSpec:
         layer_types = getattr(config, "layer_types", None) or (FULL_ATTENTION,)
         return cls(
             config=config,
+            model_type=getattr(getattr(model, "config", None), "model_type", None),
             dtype=dtype,
             device=execution_device(model),
             kv_bytes_per_token=kv_bytes_per_token(config, dtype),

@@ -10,6 +10,8 @@ class InterceptionRecord(NamedTuple):
     Times are seconds on the engine's clock (`time.monotonic()` by default, or the simulator's
     virtual clock), never stepping back even if that clock does. `waste` holds the
     figures the policy compared when it chose `strategy` (bytes x seconds, keyed by strategy name).
+    `calls` holds a chat-format pause's calls (`chat_tools.CallRecord`: name, parsed arguments, result
+    text, seconds), in call order; empty for `Tool` and `Scripted` pauses.
     """
 
     tool: str
@@ -21,6 +23,7 @@ class InterceptionRecord(NamedTuple):
     answer_len: int
     waste: dict[str, float]
     error: str | None = None
+    calls: tuple = ()
 
     @property
     def tool_seconds(self) -> float:

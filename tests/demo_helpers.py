@@ -71,9 +71,9 @@ def chat_model() -> ChatModel:
         loaded = load_bundled()
     except ModelLoadError:
         return _stand_in()
-    from infercept_hf.demo import demo_tools
+    from infercept_hf.demo import demo_functions
 
-    tools = demo_tools(image_seconds=0.0, tts_seconds=0.0, lookup_seconds=0.0, game_seconds=0.0)
+    tools = demo_functions(image_seconds=0.0, tts_seconds=0.0, lookup_seconds=0.0, game_seconds=0.0)
     return ChatModel(loaded.model, loaded.tokenizer, tools, bundled=True)
 
 

@@ -14,7 +14,7 @@ import torch
 
 import infercept_hf
 from infercept_hf.demo import demo_model, demo_prompt, demo_tools, run_with_tools
-from infercept_hf.demo.chat_format import TOOL_TAGS, wrap_answer
+from infercept_hf.demo.chat_format import TOOL_TAGS, call_text, wrap_answer
 from infercept_hf.demo.data import arithmetic_item, dialogues, is_heldout, qa_facts, split_expression
 from infercept_hf.demo.evaluate import arithmetic_score, ask, fast_tools
 from infercept_hf.demo.game import ALL_ITEMS, ITEM_ROOM, ROOMS, GameSessions, TextGame, next_action
@@ -51,7 +51,7 @@ def test_demo_model_loads_as_a_plain_transformers_checkpoint(demo):
 
 def test_tool_answer_tokenizes_the_same_alone_and_in_context(demo):
     _, tok, _ = demo
-    context = demo_prompt("What is 123 * 45?") + "<calc>123*45</calc>"
+    context = demo_prompt("What is 123 * 45?") + "".join(TOOL_TAGS["calculator"]).replace("><", ">123*45<")
     answer = wrap_answer("5535")
     alone = tok.encode(answer, add_special_tokens=False)
     assert tok.encode(context + answer, add_special_tokens=False) == tok.encode(context, add_special_tokens=False) + alone
@@ -118,12 +118,13 @@ def test_tools_wrap_answers_and_honour_their_latency():
 def test_heldout_questions_never_appear_in_training():
     rng = random.Random(0)
     assert all(is_heldout(*split_expression(arithmetic_item(rng, heldout=True).expression)) for _ in range(200))
-    heldout_facts = {f"<lookup>{rel} of {country}</lookup>" for rel, country in qa_facts(heldout=True)}
+    heldout_facts = {call_text("lookup", f"{rel} of {country}") for rel, country in qa_facts(heldout=True)}
     calls = 0
+    start, end = TOOL_TAGS["calculator"]
     for dialogue in dialogues(seed=0, n=2000):
         for text, trained in dialogue:
-            if trained and text.startswith("<calc>"):
-                assert not is_heldout(*split_expression(text[len("<calc>"):-len("</calc>")])), text
+            if trained and text.startswith(start):
+                assert not is_heldout(*split_expression(text[len(start):-len(end)])), text
                 calls += 1
             assert text not in heldout_facts
     assert calls > 500

@@ -245,7 +245,7 @@ def test_sliding_window_footprint_is_bounded():
         ([1] * 500, {"max_new_tokens": 20}, ValueError, "needs up to 520 positions .* supports 512"),
         ([1, 2], {"max_new_tokens": 0}, ValueError, "max_new_tokens must be a positive integer"),
         ([1, 2], {"max_new_tokens": 2.5}, ValueError, "max_new_tokens must be a positive integer"),
-        ([1, 2], {"tools": ["calc"]}, TypeError, "tools must be infercept_hf.Tool objects, got str"),
+        ([1, 2], {"tools": ["calc"]}, TypeError, "tools must be infercept_hf.Tool objects or functions, got str"),
         ([1, 2], {"interceptions": [(1, 0, [1])]}, TypeError, "interceptions must be an infercept_hf.Scripted"),
         ([1, 2], {"interceptions": ih.Scripted([(1, 0, [1, 200])])}, ValueError,
          r"Scripted segment 0: answer ids outside the vocabulary \[0, 128\): \[200\]"),

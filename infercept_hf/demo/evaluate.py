@@ -22,7 +22,7 @@ from .game import ALL_ITEMS
 from .knowledge import lookup
 from .model import demo_model
 from .reference_loop import Transcript, run_with_tools
-from .tools import demo_tools
+from .tools import calculator, demo_tools
 
 EVAL_SEED = 20240
 MAX_NEW_TOKENS = 160
@@ -85,6 +85,23 @@ def arithmetic_score(model: torch.nn.Module, tokenizer: Any, n: int = 50, seed: 
     return score
 
 
+def chat_arithmetic_score(model: torch.nn.Module, tokenizer: Any, n: int = 50, seed: int = EVAL_SEED) -> Score:
+    """The held-out arithmetic questions as chats through `infercept_hf.chat(tools=[calculator])`
+    (a plain function, called through the chat and response templates), in one batch."""
+    from ..chat_tools import chat
+
+    rng, score = random.Random(seed), Score()
+    items = [arithmetic_item(rng, heldout=True) for _ in range(n)]
+    chats = chat(model, tokenizer, [[{"role": "user", "content": item.question}] for item in items],
+                 tools=[calculator], max_new_tokens=MAX_NEW_TOKENS)
+    for item, [out] in zip(items, chats):
+        messages = out["generated_text"]
+        called = any(m["role"] == "tool" and m["name"] == "calculator" for m in messages)
+        score.add(called and contains_number(messages[-1]["content"], item.result),
+                  f"{messages[1:]}  (expected {item.result})")
+    return score
+
+
 def qa_score(model: torch.nn.Module, tokenizer: Any, seed: int = EVAL_SEED) -> Score:
     """Every held-out (relation, country) fact in two phrasings: lookup called, answer in the reply."""
     rng, tools, score = random.Random(seed), fast_tools(), Score()
@@ -130,6 +147,7 @@ def exact_score(model: torch.nn.Module, tokenizer: Any, generator: Callable[[ran
 def evaluate_all(model: torch.nn.Module, tokenizer: Any) -> dict[str, Score]:
     return {
         "arithmetic (50 held-out)": arithmetic_score(model, tokenizer),
+        "arithmetic via ih.chat": chat_arithmetic_score(model, tokenizer),
         "qa lookup (held-out facts)": qa_score(model, tokenizer),
         "game (20 episodes)": game_score(model, tokenizer),
         "image (exact)": exact_score(model, tokenizer, image_generation),

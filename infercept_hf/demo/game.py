@@ -1,7 +1,7 @@
 """A tiny text game: the demo's virtual environment (ALFWorld-like, one action per tool call).
 
 The house is a tree of rooms around the hall. The model is asked to fetch an item; it
-calls `<act>start lamp</act>`, reads where it was dropped, walks (`go east`) and picks the
+calls `<game action>start lamp</game>`, reads where it was dropped, walks (`go east`) and picks the
 item up (`take lamp`). Every observation names the room, its items, its exits and the
 goal (as ALFWorld states the task on reset), so the only thing the model must remember
 is which room holds which item. Without the goal in each observation a trained model

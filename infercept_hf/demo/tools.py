@@ -11,11 +11,13 @@ import operator
 import re
 import time
 from collections.abc import Callable
+from typing import Any
 
+from ..chat_tools import FunctionTool, current_call, function_tool
 from ..tools import Tool, ToolCall
-from .chat_format import TOOL_TAGS, wrap_answer
+from .chat_format import ANSWER_CLOSE, ANSWER_OPEN, TOOL_TAGS, wrap_answer
 from .game import GameSessions
-from .knowledge import lookup
+from .knowledge import lookup as knowledge_lookup
 
 _BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
 _MAX_SLUG_WORDS = 6
@@ -48,6 +50,15 @@ def calculate(expression: str) -> str:
         return "error: division by zero"
     except (SyntaxError, ValueError) as exc:
         return f"error: {exc.msg if isinstance(exc, SyntaxError) else exc}"
+
+
+def calculator(expression: str) -> str:
+    """Evaluate an arithmetic expression with + - * / and parentheses.
+
+    Args:
+        expression: The expression, e.g. "123*45".
+    """
+    return calculate(expression)
 
 
 def slug(text: str) -> str:
@@ -123,7 +134,7 @@ def demo_tools(
     sessions = GameSessions(game_seed)
     fns: dict[str, tuple[float, Callable[[ToolCall], str]]] = {
         "calculator": (0.0, lambda call: calculate(call.text)),
-        "lookup": (lookup_seconds, lambda call: lookup(call.text)),
+        "lookup": (lookup_seconds, lambda call: knowledge_lookup(call.text)),
         "game": (game_seconds, lambda call: sessions.act(call.request_id, call.text)),
         "image": (image_seconds, lambda call: image_file(call.text)),
         "tts": (tts_seconds, lambda call: speech_file(call.text)),
@@ -136,3 +147,59 @@ def demo_tools(
         tools.append(Tool(name=name, start=start, end=end, fn=_sleeping(seconds, answer),
                           expected_duration=expected.get(name, seconds)))
     return tools
+
+
+def demo_functions(**options: Any) -> list[FunctionTool]:
+    """The six demo tools as plain Python functions, called through the chat protocol (the
+    tokenizer's response and chat templates) rather than text triggers. `options` are
+    `demo_tools`'s; each function runs that tool's `fn` (its latency, its per-request game), and
+    the chat template adds the answer tags, so both forms append the same tokens."""
+    tools = {t.name: t for t in demo_tools(**options)}
+
+    def answer(name: str, text: str) -> str:
+        call = current_call()
+        wrapped = tools[name].fn(ToolCall(name, text, call.request_id, call.generated_ids, call.started_at))
+        return wrapped[len(ANSWER_OPEN):-len(ANSWER_CLOSE)]
+
+    def lookup(query: str) -> str:
+        """Look up the capital, currency or continent of a country.
+
+        Args:
+            query: The question, e.g. "capital of Peru".
+        """
+        return answer("lookup", query)
+
+    def game(action: str) -> str:
+        """Act in the text game: "start <item>", "go <direction>" or "take <item>".
+
+        Args:
+            action: The action.
+        """
+        return answer("game", action)
+
+    def image(prompt: str) -> str:
+        """Draw a picture.
+
+        Args:
+            prompt: What to draw.
+        """
+        return answer("image", prompt)
+
+    def tts(text: str) -> str:
+        """Read text aloud.
+
+        Args:
+            text: What to say.
+        """
+        return answer("tts", text)
+
+    def chat(question: str) -> str:
+        """Ask the user a question.
+
+        Args:
+            question: The question.
+        """
+        return answer("chat", question)
+
+    return [function_tool(fn, expected_duration=tools[fn.__name__].expected_duration)
+            for fn in (calculator, lookup, game, image, tts, chat)]
