@@ -22,7 +22,7 @@ from ..estimator import DurationEstimator
 from ..outputs import RequestResult
 from . import hf_peer
 from .jobs import ORACLE, PEERS, EngineSettings, Job, Run
-from .metrics import clip_to_window, merge_engine_stats, summarize
+from .metrics import merge_engine_stats, summarize
 from .presets import Preset
 from .simulator import VirtualClock, preset_engine
 
