@@ -140,3 +140,14 @@ def test_presets_fit_their_gpus():
         assert hw.kv_pool_blocks() > 1000, name
     with pytest.raises(ValueError, match="unknown simulator preset"):
         get_preset("gpt-5/toaster")
+
+
+def test_step_cost_benchmark_runs_every_case(capsys):
+    """The step-cost benchmark's small version: a row per policy and the nearly-full-host line."""
+    from infercept_hf.bench import step_cost
+
+    step_cost.main(["--paused", "2,4", "--decoding", "2", "--steps", "2", "--policies", "preserve,min-waste",
+                    "--host-full-paused", "4"])
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in out[2:4]] == ["preserve", "min-waste"]
+    assert out[4].startswith("min-waste at 4 paused: host roomy")

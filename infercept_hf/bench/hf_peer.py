@@ -139,7 +139,7 @@ def run_hf_cb(
     """Replay `jobs` on `ContinuousBatchingManager`, one new request per piece between interceptions.
 
     Sized like the engine (`num_blocks`, `block_size`, `max_batch_tokens`); async batching off
-    and no switch to flash attention, no CPU offload (it pins memory).
+    and no switch to flash attention (the engine runs the model as loaded), no CPU offload (it pins memory).
     """
     cb_config = ContinuousBatchingConfig(
         num_blocks=settings.num_blocks,
