@@ -82,6 +82,7 @@ class InterceptEngine:
         model_spec: ModelSpec | None = None,
         pool_sizes: PoolSizes | None = None,
         step_inputs: LocalInputs | None = None,
+        tool_pool: ToolPool | None = None,
     ) -> None:
         """`batch_runner(model, cache)` builds what runs each batch (`.forward(chunks) -> logits`): the
         default `ModelRunner` runs the model; the simulator passes one that advances a virtual `clock`
@@ -91,7 +92,9 @@ class InterceptEngine:
         `ModelSpec.of(model)`, for a caller that worked it out already (tensor parallel, to size pools);
         `pool_sizes`, pools that caller sized itself (then `num_blocks`, `block_size` and
         `host_pool_bytes` stay None). `step_inputs` gives each step its tool answers and sampled
-        tokens: `LocalInputs` by default; tensor-parallel replicas take the driver's."""
+        tokens: `LocalInputs` by default; tensor-parallel replicas take the driver's. `tool_pool` runs
+        the tool calls (a `ToolPool(max_tool_workers)` by default; replicas other than the driver pass
+        one that runs nothing)."""
         self.model = model
         self.tokenizer = tokenizer
         self.policy = check_policy(policy)
@@ -119,7 +122,7 @@ class InterceptEngine:
         self.scheduler = Scheduler(self.cache, policy, max_batch_tokens, self.cost, self.estimator)
         build_runner = batch_runner or (lambda m, c: ModelRunner(m, c, attention_backend))
         self.runner = build_runner(model, self.cache)
-        self.executor = ToolPool(max_tool_workers)
+        self.executor = tool_pool or ToolPool(max_tool_workers)
         self.stats_ = EngineStats(self.cache)
         self._requests: dict[int, Request] = {}
         self._matchers: dict[int, TriggerMatcher] = {}
@@ -308,16 +311,17 @@ class InterceptEngine:
 
     def _step(self) -> list[RequestResult]:
         self._check_open()
-        now = self._now()
-        self._collect_answers(now)
-        plan = self.scheduler.schedule(now)
-        try:
-            if plan.chunks:
-                self._compute(plan)
-        finally:
-            self.cache.finish_transfers()
-        self.stats_.record_step(self.scheduler, self._now())
-        return self._deliver()
+        with self.inputs.step(self.scheduler.paused):
+            now = self._now()
+            self._collect_answers(now)
+            plan = self.scheduler.schedule(now)
+            try:
+                if plan.chunks:
+                    self._compute(plan)
+            finally:
+                self.cache.finish_transfers()
+            self.stats_.record_step(self.scheduler, self._now())
+            return self._deliver()
 
     def _compute(self, plan: StepPlan) -> None:
         """Forward and sample, then advance every chunk's request. Nothing moves until both
@@ -360,6 +364,8 @@ class InterceptEngine:
                 try:
                     with self._lock:
                         finished = self._run_step()
+                        if finished is None and not self._closed:
+                            self.inputs.run_ended()
                 finally:
                     self._dispatch_events()
                 if finished is None:
