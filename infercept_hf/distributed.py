@@ -58,7 +58,7 @@ from .policy import CostModel
 from .profiler import fit_linear, load_or_profile, measure_forward, saturation_point
 from .request import Chunk
 from .tp_replica import ReplicatedClock, ReplicatedInputs, ReplicaToolPool, VerifiedRunner, driver_only
-from .tp_sizing import rank_kv_bytes_per_token, rank_pool_sizes
+from .tp_sizing import rank_pool_sizes
 
 __all__ = [
     "ReplicaDivergenceError",
@@ -216,7 +216,7 @@ class TensorParallelEngine(InterceptEngine):
         spec = ModelSpec.of(model)
         tp_size = group.size
         ranks_per_host = int(os.environ.get("LOCAL_WORLD_SIZE", tp_size))
-        sizes = rank_pool_sizes(spec, num_blocks, block_size, host_pool_bytes, tp_size, ranks_per_host)
+        sizes = rank_pool_sizes(spec, num_blocks, block_size, host_pool_bytes, ranks_per_host)
         agreed = group.all_reduce_min(torch.tensor([sizes.num_blocks, sizes.num_host_blocks]))
         num_blocks, num_host_blocks = agreed.tolist()
         cost = group.broadcast_object(cost_model)  # the driver's choice decides who measures
@@ -246,9 +246,8 @@ class TensorParallelEngine(InterceptEngine):
         if not self.group.is_driver:
             return None
         a, b = fit_linear(points)
-        rank_kv = rank_kv_bytes_per_token(spec, self.group.size)
         return load_or_profile(model, spec, fwd_per_token_s=a, fwd_fixed_s=b,
-                               saturation_tokens=saturation_point(points), kv_bytes_per_token=rank_kv)
+                               saturation_tokens=saturation_point(points), kv_bytes_per_token=spec.rank_kv_bytes_per_token)
 
     @property
     def is_driver(self) -> bool:

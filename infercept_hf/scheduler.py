@@ -164,7 +164,7 @@ class Scheduler:
             plan.chunks.append(Chunk(req, req.num_cached, n))
             budget -= n
         if self.traits.revisit_each_step:
-            swap_in_tokens = self._swapped_in_bytes // self.cache.bytes_per_token
+            swap_in_tokens = self._swapped_in_bytes // self.cache.spec.rank_kv_bytes_per_token
             self._min_waste(now, plan.num_tokens, swap_in_tokens)
         return plan
 

@@ -36,6 +36,7 @@ __all__ = [
     "layer_type",
     "num_free_sectors",
     "num_sectors",
+    "pool_kv_bytes_per_token",
     "release_blocks",
     "seqlen_k",
     "take_blocks",
@@ -75,6 +76,12 @@ def bytes_per_block(alloc: Allocator) -> int:
 
 def tokens_per_block(alloc: Allocator) -> int:
     return alloc.tokens_per_page
+
+
+def pool_kv_bytes_per_token(cache: Any) -> int:
+    """KV bytes per token of the pool transformers built (this rank's KV heads under tensor
+    parallelism): what `ModelSpec.rank_kv_bytes_per_token` must match; checks read it here."""
+    return sum(bytes_per_block(a) // tokens_per_block(a) for a in allocators(cache).values())
 
 
 def blocks_per_sector(alloc: Allocator) -> int:
