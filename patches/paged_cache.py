@@ -17,7 +17,7 @@ import torch
 from . import paged_pool as pp
 from .transformers_cb import PagedAttentionCache, cb_config, explicit_pool_sizing, single_process_helper
 
-__all__ = ["PagedCacheBase"]
+__all__ = ["PagedCacheBase", "plain_paged_cache"]
 
 
 @dataclass
@@ -76,3 +76,12 @@ class PagedCacheBase(PagedAttentionCache):
     def free_all_requests(self, clear_ledgers: bool = False) -> None:
         super().free_all_requests(clear_ledgers)
         self.device_blocks_changed(None)
+
+
+def plain_paged_cache(config: Any, num_blocks: int, block_size: int, max_batch_tokens: int,
+                      device: torch.device | str, dtype: torch.dtype) -> PagedAttentionCache:
+    """transformers' own paged cache, unadapted, of exactly `num_blocks` blocks: the reference
+    that checks compare the engine's kernels and copies against."""
+    with explicit_pool_sizing():
+        return PagedAttentionCache(config, cb_config(num_blocks, block_size, max_batch_tokens), device,
+                                   single_process_helper(), dtype=dtype)

@@ -29,6 +29,7 @@ __all__ = [
     "bytes_per_block",
     "count_free_blocks",
     "extend_indices",
+    "fill_block_table",
     "free_sector_ids",
     "layer_allocator",
     "layer_indices",
@@ -135,6 +136,11 @@ def extend_indices(
 ) -> None:
     """Append, per allocator, the cache rows a chunk of `length` tokens at `start` reads and writes."""
     cache.extend_read_and_write_indices(rid, start, length, read, write)
+
+
+def fill_block_table(alloc: Allocator, rid: str, past_len: int, new_tokens: int, out: torch.Tensor) -> None:
+    """Write into `out` the page-table row the kernels read for a chunk of `new_tokens` after `past_len`."""
+    alloc.fill_block_table(rid, past_len, new_tokens, out)
 
 
 def admits(cache: Any, blocks_by_allocator: dict[str, int]) -> bool:
