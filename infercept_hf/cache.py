@@ -178,6 +178,21 @@ class InterceptPagedCache(PagedCacheBase):
     def free_host_blocks(self) -> int:
         return min(len(h.free) for h in self.host.values())
 
+    # per allocator, in `self.allocators` order: what planning several moves at once must track
+    def blocks_per_allocator(self, rid: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The request's device blocks and host blocks, per allocator."""
+        device = tuple(len(pp.block_tables(a).get(rid, ())) for a in self.allocators.values())
+        return device, tuple(len(self.host[name].tables.get(rid, ())) for name in self.allocators)
+
+    def free_host_per_allocator(self) -> tuple[int, ...]:
+        return tuple(len(self.host[name].free) for name in self.allocators)
+
+    def host_blocks_returning(self) -> tuple[int, ...]:
+        """Host blocks that swap-ins in flight give back when the copies finish (any host drop or
+        device discard finishes them first)."""
+        return tuple(sum(len(t.host_ids) for t in self.pipeline.in_flight() if t.alloc is a and not t.to_host)
+                     for a in self.allocators.values())
+
     @property
     def num_host_blocks(self) -> int:
         return next(iter(self.host.values())).num_blocks
