@@ -65,9 +65,10 @@ def rank_pool_sizes(
     host_pool_bytes: int | None,
     ranks_per_host: int,
 ) -> PoolSizes:
-    """One rank's pools (`spec` is the sharded model's). A block still holds `block_size` tokens, so `num_blocks` means the same
-    token capacity as on one device; its bytes shrink by `tp_size`. `host_pool_bytes` is per
-    rank; by default the ranks of a machine share its free RAM rather than each taking half."""
+    """One rank's pools (`spec` is the sharded model's). A block still holds `block_size` tokens,
+    so `num_blocks` means the same token capacity as on one device; its bytes shrink by
+    `spec.tp_size`. `host_pool_bytes` is per rank; by default the ranks of a machine share its
+    free RAM rather than each taking half."""
     one_device = default_pool_sizes(spec, num_blocks, block_size, 0)
     rank_block_bytes = spec.rank_kv_bytes_per_token * one_device.block_size
     if num_blocks is None:  # the device budget holds tp_size times more of this rank's smaller blocks

@@ -44,6 +44,7 @@ def test_an_engine_works_the_facts_out_once(llama, monkeypatch):
     with ih.InterceptEngine(llama, num_blocks=8, block_size=4, host_pool_bytes=0, cost_model=TEST_COST) as engine:
         assert engine.cache.spec is engine.spec and engine.runner.device == engine.spec.device
         # one process: the whole model's KV, as transformers sized the pool
-        assert pool_kv_bytes_per_token(engine.cache) == engine.spec.rank_kv_bytes_per_token == engine.spec.kv_bytes_per_token
+        pool = pool_kv_bytes_per_token(engine.cache)
+        assert pool == engine.spec.rank_kv_bytes_per_token == engine.spec.kv_bytes_per_token
         assert (engine.max_positions, engine.vocab_size) == (512, VOCAB)
     assert len(calls) == 1
