@@ -246,8 +246,7 @@ class TensorParallelEngine(InterceptEngine):
         if not self.group.is_driver:
             return None
         a, b = fit_linear(points)
-        return load_or_profile(model, spec, fwd_per_token_s=a, fwd_fixed_s=b, saturation_tokens=saturation_point(points),
-                               kv_bytes_per_token=spec.rank_kv_bytes_per_token)
+        return load_or_profile(model, spec, fwd_per_token_s=a, fwd_fixed_s=b, saturation_tokens=saturation_point(points))
 
     @property
     def is_driver(self) -> bool:
