@@ -48,6 +48,7 @@ from typing_extensions import Unpack  # typing.Unpack is 3.11+
 
 from .patches.paged_pool import allocators, block_tables
 from .patches.tp_group import TPGroup
+from .patches.transformers_cb import find_num_key_value_heads
 
 from .batch_runner import ModelRunner
 from .engine import InterceptEngine
@@ -95,7 +96,7 @@ def check_tp_config(config, tp_size: int) -> None:
             f"across {tp_size} ranks. Run it on one device, or pick a model with a tp_plan (Llama, Qwen2, Mistral ...)"
         )
     heads = text.num_attention_heads
-    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    kv_heads = find_num_key_value_heads(text)
     for name, n in (("attention heads", heads), ("key/value heads", kv_heads)):
         if n % tp_size:
             raise TensorParallelError(f"{arch} has {n} {name}, not divisible by the tensor-parallel size {tp_size}")
