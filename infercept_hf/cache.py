@@ -26,8 +26,6 @@ because the scheduler and the stats read them several times per request per step
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -35,24 +33,8 @@ from .kv_ledger import KVLedger, KVRecord
 from .model_spec import ModelSpec
 from .offload import SwapPipeline, Transfer
 from .patches import paged_pool as pp
-from .patches.transformers_cb import (
-    FULL_ATTENTION,
-    PagedAttentionCache,
-    cb_config,
-    explicit_pool_sizing,
-    single_process_helper,
-)
-
-
-@dataclass
-class _AllocationState:
-    """Stands in for a transformers RequestState in allocation calls: the two fields they read."""
-
-    request_id: str
-    length: int
-
-    def current_len(self) -> int:
-        return self.length
+from .patches.paged_cache import PagedCacheBase
+from .patches.transformers_cb import FULL_ATTENTION
 
 
 class HostPool:
@@ -102,7 +84,7 @@ def _pop_tail(table: list[int], n: int) -> list[int]:
     return tail
 
 
-class InterceptPagedCache(PagedAttentionCache):
+class InterceptPagedCache(PagedCacheBase):
     """The paged KV cache of transformers with interception moves and exact accounting."""
 
     def __init__(
@@ -121,14 +103,7 @@ class InterceptPagedCache(PagedAttentionCache):
                 f"need num_blocks >= 1, block_size >= 1, num_host_blocks >= 0; got {num_blocks}, {block_size}, {num_host_blocks}"
             )
         device = spec.device
-        with explicit_pool_sizing():
-            super().__init__(
-                spec.config,
-                cb_config(num_blocks, block_size, max_batch_tokens),
-                device,
-                distributed_helper or single_process_helper(),
-                dtype=spec.dtype,
-            )
+        super().__init__(spec.config, num_blocks, block_size, max_batch_tokens, device, spec.dtype, distributed_helper)
         self.spec = spec
         self.block_size = block_size
         self.allocators = pp.allocators(self)
@@ -140,8 +115,6 @@ class InterceptPagedCache(PagedAttentionCache):
             name: HostPool(num_host_blocks, pp.bytes_per_block(alloc), device)
             for name, alloc in self.allocators.items()
         }
-        # the pool's KV bytes per token: `spec.kv_bytes_per_token`, or this rank's share of it under TP
-        self.bytes_per_token = sum(pp.bytes_per_block(a) // pp.tokens_per_block(a) for a in self.allocators.values())
         self.swapped_out_bytes = 0
         self.swapped_in_bytes = 0
         self.ledger = KVLedger(block_size)
@@ -205,6 +178,21 @@ class InterceptPagedCache(PagedAttentionCache):
     def free_host_blocks(self) -> int:
         return min(len(h.free) for h in self.host.values())
 
+    # per allocator, in `self.allocators` order: what planning several moves at once must track
+    def blocks_per_allocator(self, rid: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The request's device blocks and host blocks, per allocator."""
+        device = tuple(len(pp.block_tables(a).get(rid, ())) for a in self.allocators.values())
+        return device, tuple(len(self.host[name].tables.get(rid, ())) for name in self.allocators)
+
+    def free_host_per_allocator(self) -> tuple[int, ...]:
+        return tuple(len(self.host[name].free) for name in self.allocators)
+
+    def host_blocks_returning(self) -> tuple[int, ...]:
+        """Host blocks that swap-ins in flight give back when the copies finish (any host drop or
+        device discard finishes them first)."""
+        return tuple(sum(len(t.host_ids) for t in self.pipeline.in_flight() if t.alloc is a and not t.to_host)
+                     for a in self.allocators.values())
+
     @property
     def num_host_blocks(self) -> int:
         return next(iter(self.host.values())).num_blocks
@@ -244,32 +232,15 @@ class InterceptPagedCache(PagedAttentionCache):
         """Refresh the request's host count and the total after its host tables changed."""
         self._host.set(rid, self._count_host(rid))
 
-    def can_store_request_tokens(self, state: Any, request_len: int, dry_run: bool = False) -> bool:
-        """transformers' allocation, keeping the running device counts in step."""
-        stored = super().can_store_request_tokens(state, request_len, dry_run)
-        if stored and not dry_run:
-            self._sync_device(state.request_id)
-        return stored
-
-    def free_blocks(self, request_id: str, no_cache: bool = False) -> None:
-        """transformers' release of a request's device blocks, keeping the running counts in step."""
-        super().free_blocks(request_id, no_cache)
-        self._sync_device(request_id)
-
-    def free_all_requests(self, clear_ledgers: bool = False) -> None:
-        """transformers' release of every request's device blocks, keeping the running counts in step."""
-        super().free_all_requests(clear_ledgers)
-        for rid in list(self._device.held):
+    def device_blocks_changed(self, request_id: str | None) -> None:
+        """Keep the running device counts in step with transformers' block tables."""
+        for rid in (list(self._device.held) if request_id is None else [request_id]):
             self._sync_device(rid)
 
     # ------------------------------------------------------------------ allocation
     def allocate(self, rid: str, past_len: int, new_tokens: int) -> bool:
         """Reserve device blocks so `new_tokens` can be written after `past_len`; False if full."""
-        state = _AllocationState(rid, past_len)
-        if self.can_store_request_tokens(state, new_tokens):
-            return True
-        pp.try_to_free_sectors(self)
-        return self.can_store_request_tokens(state, new_tokens)
+        return self.reserve_device(rid, past_len, new_tokens)
 
     def blocks_needed(self, rid: str, past_len: int, new_tokens: int) -> int:
         if (a := self._only_allocator) is not None:
@@ -279,7 +250,7 @@ class InterceptPagedCache(PagedAttentionCache):
     def free(self, rid: str) -> None:
         """Release every block the request holds, on device and host."""
         self.pipeline.finish()
-        self.free_blocks(rid, no_cache=True)
+        self.release_device(rid)
         for h in self.host.values():
             h.give_back(h.tables.pop(rid, []))
         self._sync_host(rid)

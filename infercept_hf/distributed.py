@@ -40,7 +40,7 @@ import hashlib
 import os
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple, TypedDict
+from typing import Any, TypedDict
 
 import torch
 import torch.distributed as dist
@@ -48,6 +48,7 @@ from typing_extensions import Unpack  # typing.Unpack is 3.11+
 
 from .patches.paged_pool import allocators, block_tables
 from .patches.tp_group import TPGroup
+from .patches.transformers_cb import find_num_key_value_heads
 
 from .batch_runner import ModelRunner
 from .chat_tools import split_tools
@@ -58,9 +59,8 @@ from .outputs import RequestResult
 from .policy import CostModel
 from .profiler import fit_linear, load_or_profile, measure_forward, saturation_point
 from .request import Chunk
-from .tools import Answer
-from .tp_replica import ReplicatedClock, ReplicatedInputs, ReplicaToolExecutor, VerifiedRunner, driver_only
-from .tp_sizing import rank_kv_bytes_per_token, rank_pool_sizes
+from .tp_replica import ReplicatedClock, ReplicatedInputs, ReplicaToolPool, VerifiedRunner, driver_only
+from .tp_sizing import rank_pool_sizes
 
 __all__ = [
     "ReplicaDivergenceError",
@@ -97,7 +97,7 @@ def check_tp_config(config, tp_size: int) -> None:
             f"across {tp_size} ranks. Run it on one device, or pick a model with a tp_plan (Llama, Qwen2, Mistral ...)"
         )
     heads = text.num_attention_heads
-    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    kv_heads = find_num_key_value_heads(text)
     for name, n in (("attention heads", heads), ("key/value heads", kv_heads)):
         if n % tp_size:
             raise TensorParallelError(f"{arch} has {n} {name}, not divisible by the tensor-parallel size {tp_size}")
@@ -180,15 +180,6 @@ class ReplicaOptions(TypedDict, total=False):
     estimator: Any
 
 
-class _Message(NamedTuple):
-    """What the driver broadcasts before each step, and to end a `run()` or to close."""
-
-    command: str  # "step", "return" or "close"
-    events: list[tuple]  # the adds and cancels since the last message, in the driver's order
-    now: float | None = None  # a step's time: its first clock read on every rank
-    answers: Sequence[tuple[int, Answer]] = ()  # (request id, answer) the driver polled at `now`
-
-
 class TensorParallelEngine(InterceptEngine):
     """`InterceptEngine` over a tensor-parallel model: one replica per rank, driven by rank 0.
 
@@ -228,28 +219,29 @@ class TensorParallelEngine(InterceptEngine):
         spec = ModelSpec.of(model)
         tp_size = group.size
         ranks_per_host = int(os.environ.get("LOCAL_WORLD_SIZE", tp_size))
-        sizes = rank_pool_sizes(spec, num_blocks, block_size, host_pool_bytes, tp_size, ranks_per_host)
+        sizes = rank_pool_sizes(spec, num_blocks, block_size, host_pool_bytes, ranks_per_host)
         agreed = group.all_reduce_min(torch.tensor([sizes.num_blocks, sizes.num_host_blocks]))
         num_blocks, num_host_blocks = agreed.tolist()
         cost = group.broadcast_object(cost_model)  # the driver's choice decides who measures
         if cost is None:
             cost = group.broadcast_object(self._measure_cost(model, spec))
         self._inbox: list[tuple] = []
+        replicated_clock = ReplicatedClock(clock, group)
         super().__init__(
             model,
             pool_sizes=PoolSizes(num_blocks, sizes.block_size, num_host_blocks),
             cost_model=cost,
-            clock=ReplicatedClock(clock, group),
+            clock=replicated_clock,
             batch_runner=(lambda m, c: VerifiedRunner(ModelRunner(m, c, attention_backend), self._verify))
             if verify_replicas else None,
             attention_backend=attention_backend,
             distributed_helper=group.helper,
             model_spec=spec,
-            step_inputs=ReplicatedInputs(group),
+            step_inputs=ReplicatedInputs(group, replicated_clock, self._outbox,
+                                         self._verify if verify_replicas else None),
+            tool_pool=None if group.is_driver else ReplicaToolPool(),
             **options,
         )
-        if not self.is_driver:
-            self.executor = ReplicaToolExecutor()
 
     def _measure_cost(self, model: torch.nn.Module, spec: ModelSpec) -> CostModel | None:
         """T_fwd of the sharded forward (all ranks run it: it is collective); the driver fits it."""
@@ -257,9 +249,7 @@ class TensorParallelEngine(InterceptEngine):
         if not self.group.is_driver:
             return None
         a, b = fit_linear(points)
-        rank_kv = rank_kv_bytes_per_token(spec, self.group.size)
-        return load_or_profile(model, spec, fwd_per_token_s=a, fwd_fixed_s=b,
-                               saturation_tokens=saturation_point(points), kv_bytes_per_token=rank_kv)
+        return load_or_profile(model, spec, fwd_per_token_s=a, fwd_fixed_s=b, saturation_tokens=saturation_point(points))
 
     @property
     def is_driver(self) -> bool:
@@ -309,24 +299,13 @@ class TensorParallelEngine(InterceptEngine):
         self._check_open()
         return self._follow(until_close=False)
 
-    def _run_step(self) -> list[RequestResult] | None:
-        """The driver's iteration of `run()`: when it returns, the workers' `run()` returns too."""
-        if not self._closed and not self._requests:
-            self._exchange("return")
-        return super()._run_step()
-
-    def _step(self) -> list[RequestResult]:
-        """The driver's step: send the workers their inputs, then step as every replica does."""
-        self._check_open()
-        return self._replica_step(self._exchange("step"))
-
     def close(self) -> None:
         """Every rank calls it; a worker keeps mirroring the driver until the driver closes too."""
         if self._closed:
             return
         if self.is_driver:
             with self._lock:
-                self._exchange("close")
+                self.inputs.send("close")
                 self._shut_down()
         else:
             self._follow(until_close=True)
@@ -338,33 +317,25 @@ class TensorParallelEngine(InterceptEngine):
     def _follow(self, until_close: bool) -> dict[int, RequestResult]:
         results: dict[int, RequestResult] = {}
         while True:
-            message = self._exchange(None)
+            message = self.inputs.receive()
             with self._lock:
                 self._replay(message.events)
                 if message.command == "close":
                     self._shut_down()
                     return results
                 if message.command == "step":
-                    results.update((r.request_id, r) for r in self._replica_step(message))
+                    results.update((r.request_id, r) for r in super().step())
                 elif not until_close:
                     return results
 
-    def _exchange(self, command: str | None) -> _Message:
-        """The driver's command and the inputs that reached it since the last one, on every rank.
+    def _outbox(self) -> list[tuple]:
+        """The driver's adds and cancels since its last message, for the next one (`ReplicatedInputs`).
 
-        A step's message also carries the step's time and the tool answers the driver polled
-        at it, so that nothing more need be broadcast before the step schedules. The cancels are
-        those the engine will report at its next step, each at its time (the ones `close()` makes
-        are never sent: every rank's own close cancels the rest)."""
-        message = None
-        if self.is_driver:
-            cancels = [("cancel", r.request_id, r.finish_time) for r in self._ready if r.finish_reason == "cancelled"]
-            message = _Message(command, self._inbox + cancels)
-            if command == "step":
-                now = self.clock()
-                message = message._replace(now=now, answers=self.inputs.poll(self.scheduler.paused, now))
-            self._inbox = []
-        return self.group.broadcast_object(message)
+        The cancels are those the engine will report at its next step, each at its time (the
+        ones `close()` makes are never sent: every rank's own close cancels the rest)."""
+        cancels = [("cancel", r.request_id, r.finish_time) for r in self._ready if r.finish_reason == "cancelled"]
+        events, self._inbox = self._inbox + cancels, []
+        return events
 
     def _replay(self, events: list[tuple]) -> None:
         """Workers apply the driver's adds and cancels in the driver's order, at the driver's times."""
@@ -378,14 +349,6 @@ class TensorParallelEngine(InterceptEngine):
             else:
                 with self.clock.frozen(payload):
                     super().cancel(rid)
-
-    def _replica_step(self, message: _Message) -> list[RequestResult]:
-        self.inputs.deliver(message.answers)
-        with self.clock.synced(message.now):
-            results = super()._step()
-        if self.verify_replicas:
-            self._verify()
-        return results
 
     # ------------------------------------------------------------------ replica check
     def state_digest(self, chunks: Sequence[Chunk] = ()) -> int:

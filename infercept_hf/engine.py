@@ -84,6 +84,7 @@ class InterceptEngine:
         pool_sizes: PoolSizes | None = None,
         step_inputs: LocalInputs | None = None,
         estimator: DurationEstimator | None = None,
+        tool_pool: ToolPool | None = None,
     ) -> None:
         """`batch_runner(model, cache)` builds what runs each batch (`.forward(chunks) -> logits`): the
         default `ModelRunner` runs the model; the simulator passes one that advances a virtual `clock`
@@ -94,7 +95,9 @@ class InterceptEngine:
         `pool_sizes`, pools that caller sized itself (then `num_blocks`, `block_size` and
         `host_pool_bytes` stay None). `step_inputs` gives each step its tool answers and sampled
         tokens: `LocalInputs` by default; tensor-parallel replicas take the driver's. `estimator`
-        predicts pause lengths for min-waste (the benchmark's oracle passes one told the true durations)."""
+        predicts pause lengths for min-waste (the benchmark's oracle passes one told the true durations).
+        `tool_pool` runs the tool calls (a `ToolPool(max_tool_workers)` by default; replicas other than
+        the driver pass one that runs nothing)."""
         self.model = model
         self.tokenizer = tokenizer
         self.policy = check_policy(policy)
@@ -122,7 +125,7 @@ class InterceptEngine:
         self.scheduler = Scheduler(self.cache, policy, max_batch_tokens, self.cost, self.estimator)
         build_runner = batch_runner or (lambda m, c: ModelRunner(m, c, attention_backend))
         self.runner = build_runner(model, self.cache)
-        self.executor = ToolPool(max_tool_workers)
+        self.executor = tool_pool or ToolPool(max_tool_workers)
         self.stats_ = EngineStats(self.cache)
         self._requests: dict[int, Request] = {}
         self._matchers: dict[int, TriggerMatcher] = {}
@@ -316,16 +319,17 @@ class InterceptEngine:
 
     def _step(self) -> list[RequestResult]:
         self._check_open()
-        now = self._now()
-        self._collect_answers(now)
-        plan = self.scheduler.schedule(now)
-        try:
-            if plan.chunks:
-                self._compute(plan)
-        finally:
-            self.cache.finish_transfers()
-        self.stats_.record_step(self.scheduler, self._now())
-        return self._deliver()
+        with self.inputs.step(self.scheduler.paused):
+            now = self._now()
+            self._collect_answers(now)
+            plan = self.scheduler.schedule(now)
+            try:
+                if plan.chunks:
+                    self._compute(plan)
+            finally:
+                self.cache.finish_transfers()
+            self.stats_.record_step(self.scheduler, self._now())
+            return self._deliver()
 
     def _compute(self, plan: StepPlan) -> None:
         """Forward and sample, then advance every chunk's request. Nothing moves until both
@@ -369,6 +373,8 @@ class InterceptEngine:
                 try:
                     with self._lock:
                         finished = self._run_step()
+                        if finished is None and not self._closed:
+                            self.inputs.run_ended()
                 finally:
                     self._dispatch_events()
                 if finished is None:

@@ -49,6 +49,7 @@ class ModelSpec:
     sliding_window: int | None
     layer_groups: tuple[str, ...]  # attention types present, in layer order of first appearance
     streamed_weight_bytes: int  # largest offloaded module accelerate moves onto the device per forward
+    tp_size: int = 1  # ranks the model is sharded across (transformers' tensor parallel): each holds 1/tp of the KV
 
     @classmethod
     def of(cls, model: torch.nn.Module, dtype: torch.dtype | None = None) -> ModelSpec:
@@ -68,7 +69,14 @@ class ModelSpec:
             sliding_window=getattr(config, "sliding_window", None),
             layer_groups=tuple(dict.fromkeys(layer_types)),
             streamed_weight_bytes=largest_offloaded_module_bytes(model),
+            tp_size=getattr(model, "tp_size", None) or 1,
         )
+
+    @property
+    def rank_kv_bytes_per_token(self) -> int:
+        """KV bytes one token adds to this process's pool: all of `kv_bytes_per_token` on one
+        device, one rank's share of the KV heads under tensor parallelism."""
+        return self.kv_bytes_per_token // self.tp_size
 
     @property
     def mask_dtype(self) -> torch.dtype:

@@ -18,6 +18,7 @@ point, which validates its arguments.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -248,10 +249,28 @@ def choose_preserve_or_discard(view: PausedView, other_tokens: int, cost: CostMo
 
 @dataclass(frozen=True)
 class Move:
-    """What the scheduler does with one paused request's device KV this iteration."""
+    """What the scheduler does with one paused request's KV this iteration."""
 
-    kind: Literal["swap", "discard", "keep"]
+    kind: Literal["swap", "discard", "keep", "drop-host"]  # "drop-host": free its host KV for another's swap
     blocks: int = 0  # for "swap": how many tail blocks go to host
+
+
+@dataclass(frozen=True)
+class PlannedMove:
+    request_id: int
+    move: Move
+
+
+@dataclass(frozen=True)
+class HostRoom:
+    """The host pool as `plan_paused_moves` sees it, per allocator (one per attention type): the
+    cache's whole-model counts are a request's most blocks over allocators and the fewest free."""
+
+    free: tuple[int, ...]  # free host blocks per allocator
+    returning: tuple[int, ...]  # per allocator, host blocks of swap-ins in flight: free once copies finish,
+    # which any host drop or discard waits for
+    device: dict[int, tuple[int, ...]]  # request id -> its device blocks per allocator
+    host: dict[int, tuple[int, ...]]  # request id -> its host blocks per allocator
 
 
 def movable_blocks(want: int, have: int, supports_partial: bool) -> int:
@@ -289,3 +308,66 @@ def host_victims(swapped: list[PausedView], tokens_needed: int) -> list[int]:
             victims.append(view.request_id)
             freed += view.host_tokens
     return victims
+
+
+def plan_paused_moves(
+    ranked: list[tuple[PausedView, WasteFigures]],
+    paused: list[PausedView],
+    room: HostRoom,
+    out_budget_tokens: int,
+    block_size: int,
+    supports_partial: bool,
+    memory_pressure: bool,
+) -> list[PlannedMove]:
+    """min-waste's moves for the paused requests that hold device KV, `ranked` by waste, in the
+    order the scheduler applies them: one move per ranked request (swap, discard or keep), each
+    swap preceded by the host drops that make room for it.
+
+    The swap budget is spent from the top; a swap the host cannot hold first drops the host KV
+    of requests expected to pause longer (`host_victims`, among all `paused`). The plan tracks
+    the host room each move leaves, block for block as the cache counts it, so a later move
+    sees what the earlier ones freed or took."""
+    free = list(room.free)
+    device = {rid: list(blocks) for rid, blocks in room.device.items()}
+    host = {rid: list(room.host.get(rid, [0] * len(free))) for rid in {v.request_id for v in paused} | set(device)}
+    plan: list[PlannedMove] = []
+    moved = 0
+
+    def host_blocks(rid: int) -> int:
+        return max(host[rid], default=0)
+
+    returning = list(room.returning)
+
+    def drop_host(rid: int) -> None:
+        free[:] = [f + h + r for f, h, r in zip(free, host[rid], returning)]
+        host[rid] = [0] * len(free)
+        returning[:] = [0] * len(free)
+
+    for view, figs in ranked:
+        rid = view.request_id
+        have = max(device[rid], default=0)
+        n = movable_blocks((out_budget_tokens - moved) // block_size, have, supports_partial)
+        if n:
+            missing = n - min(free)
+            if missing > 0:
+                swapped = [dataclasses.replace(v, host_tokens=host_blocks(v.request_id) * block_size)
+                           for v in paused if host_blocks(v.request_id)]
+                longer = [v for v in swapped if v.expected_remaining_s > view.expected_remaining_s]
+                for victim in host_victims(longer, missing * block_size):
+                    drop_host(victim)
+                    plan.append(PlannedMove(victim, Move("drop-host")))
+                    if min(free) >= n:
+                        break
+            n = movable_blocks(min(n, min(free)), have, supports_partial)
+        move = paused_move(n, figs, memory_pressure)
+        if move.kind == "swap":
+            taken = [min(n, d) for d in device[rid]]  # a shorter (sliding) table gives all it has
+            device[rid] = [d - t for d, t in zip(device[rid], taken)]
+            host[rid] = [h + t for h, t in zip(host[rid], taken)]
+            free[:] = [f - t for f, t in zip(free, taken)]
+            moved += n * block_size
+        elif move.kind == "discard":
+            drop_host(rid)
+            device[rid] = [0] * len(free)
+        plan.append(PlannedMove(rid, move))
+    return plan

@@ -217,5 +217,5 @@ def load_or_profile(
         _write_cache(path, {**cached, **measured}, dtype, device)
     figures = {**measured, **known}
     figures.setdefault("saturation_tokens", SATURATION_FALLBACK["cuda" if device.type == "cuda" else "cpu"])
-    figures.setdefault("kv_bytes_per_token", spec.kv_bytes_per_token)
+    figures.setdefault("kv_bytes_per_token", spec.rank_kv_bytes_per_token)  # what this process's pool moves
     return CostModel(**figures)

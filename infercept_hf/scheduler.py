@@ -24,12 +24,12 @@ from .policy import (
     POLICIES,
     POLICY_TRAITS,
     CostModel,
+    HostRoom,
     PausedView,
     WasteFigures,
     check_policy,
     host_victims,
-    movable_blocks,
-    paused_move,
+    plan_paused_moves,
     rank_by_waste,
     split_swap_budget,
     swap_budget_tokens,
@@ -167,7 +167,7 @@ class Scheduler:
             plan.chunks.append(Chunk(req, req.num_cached, n))
             budget -= n
         if self.traits.revisit_each_step:
-            swap_in_tokens = self._swapped_in_bytes // self.cache.bytes_per_token
+            swap_in_tokens = self._swapped_in_bytes // self.cache.spec.rank_kv_bytes_per_token
             self._min_waste(now, plan.num_tokens, swap_in_tokens)
         return plan
 
@@ -351,31 +351,50 @@ class Scheduler:
             budget,
             want_out=sum(self.cache.device_blocks(r.rid) for r in holders) * bs,
             want_in=swap_in_tokens,
-            # host room held by paused requests counts: a longer-pausing one may give way (_make_host_room)
+            # host room held by paused requests counts: a longer-pausing one may give way (plan_paused_moves)
             free_host_tokens=(self.cache.free_host_blocks() + sum(self.cache.host_blocks(r.rid) for r in self.paused)) * bs,
             free_device_tokens=self.cache.free_device_blocks() * bs,
         )
-        pressure = self._memory_pressure()
         views = [self._view(r, now) for r in holders]
         ranked = rank_by_waste(views, self._others_tokens(), self.cost, self._chunk_tokens())
-        by_id = {r.request_id: r for r in holders}
-        moved = 0
+        by_id = {r.request_id: r for r in self.paused}
         for view, figs in ranked:
-            req = by_id[view.request_id]
-            req.waste = _as_dict(figs)
-            have = self.cache.device_blocks(req.rid)
-            partial = self.cache.supports_partial
-            n = movable_blocks((out_budget - moved) // bs, have, partial)
-            if n:
-                self._make_host_room(n, view, now)
-                n = movable_blocks(min(n, self.cache.free_host_blocks()), have, partial)
-            move = paused_move(n, figs, pressure)
-            if move.kind == "swap":
+            by_id[view.request_id].waste = _as_dict(figs)
+        holding = {r.request_id for r in holders}
+        # whose host KV may give way to a swap: those with some now, and the holders (they may swap first)
+        host_holders = [self._view(r, now) for r in self.paused
+                        if self.cache.host_blocks(r.rid) and r.request_id not in holding]
+        plan = plan_paused_moves(
+            ranked,
+            views + host_holders,
+            self._host_room(holders),
+            out_budget,
+            bs,
+            self.cache.supports_partial,
+            self._memory_pressure(),
+        )
+        moved = 0
+        for planned in plan:
+            req, move = by_id[planned.request_id], planned.move
+            if move.kind == "drop-host":
+                self.cache.discard_host(req.rid)
+                self._note("host_drop_paused")
+            elif move.kind == "swap":
                 moved += self._swap_out(req, move.blocks, wait=False) * bs
             elif move.kind == "discard":
                 self._discard(req)
             req.strategy = self._placement(req)
         return moved
+
+    def _host_room(self, holders: list[Request]) -> HostRoom:
+        """The host pool and the paused requests' blocks, per allocator, for `plan_paused_moves`."""
+        holding = {r.request_id for r in holders}
+        device, host = {}, {}
+        for r in self.paused:
+            dev, host[r.request_id] = self.cache.blocks_per_allocator(r.rid)
+            if r.request_id in holding:
+                device[r.request_id] = dev
+        return HostRoom(self.cache.free_host_per_allocator(), self.cache.host_blocks_returning(), device, host)
 
     def _memory_pressure(self) -> bool:
         """Whether paused KV stands in anyone's way: the running requests (the rest of their prompt

@@ -22,7 +22,7 @@ def _add(req: Request, key: str, value: float) -> None:
 class EngineStats:
     def __init__(self, cache: InterceptPagedCache) -> None:
         self.cache = cache
-        self.bytes_per_block = cache.bytes_per_token * cache.block_size
+        self.bytes_per_block = cache.spec.rank_kv_bytes_per_token * cache.block_size
         self.forward_s = 0.0
         self.recompute_forward_s = 0.0
         self.forward_tokens = 0

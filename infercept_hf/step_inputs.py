@@ -2,12 +2,14 @@
 
 On one process both are local: each paused request's pending call is polled, each request's
 sampler draws its token. Under tensor parallelism every rank must take the driver's instead
-(`tp_replica.ReplicatedInputs`); the engine asks this one object for both, so a replica is an
-ordinary engine given another source, not an engine with its step overridden.
+(`tp_replica.ReplicatedInputs`); the engine asks this one object for both, and brackets each
+step and the end of each `run()` with it (`step`, `run_ended`), so a replica is an ordinary
+engine given another source, not an engine with its step overridden.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 
@@ -19,6 +21,15 @@ from .tools import Answer
 
 class LocalInputs:
     """The inputs of a step on one process."""
+
+    @contextmanager
+    def step(self, paused: Sequence[Request]) -> Iterator[None]:
+        """Around one step, before its clock is first read: where a source that is not local
+        fixes the step's time and answers (`paused` are the requests that may resume in it)."""
+        yield
+
+    def run_ended(self) -> None:
+        """`run()` is about to return with the engine still open: nothing to tell on one process."""
 
     def answers(self, paused: Sequence[Request], now: float) -> list[tuple[Request, Answer]]:
         """The paused requests whose tool answered by `now`, with their answers, in pause order. A

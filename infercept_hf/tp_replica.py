@@ -1,4 +1,4 @@
-"""The pieces that keep tensor-parallel replicas identical: the driver's clock and tool calls.
+"""The pieces that keep tensor-parallel replicas identical: the driver's clock, step inputs and tool calls.
 
 See `distributed.py` for the design. Each piece replaces one local source of difference
 between ranks with the driver's value, broadcast over transformers' gloo CPU group.
@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -19,6 +19,7 @@ from .faults import RequestFault
 from .request import Chunk, Request
 from .sampling import SamplingError
 from .step_inputs import LocalInputs
+from .tool_pool import ToolPool
 from .tools import Answer, PendingCall, Tool, ToolCall
 
 
@@ -70,21 +71,66 @@ class ReplicatedClock:
             self._frozen = None
 
 
-class ReplicatedInputs(LocalInputs):
-    """A replica's step inputs: the tool answers the driver polled for this step (handed over
-    with the step's message, `deliver`) and the tokens the driver sampled (one broadcast)."""
+class StepMessage(NamedTuple):
+    """What the driver broadcasts before each step, and to end a `run()` or to close."""
 
-    def __init__(self, group: TPGroup) -> None:
+    command: str  # "step", "return" or "close"
+    events: list[tuple]  # the adds and cancels since the last message, in the driver's order
+    now: float | None = None  # a step's time: its first clock read on every rank
+    answers: Sequence[tuple[int, Answer]] = ()  # (request id, answer) the driver polled at `now`
+
+
+class ReplicatedInputs(LocalInputs):
+    """A replica's step inputs, all the driver's: the step's time and the tool answers the driver
+    polled at it (one message before the step), and the tokens the driver sampled (one broadcast).
+
+    The driver's messages also carry `events()` (the adds and cancels the workers replay before
+    the step: `TensorParallelEngine` keeps them); a worker takes each message with `receive()`
+    and steps on the last one. `after_step` runs on every rank after each step that completes
+    (the replica check)."""
+
+    def __init__(self, group: TPGroup, clock: ReplicatedClock, events: Callable[[], list[tuple]],
+                 after_step: Callable[[], None] | None = None) -> None:
         self.group = group
+        self.clock = clock
+        self.events = events
+        self.after_step = after_step
+        self._received: StepMessage | None = None
         self._answers: Sequence[tuple[int, Answer]] = ()
 
-    def poll(self, paused: Sequence[Request], now: float) -> list[tuple[int, Answer]]:
-        """On the driver: `(request id, answer)` for the tools that answered by `now`, to send."""
-        return [(req.request_id, answer) for req, answer in super().answers(paused, now)]
+    def send(self, command: str, paused: Sequence[Request] = ()) -> StepMessage:
+        """On the driver: broadcast `command` with the events since the last message; a "step"
+        carries its time and the `(request id, answer)` pairs of the tools that answered by it."""
+        message = StepMessage(command, self.events())
+        if command == "step":
+            now = self.clock()
+            message = message._replace(now=now, answers=[(req.request_id, answer)
+                                                         for req, answer in super().answers(paused, now)])
+        return self.group.broadcast_object(message)
 
-    def deliver(self, answers: Sequence[tuple[int, Answer]]) -> None:
-        """The `(request id, answer)` pairs of the step about to run."""
-        self._answers = answers
+    def receive(self) -> StepMessage:
+        """On a worker: the driver's next message (a step's is kept for the step that follows)."""
+        self._received = self.group.broadcast_object(None)
+        return self._received
+
+    @contextmanager
+    def step(self, paused: Sequence[Request]) -> Iterator[None]:
+        if self.group.is_driver:
+            message = self.send("step", paused)
+        else:
+            message, self._received = self._received, None
+            if message is None or message.command != "step":
+                raise RuntimeError("on a worker rank call run(): it mirrors every step the driver takes")
+        self._answers = message.answers
+        with self.clock.synced(message.now):
+            yield
+        if self.after_step is not None:
+            self.after_step()
+
+    def run_ended(self) -> None:
+        """The driver's `run()` returns: so do the workers'."""
+        if self.group.is_driver:
+            self.send("return")
 
     def answers(self, paused: Sequence[Request], now: float) -> list[tuple[Request, Answer]]:
         answers, self._answers = self._answers, ()
@@ -120,8 +166,8 @@ class ReplicaCall(PendingCall):
         return None
 
 
-class ReplicaToolExecutor:
-    """Workers' executor: hands out stand-ins, runs nothing."""
+class ReplicaToolPool(ToolPool):
+    """A worker's tool pool: hands out stand-ins, runs nothing (the driver's pool runs the calls)."""
 
     def submit(self, tool: Tool, call: ToolCall) -> ReplicaCall:
         return ReplicaCall(tool, call)

@@ -29,11 +29,6 @@ from .policy import CostModel
 ALL_REDUCES_PER_LAYER = 2  # attention output projection and MLP down projection (row-wise layers)
 
 
-def rank_kv_bytes_per_token(spec: ModelSpec, tp_size: int) -> int:
-    """KV bytes one token adds to one rank's pool."""
-    return spec.kv_bytes_per_token // tp_size
-
-
 def tensor_parallel_cost(
     single: CostModel,
     config,
@@ -68,16 +63,16 @@ def rank_pool_sizes(
     num_blocks: int | None,
     block_size: int | None,
     host_pool_bytes: int | None,
-    tp_size: int,
     ranks_per_host: int,
 ) -> PoolSizes:
-    """One rank's pools. A block still holds `block_size` tokens, so `num_blocks` means the same
-    token capacity as on one device; its bytes shrink by `tp_size`. `host_pool_bytes` is per
-    rank; by default the ranks of a machine share its free RAM rather than each taking half."""
+    """One rank's pools (`spec` is the sharded model's). A block still holds `block_size` tokens,
+    so `num_blocks` means the same token capacity as on one device; its bytes shrink by
+    `spec.tp_size`. `host_pool_bytes` is per rank; by default the ranks of a machine share its
+    free RAM rather than each taking half."""
     one_device = default_pool_sizes(spec, num_blocks, block_size, 0)
-    rank_block_bytes = rank_kv_bytes_per_token(spec, tp_size) * one_device.block_size
+    rank_block_bytes = spec.rank_kv_bytes_per_token * one_device.block_size
     if num_blocks is None:  # the device budget holds tp_size times more of this rank's smaller blocks
-        num_blocks = one_device.num_blocks * tp_size
+        num_blocks = one_device.num_blocks * spec.tp_size
     if host_pool_bytes is None:
         free_share = int(psutil.virtual_memory().available * HOST_FRACTION) // ranks_per_host
         host_pool_bytes = min(free_share, HOST_TO_DEVICE_RATIO * num_blocks * rank_block_bytes)

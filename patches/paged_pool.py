@@ -29,6 +29,7 @@ __all__ = [
     "bytes_per_block",
     "count_free_blocks",
     "extend_indices",
+    "fill_block_table",
     "free_sector_ids",
     "layer_allocator",
     "layer_indices",
@@ -36,6 +37,7 @@ __all__ = [
     "layer_type",
     "num_free_sectors",
     "num_sectors",
+    "pool_kv_bytes_per_token",
     "release_blocks",
     "seqlen_k",
     "take_blocks",
@@ -75,6 +77,12 @@ def bytes_per_block(alloc: Allocator) -> int:
 
 def tokens_per_block(alloc: Allocator) -> int:
     return alloc.tokens_per_page
+
+
+def pool_kv_bytes_per_token(cache: Any) -> int:
+    """KV bytes per token of the pool transformers built (this rank's KV heads under tensor
+    parallelism): what `ModelSpec.rank_kv_bytes_per_token` must match; checks read it here."""
+    return sum(bytes_per_block(a) // tokens_per_block(a) for a in allocators(cache).values())
 
 
 def blocks_per_sector(alloc: Allocator) -> int:
@@ -128,6 +136,11 @@ def extend_indices(
 ) -> None:
     """Append, per allocator, the cache rows a chunk of `length` tokens at `start` reads and writes."""
     cache.extend_read_and_write_indices(rid, start, length, read, write)
+
+
+def fill_block_table(alloc: Allocator, rid: str, past_len: int, new_tokens: int, out: torch.Tensor) -> None:
+    """Write into `out` the page-table row the kernels read for a chunk of `new_tokens` after `past_len`."""
+    alloc.fill_block_table(rid, past_len, new_tokens, out)
 
 
 def admits(cache: Any, blocks_by_allocator: dict[str, int]) -> bool:

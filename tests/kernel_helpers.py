@@ -5,9 +5,8 @@ import zlib
 
 import torch
 from transformers import LlamaConfig
-from transformers.generation.configuration_utils import ContinuousBatchingConfig
-from transformers.generation.continuous_batching.cache import PagedAttentionCache
-from transformers.generation.continuous_batching.distributed import DistributedHelper
+
+from infercept_hf.patches.paged_cache import plain_paged_cache
 
 
 def seeded(*key: object) -> torch.Generator:
@@ -26,12 +25,9 @@ def layer_page_views(rows: torch.Tensor, layer: int, page: int) -> tuple[torch.T
 
 
 def paged_attention_cache(num_layers: int, heads: int, kv_heads: int, head_dim: int, num_blocks: int,
-                          device: torch.device | str) -> PagedAttentionCache:
+                          device: torch.device | str):
     """transformers' own float32 paged cache (pages of 4 tokens) for a tiny Llama of this shape."""
     config = LlamaConfig(vocab_size=32, hidden_size=heads * head_dim, intermediate_size=32,
                          num_hidden_layers=num_layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                          head_dim=head_dim)
-    cb_config = ContinuousBatchingConfig(num_blocks=num_blocks, page_size=4, max_batch_tokens=64,
-                                         allow_block_sharing=False, max_memory_percent=0.5, max_blocks_per_request=0,
-                                         use_async_batching=False)
-    return PagedAttentionCache(config, cb_config, device, DistributedHelper(None, None), dtype=torch.float32)
+    return plain_paged_cache(config, num_blocks, block_size=4, max_batch_tokens=64, device=device, dtype=torch.float32)

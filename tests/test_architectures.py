@@ -38,6 +38,7 @@ from transformers import (
 )
 
 import infercept_hf as ih
+from infercept_hf.patches import paged_pool as pp
 from conftest import (_SMALL, CONFIGS, TEST_COST, TIGHT_POOL, VOCAB, left_pad, prompts_for, reference_scripted,
                       scripted_batch, tiny_model)
 
@@ -118,7 +119,7 @@ def deadline(seconds: int):
 
 def kv_layout(model: torch.nn.Module) -> tuple[str, str]:
     engine = ih.InterceptEngine(model, cost_model=TEST_COST, **TIGHT_POOL)
-    kinds = " + ".join(k.replace("_attention", "") for k in engine.cache.cache_allocators)
+    kinds = " + ".join(k.replace("_attention", "") for k in pp.allocators(engine.cache))
     engine.close()
     return kinds, "partial" if engine.cache.supports_partial else "whole request"
 
@@ -153,15 +154,15 @@ def test_a_whole_move_empties_every_layer_group(move):
     rid = engine._requests[engine.add_request(prompts_for(5, [17])[0], max_new_tokens=4)].rid
     engine.step()  # the prompt's KV: 5 full-attention blocks, 3 sliding ones (window 12)
     cache = engine.cache
-    before = [len(a.block_table[rid]) for a in cache.cache_allocators.values()]
+    before = [len(pp.block_tables(a)[rid]) for a in pp.allocators(cache).values()]
     assert sorted(before) == [3, 5]
     getattr(cache, move)(rid)
-    assert all(not a.block_table.get(rid) for a in cache.cache_allocators.values())
+    assert all(not pp.block_tables(a).get(rid) for a in pp.allocators(cache).values())
     cache.check_integrity()
     if move == "swap_out":
         assert [len(h.tables[rid]) for h in cache.host.values()] == before
         assert cache.swap_in(rid)
-        assert [len(a.block_table[rid]) for a in cache.cache_allocators.values()] == before
+        assert [len(pp.block_tables(a)[rid]) for a in pp.allocators(cache).values()] == before
     engine.close()
 
 

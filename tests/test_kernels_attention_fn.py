@@ -12,11 +12,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers.generation.continuous_batching.cache import PagedAttentionCache
 from transformers.generation.continuous_batching.requests import RequestState
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from infercept_hf.kernels.attention import infercept_paged_attention
+from infercept_hf.patches import paged_pool as pp
 from kernel_helpers import paged_attention_cache
 
 HEADS, KV_HEADS, HEAD_DIM, LAYERS = 4, 2, 24, 2
@@ -24,7 +24,7 @@ STEPS = [{"a": 7, "b": 5}, {"a": 1, "b": 3}, {"a": 1, "b": 1}, {"b": 6}]  # quer
 FULL = "full_attention"
 
 
-def new_cache() -> PagedAttentionCache:
+def new_cache():
     return paged_attention_cache(LAYERS, HEADS, KV_HEADS, HEAD_DIM, num_blocks=12, device="cpu")
 
 
@@ -52,7 +52,7 @@ def test_matches_transformers_sdpa_on_paged_cache(backend):
         for row, (rid, p, q) in enumerate(zip(rids, past, q_lens)):
             assert ours.can_store_request_tokens(states[rid], q) and theirs.can_store_request_tokens(states[rid], q)
             theirs.extend_read_and_write_indices(rid, p, q, read, write)
-            ours.cache_allocators[FULL].fill_block_table(rid, p, q, table[row])
+            pp.fill_block_table(pp.allocators(ours)[FULL], rid, p, q, table[row])
         seq_lens_k = torch.tensor(past, dtype=torch.int32) + torch.tensor(q_lens, dtype=torch.int32)
         cu_q = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
         cu_k = torch.tensor([0, *seq_lens_k.cumsum(0).tolist()], dtype=torch.int32)

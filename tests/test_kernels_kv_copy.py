@@ -13,6 +13,7 @@ import torch
 from infercept_hf.kernels import gather_blocks, scatter_blocks, write_kv
 from infercept_hf.kernels.reference import gather_blocks_ref, scatter_blocks_ref, write_kv_ref
 from infercept_hf.kernels.kv_copy import WORDS_PER_PROGRAM
+from infercept_hf.patches import paged_pool as pp
 from kernel_helpers import layer_page_views, paged_attention_cache, seeded
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -96,8 +97,7 @@ def test_layer_by_layer_swap_round_trip_on_transformers_cache(backend):
     """Swap every block of a real PagedAttentionCache out layer by layer, wipe it, swap it back."""
     layers = 3
     cache = paged_attention_cache(layers, heads=2, kv_heads=1, head_dim=24, num_blocks=8, device=DEVICE)
-    allocator = cache.cache_allocators["full_attention"]
-    copy_view = allocator._copy_view
+    copy_view = pp.block_rows(pp.allocators(cache)["full_attention"])
     copy_view.copy_(random_bytes(tuple(copy_view.shape), seeded("swap")).to(DEVICE))
     before = copy_view.clone()
     block_ids = torch.tensor([7, 2, 5], device=DEVICE)

@@ -1,7 +1,6 @@
 """min-waste makes the choice the waste equations call for, and never overspends its swap budget."""
 from __future__ import annotations
 
-import pytest
 
 import infercept_hf as ih
 from infercept_hf.policy import CostModel

@@ -6,6 +6,7 @@ import torch
 import infercept_hf as ih
 from infercept_hf import model_spec
 from infercept_hf.model_spec import ModelSpec
+from infercept_hf.patches.paged_pool import pool_kv_bytes_per_token
 
 from conftest import TEST_COST, VOCAB, tiny_model
 
@@ -42,6 +43,8 @@ def test_an_engine_works_the_facts_out_once(llama, monkeypatch):
     monkeypatch.setattr(model_spec, "execution_device", lambda m: calls.append(m) or real(m))
     with ih.InterceptEngine(llama, num_blocks=8, block_size=4, host_pool_bytes=0, cost_model=TEST_COST) as engine:
         assert engine.cache.spec is engine.spec and engine.runner.device == engine.spec.device
-        assert engine.cache.bytes_per_token == engine.spec.kv_bytes_per_token  # one process: the whole model's
+        # one process: the whole model's KV, as transformers sized the pool
+        pool = pool_kv_bytes_per_token(engine.cache)
+        assert pool == engine.spec.rank_kv_bytes_per_token == engine.spec.kv_bytes_per_token
         assert (engine.max_positions, engine.vocab_size) == (512, VOCAB)
     assert len(calls) == 1

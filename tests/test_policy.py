@@ -14,10 +14,13 @@ from hypothesis import strategies as st
 from infercept_hf.policy import (
     POLICIES,
     POLICY_TRAITS,
+    HostRoom,
     Move,
+    PlannedMove,
     check_policy,
     movable_blocks,
     paused_move,
+    plan_paused_moves,
     CostModel,
     PausedView,
     WasteFigures,
@@ -317,3 +320,35 @@ def test_paused_move_swaps_within_budget_else_discards_only_under_pressure():
     assert paused_move(0, cheaper_to_discard, memory_pressure=True) == Move("discard")
     assert paused_move(0, cheaper_to_discard, memory_pressure=False) == Move("keep")
     assert paused_move(0, cheaper_to_keep, memory_pressure=True) == Move("keep")
+
+
+KEEP = WasteFigures(preserve=1.0, discard=2.0, swap=0.0)
+
+
+def _paused(rid: int, remaining_s: float, host_tokens: int = 0) -> PausedView:
+    return PausedView(request_id=rid, context_tokens=12, device_tokens=8, host_tokens=host_tokens, paused_for_s=1.0,
+                      expected_remaining_s=remaining_s, arrival_time=float(rid))
+
+
+def test_plan_makes_host_room_then_spends_the_budget_in_rank_order():
+    a, b, c = _paused(1, 10.0), _paused(2, 200.0), _paused(3, 100.0, host_tokens=12)
+    room = HostRoom(free=(1,), returning=(0,), device={1: (2,), 2: (3,)}, host={3: (3,)})
+    plan = plan_paused_moves([(a, KEEP), (b, KEEP)], [a, b, c], room, out_budget_tokens=16, block_size=4,
+                             supports_partial=True, memory_pressure=False)
+    # a's swap needs one more host block: c pauses longer, so its host KV goes; b takes the rest of the budget
+    assert plan == [PlannedMove(3, Move("drop-host")), PlannedMove(1, Move("swap", 2)), PlannedMove(2, Move("swap", 2))]
+    whole = plan_paused_moves([(a, KEEP), (b, KEEP)], [a, b, c], room, 16, 4, supports_partial=False,
+                              memory_pressure=False)
+    assert whole[-1] == PlannedMove(2, Move("keep"))  # two blocks of budget left cannot take all three
+
+
+def test_plan_counts_swap_ins_in_flight_and_each_allocator():
+    a, c = _paused(1, 10.0), _paused(3, 100.0, host_tokens=4)
+    room = HostRoom(free=(0,), returning=(2,), device={1: (2,)}, host={3: (1,)})
+    plan = plan_paused_moves([(a, KEEP)], [a, c], room, 8, 4, True, False)
+    assert plan == [PlannedMove(3, Move("drop-host")), PlannedMove(1, Move("swap", 2))]  # 1 dropped + 2 returning
+    # a sliding-window allocator holds fewer of the request's blocks; room is the least free over allocators
+    short = HostRoom(free=(3, 1), returning=(0, 0), device={1: (2, 1)}, host={})
+    assert plan_paused_moves([(a, KEEP)], [a], short, 8, 4, False, False) == [PlannedMove(1, Move("keep"))]
+    roomy = dataclasses.replace(short, free=(3, 2))
+    assert plan_paused_moves([(a, KEEP)], [a], roomy, 8, 4, False, False) == [PlannedMove(1, Move("swap", 2))]

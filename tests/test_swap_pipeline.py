@@ -6,6 +6,7 @@ import torch
 
 import infercept_hf as ih
 from infercept_hf.offload import SwapPipeline
+from infercept_hf.patches import paged_pool as pp
 from conftest import TEST_COST, prompts_for, reference_scripted
 from test_engine import TRACE, run_checked
 
@@ -48,9 +49,9 @@ def test_blocks_are_freed_only_after_they_leave(llama):
     engine = _engine(llama, "swap", SwapPipeline("lazy"))
     cache = engine.cache
     assert cache.allocate("r", 0, 10)  # 3 blocks of 4
-    alloc = next(iter(cache.cache_allocators.values()))
-    table = list(alloc.block_table["r"])
-    view = alloc._copy_view
+    alloc = next(iter(pp.allocators(cache).values()))
+    table = list(pp.block_tables(alloc)["r"])
+    view = pp.block_rows(alloc)
     view[table] = torch.randint(0, 255, (3, view.shape[1]), dtype=torch.uint8)
     before = view[table].clone()
     free_before = cache.free_device_blocks()
@@ -67,7 +68,7 @@ def test_blocks_are_freed_only_after_they_leave(llama):
     cache.pipeline.before_layer(0)
     assert cache.pipeline.in_flight()[0].layers_done == {0}  # layer 0 landed, layer 1 not yet
     cache.finish_transfers()
-    new_table = alloc.block_table["r"]
+    new_table = pp.block_tables(alloc)["r"]
     assert torch.equal(view[new_table], before)
     cache.free("r")
     cache.check_integrity()

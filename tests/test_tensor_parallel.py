@@ -135,7 +135,7 @@ def test_each_rank_holds_half_the_kv(tp_run, llama):
     full = kv_bytes_per_token(llama.config, torch.float32)
     for rank in ranks:
         got = rank["policies"]["min-waste"]
-        assert got["kv_bytes_per_token"] == full // 2
+        assert got["kv_bytes_per_token"] == got["pool_kv_bytes_per_token"] == full // 2
         assert got["blocks"] == [NUM_BLOCKS, HOST_BLOCKS]
 
 

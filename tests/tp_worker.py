@@ -19,6 +19,7 @@ import torch.distributed as dist
 import infercept_hf as ih
 from infercept_hf import distributed as tp
 from infercept_hf.outputs import RequestEvent
+from infercept_hf.patches.paged_pool import pool_kv_bytes_per_token
 from infercept_hf.policy import CostModel
 
 torch.set_num_threads(1)
@@ -90,7 +91,8 @@ def run_policy(model: torch.nn.Module, spec: dict, policy: str) -> dict:
         "strategies": [[rec.strategy for rec in r.interceptions] for r in ordered],
         "stats": {k: stats[k] for k in ("steps", "recomputed_tokens", "swapped_bytes", "preemptions", "strategies")},
         "swap_log": [[it.budget, it.swapped_in, it.swapped_out] for it in engine.scheduler.swap_log],
-        "kv_bytes_per_token": engine.cache.bytes_per_token,
+        "kv_bytes_per_token": engine.spec.rank_kv_bytes_per_token,
+        "pool_kv_bytes_per_token": pool_kv_bytes_per_token(engine.cache),
         "blocks": [engine.cache.num_blocks, engine.cache.num_host_blocks],
         "cost_kv": engine.cost.kv_bytes_per_token,
     }
