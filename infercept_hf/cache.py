@@ -26,6 +26,7 @@ because the scheduler and the stats read them several times per request per step
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 
 import torch
 
@@ -62,16 +63,20 @@ class HostPool:
 class _Tally:
     """Blocks held per request and their sum, read in O(1); `set` is the one place either changes."""
 
-    __slots__ = ("held", "total")
+    __slots__ = ("held", "total", "on_change")
 
     def __init__(self) -> None:
         self.held: dict[str, int] = {}  # requests that hold no block are absent
         self.total = 0
+        self.on_change: Callable[[str, int], None] | None = None  # told each request's new count
 
     def set(self, rid: str, n: int) -> None:
-        self.total += n - self.held.pop(rid, 0)
+        old = self.held.pop(rid, 0)
+        self.total += n - old
         if n:
             self.held[rid] = n
+        if n != old and self.on_change is not None:
+            self.on_change(rid, n)
 
 
 def _pop_tail(table: list[int], n: int) -> list[int]:
@@ -157,6 +162,15 @@ class InterceptPagedCache(PagedCacheBase):
         for alloc in self.allocators.values():
             sectors += -(-pp.blocks_for_tokens(alloc, num_tokens) // pp.blocks_per_sector(alloc))
         return sectors <= pp.num_sectors(self)
+
+    @property
+    def block_bytes(self) -> int:
+        """This rank's bytes of KV in one whole-model block."""
+        return self.spec.rank_kv_bytes_per_token * self.block_size
+
+    def watch_device_blocks(self, on_change: Callable[[str, int], None]) -> None:
+        """Have `on_change(rid, blocks)` told every change of a request's `device_blocks`."""
+        self._device.on_change = on_change
 
     def device_blocks(self, rid: str) -> int:
         """Whole-model device blocks the request holds (the most over allocators)."""
