@@ -195,6 +195,8 @@ class InterceptPagedCache(PagedCacheBase):
     # per allocator, in `self.allocators` order: what planning several moves at once must track
     def blocks_per_allocator(self, rid: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """The request's device blocks and host blocks, per allocator."""
+        if self._only_allocator is not None:  # one allocator: its counts are the whole-model tallies
+            return (self.device_blocks(rid),), (self.host_blocks(rid),)
         device = tuple(len(pp.block_tables(a).get(rid, ())) for a in self.allocators.values())
         return device, tuple(len(self.host[name].tables.get(rid, ())) for name in self.allocators)
 
