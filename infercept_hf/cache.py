@@ -255,7 +255,11 @@ class InterceptPagedCache(PagedCacheBase):
 
     # ------------------------------------------------------------------ allocation
     def allocate(self, rid: str, past_len: int, new_tokens: int) -> bool:
-        """Reserve device blocks so `new_tokens` can be written after `past_len`; False if full."""
+        """Reserve device blocks so `new_tokens` can be written after `past_len`; False if full.
+        Most decode steps cross no block boundary: with full-attention layers only, transformers'
+        allocation would then change nothing, so it is skipped (sliding layers may rotate blocks)."""
+        if self.full_attention_only and self.blocks_needed(rid, past_len, new_tokens) == 0:
+            return True
         return self.reserve_device(rid, past_len, new_tokens)
 
     def blocks_needed(self, rid: str, past_len: int, new_tokens: int) -> int:
