@@ -26,6 +26,7 @@ because the scheduler and the stats read them several times per request per step
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 
 import torch
 
@@ -62,16 +63,20 @@ class HostPool:
 class _Tally:
     """Blocks held per request and their sum, read in O(1); `set` is the one place either changes."""
 
-    __slots__ = ("held", "total")
+    __slots__ = ("held", "total", "on_change")
 
     def __init__(self) -> None:
         self.held: dict[str, int] = {}  # requests that hold no block are absent
         self.total = 0
+        self.on_change: Callable[[str, int], None] | None = None  # told each request's new count
 
     def set(self, rid: str, n: int) -> None:
-        self.total += n - self.held.pop(rid, 0)
+        old = self.held.pop(rid, 0)
+        self.total += n - old
         if n:
             self.held[rid] = n
+        if n != old and self.on_change is not None:
+            self.on_change(rid, n)
 
 
 def _pop_tail(table: list[int], n: int) -> list[int]:
@@ -158,6 +163,15 @@ class InterceptPagedCache(PagedCacheBase):
             sectors += -(-pp.blocks_for_tokens(alloc, num_tokens) // pp.blocks_per_sector(alloc))
         return sectors <= pp.num_sectors(self)
 
+    @property
+    def block_bytes(self) -> int:
+        """This rank's bytes of KV in one whole-model block."""
+        return self.spec.rank_kv_bytes_per_token * self.block_size
+
+    def watch_device_blocks(self, on_change: Callable[[str, int], None]) -> None:
+        """Have `on_change(rid, blocks)` told every change of a request's `device_blocks`."""
+        self._device.on_change = on_change
+
     def device_blocks(self, rid: str) -> int:
         """Whole-model device blocks the request holds (the most over allocators)."""
         return self._device.held.get(rid, 0)
@@ -181,6 +195,8 @@ class InterceptPagedCache(PagedCacheBase):
     # per allocator, in `self.allocators` order: what planning several moves at once must track
     def blocks_per_allocator(self, rid: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """The request's device blocks and host blocks, per allocator."""
+        if self._only_allocator is not None:  # one allocator: its counts are the whole-model tallies
+            return (self.device_blocks(rid),), (self.host_blocks(rid),)
         device = tuple(len(pp.block_tables(a).get(rid, ())) for a in self.allocators.values())
         return device, tuple(len(self.host[name].tables.get(rid, ())) for name in self.allocators)
 
@@ -239,7 +255,11 @@ class InterceptPagedCache(PagedCacheBase):
 
     # ------------------------------------------------------------------ allocation
     def allocate(self, rid: str, past_len: int, new_tokens: int) -> bool:
-        """Reserve device blocks so `new_tokens` can be written after `past_len`; False if full."""
+        """Reserve device blocks so `new_tokens` can be written after `past_len`; False if full.
+        Most decode steps cross no block boundary: with full-attention layers only, transformers'
+        allocation would then change nothing, so it is skipped (sliding layers may rotate blocks)."""
+        if self.full_attention_only and self.blocks_needed(rid, past_len, new_tokens) == 0:
+            return True
         return self.reserve_device(rid, past_len, new_tokens)
 
     def blocks_needed(self, rid: str, past_len: int, new_tokens: int) -> int:

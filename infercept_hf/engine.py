@@ -37,6 +37,7 @@ from .faults import AnswerError, RequestFault, describe
 from .memory import PoolSizes, default_pool_sizes
 from .model_spec import ModelSpec
 from .outputs import InterceptionRecord, RequestEvent, RequestResult
+from .paused_calls import PausedCalls
 from .policy import CostModel
 from .profiler import load_or_profile
 from .request import Request, Status
@@ -122,6 +123,7 @@ class InterceptEngine:
         self.cost = cost_model or load_or_profile(model, self.spec)
         self.estimator = estimator or DurationEstimator()
         self.inputs = step_inputs or LocalInputs()
+        self.paused_calls = PausedCalls()
         self.scheduler = Scheduler(self.cache, policy, max_batch_tokens, self.cost, self.estimator)
         build_runner = batch_runner or (lambda m, c: ModelRunner(m, c, attention_backend))
         self.runner = build_runner(model, self.cache)
@@ -319,7 +321,7 @@ class InterceptEngine:
 
     def _step(self) -> list[RequestResult]:
         self._check_open()
-        with self.inputs.step(self.scheduler.paused):
+        with self.inputs.step(self.paused_calls):
             now = self._now()
             self._collect_answers(now)
             plan = self.scheduler.schedule(now)
@@ -408,9 +410,9 @@ class InterceptEngine:
             if self._closed or self._ready or self._held or self.scheduler.has_work():
                 return
             now = self._now()
-            due = [t for r in self.scheduler.paused if (t := r.pending.next_check(now)) is not None]
-        if due:
-            timeout = min(timeout, min(due) - now)
+            due = self.paused_calls.next_check(now)
+        if due is not None:
+            timeout = min(timeout, due - now)
         if timeout > 0:
             self._wakeup.wait(timeout)
 
@@ -491,12 +493,13 @@ class InterceptEngine:
         req.num_pauses += 1
         req.interceptions.append(InterceptionRecord(pending.tool_name, pending.call_text, now, None, None, "", 0, {}))
         self.scheduler.pause(req, now)
+        self.paused_calls.add(req)
         req.interceptions[-1] = req.interceptions[-1]._replace(strategy=req.strategy, waste=dict(req.waste))
         self._emit(req, "tool_call", tool=pending.tool_name, text=pending.call_text)
         return True
 
     def _collect_answers(self, now: float) -> None:
-        for req, answer in self.inputs.answers(self.scheduler.paused, now):
+        for req, answer in self.inputs.answers(self.paused_calls, now):
             self._resume(req, answer, now)
 
     def _resume(self, req: Request, answer: Answer, now: float) -> None:
@@ -517,6 +520,7 @@ class InterceptEngine:
                     "model or the pool can hold"
                 )
             req.pending = None
+            self.paused_calls.forget(req)
             rec = req.interceptions[-1]
             req.interceptions[-1] = rec._replace(
                 returned_at=now, strategy=req.strategy or rec.strategy, answer_len=len(ids), waste=dict(req.waste),
@@ -549,6 +553,7 @@ class InterceptEngine:
 
     def _finish(self, req: Request, reason: str, now: float) -> None:
         self.scheduler.remove(req)
+        self.paused_calls.forget(req)
         req.status = Status.FINISHED
         req.finish_reason = reason
         req.finish_time = now
@@ -605,9 +610,7 @@ class InterceptEngine:
         """The earliest engine time at which a paused request's answer may be due (None: none
         is known, only a finishing tool can wake the engine): a driver may sleep until then."""
         with self._lock:
-            now = self._now()
-            due = [t for r in self.scheduler.paused if (t := r.pending.next_check(now)) is not None]
-            return min(due, default=None)
+            return self.paused_calls.next_check(self._now())
 
     @property
     def closed(self) -> bool:

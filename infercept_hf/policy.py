@@ -18,8 +18,9 @@ point, which validates its arguments.
 """
 from __future__ import annotations
 
-import dataclasses
+import itertools
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -298,15 +299,24 @@ def host_victims(swapped: list[PausedView], tokens_needed: int) -> list[int]:
     as soon as enough is freed; returns every candidate when even that is not enough.
     """
     _check_non_negative(tokens_needed=tokens_needed)
-    order = sorted(swapped, key=lambda v: (-v.expected_remaining_s, -v.arrival_time, -v.request_id))
+    return _take_victims(((v.request_id, v.host_tokens) for v in _victim_order(swapped)), tokens_needed)
+
+
+def _victim_order(views: list[PausedView]) -> list[PausedView]:
+    """`host_victims`' order: the longest expected remaining pause first, then the latest arrival."""
+    return sorted(views, key=lambda v: (-v.expected_remaining_s, -v.arrival_time, -v.request_id))
+
+
+def _take_victims(candidates: Iterable[tuple[int, int]], tokens_needed: int) -> list[int]:
+    """From `(request id, host tokens)` in victim order, those that hold host KV, until enough is freed."""
     victims: list[int] = []
     freed = 0
-    for view in order:
+    for rid, tokens in candidates:
         if freed >= tokens_needed:
             break
-        if view.host_tokens:
-            victims.append(view.request_id)
-            freed += view.host_tokens
+        if tokens:
+            victims.append(rid)
+            freed += tokens
     return victims
 
 
@@ -332,6 +342,7 @@ def plan_paused_moves(
     host = {rid: list(room.host.get(rid, [0] * len(free))) for rid in {v.request_id for v in paused} | set(device)}
     plan: list[PlannedMove] = []
     moved = 0
+    by_victim_order: list[PausedView] | None = None  # sorted once, when the host first runs short
 
     def host_blocks(rid: int) -> int:
         return max(host[rid], default=0)
@@ -350,10 +361,13 @@ def plan_paused_moves(
         if n:
             missing = n - min(free)
             if missing > 0:
-                swapped = [dataclasses.replace(v, host_tokens=host_blocks(v.request_id) * block_size)
-                           for v in paused if host_blocks(v.request_id)]
-                longer = [v for v in swapped if v.expected_remaining_s > view.expected_remaining_s]
-                for victim in host_victims(longer, missing * block_size):
+                if by_victim_order is None:
+                    by_victim_order = _victim_order(paused)
+                # the requests expected to pause longer than this one lead the order (NaN is rejected)
+                longer = itertools.takewhile(lambda v: v.expected_remaining_s > view.expected_remaining_s,
+                                             by_victim_order)
+                candidates = ((v.request_id, host_blocks(v.request_id) * block_size) for v in longer)
+                for victim in _take_victims(candidates, missing * block_size):
                     drop_host(victim)
                     plan.append(PlannedMove(victim, Move("drop-host")))
                     if min(free) >= n:

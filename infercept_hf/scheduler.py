@@ -35,6 +35,7 @@ from .policy import (
     swap_budget_tokens,
     waste_figures,
 )
+from .paused_blocks import PausedBlocks
 from .request import Chunk, Request, Status
 
 SWAP_LOG_LENGTH = 100_000
@@ -85,6 +86,8 @@ class Scheduler:
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self.paused: list[Request] = []
+        self.paused_blocks = PausedBlocks(cache.block_bytes)
+        cache.watch_device_blocks(self.paused_blocks.changed)
         # min-waste: budget and tokens moved, per iteration (the most recent ones: a server runs for ever)
         self.swap_log: deque[SwapIteration] = deque(maxlen=SWAP_LOG_LENGTH)
         self.preemptions = 0
@@ -104,6 +107,7 @@ class Scheduler:
         req.status = Status.PAUSED
         req.paused_at = now
         self.paused.append(req)
+        self.paused_blocks.pause(req, self.cache.device_blocks(req.rid))
         req.waste = self._waste_figures(req, now)
         if self.traits.at_pause == "discard":
             self._discard(req)
@@ -115,6 +119,7 @@ class Scheduler:
     def resume(self, req: Request, now: float) -> None:
         """The answer is in the token log: queue the request to continue."""
         self.paused.remove(req)
+        self.paused_blocks.leave(req)
         req.status = Status.WAITING
         if self.traits.resume_at_back:
             req.queue_key = now
@@ -124,6 +129,7 @@ class Scheduler:
         for queue in (self.waiting, self.running, self.paused):
             if req in queue:
                 queue.remove(req)
+        self.paused_blocks.leave(req)
         self.cache.free(req.rid)
 
     def has_work(self) -> bool:

@@ -15,14 +15,14 @@ from .cache import InterceptPagedCache
 from .request import Request
 
 
-def _add(req: Request, key: str, value: float) -> None:
+def add_telemetry(req: Request, key: str, value: float) -> None:
     req.telemetry[key] = req.telemetry.get(key, 0) + value
 
 
 class EngineStats:
     def __init__(self, cache: InterceptPagedCache) -> None:
         self.cache = cache
-        self.bytes_per_block = cache.spec.rank_kv_bytes_per_token * cache.block_size
+        self.bytes_per_block = cache.block_bytes
         self.forward_s = 0.0
         self.recompute_forward_s = 0.0
         self.forward_tokens = 0
@@ -50,24 +50,17 @@ class EngineStats:
             waste = share * self.cache.used_device_blocks() * self.bytes_per_block
             self.waste["discard"] += waste
             for req, own in owners:
-                _add(req, "recomputed_tokens", own)
-                _add(req, "waste_discard", waste * own / recompute)
+                add_telemetry(req, "recomputed_tokens", own)
+                add_telemetry(req, "waste_discard", waste * own / recompute)
 
     def record_step(self, scheduler: Any, now: float) -> None:
-        """Integrate paused requests' device memory over the time since the last step.
-
-        Runs every engine step over every paused request, so the loop binds what it reads
-        once; the cache's counts and totals are O(1) lookups."""
-        device_blocks = self.cache.device_blocks
+        """Integrate paused requests' device memory over the time since the last step (each
+        request's share is settled by `PausedBlocks` when its blocks change or it resumes)."""
         bytes_per_block = self.bytes_per_block
-        dt = None if self._last_t is None else now - self._last_t
-        paused_blocks = 0
-        for r in scheduler.paused:
-            blocks = device_blocks(r.rid)
-            paused_blocks += blocks
-            if dt is not None and blocks:
-                _add(r, "waste_preserve", dt * blocks * bytes_per_block)
-        if dt is not None:
+        paused_blocks = scheduler.paused_blocks.total
+        if self._last_t is not None:
+            dt = now - self._last_t
+            scheduler.paused_blocks.advance(dt)
             self.waste["preserve"] += dt * paused_blocks * bytes_per_block
         self._last_t = now
         used = self.cache.used_device_blocks()

@@ -1,6 +1,6 @@
 """Where a step's outside inputs come from: the tool answers it resumes with and the tokens it appends.
 
-On one process both are local: each paused request's pending call is polled, each request's
+On one process both are local: the pending calls that may have answered are polled, each request's
 sampler draws its token. Under tensor parallelism every rank must take the driver's instead
 (`tp_replica.ReplicatedInputs`); the engine asks this one object for both, and brackets each
 step and the end of each `run()` with it (`step`, `run_ended`), so a replica is an ordinary
@@ -14,6 +14,7 @@ from contextlib import contextmanager
 import torch
 
 from .faults import RequestFault, describe
+from .paused_calls import PausedCalls
 from .request import Request
 from .sampling import sample_batch
 from .tools import Answer
@@ -23,7 +24,7 @@ class LocalInputs:
     """The inputs of a step on one process."""
 
     @contextmanager
-    def step(self, paused: Sequence[Request]) -> Iterator[None]:
+    def step(self, paused: PausedCalls) -> Iterator[None]:
         """Around one step, before its clock is first read: where a source that is not local
         fixes the step's time and answers (`paused` are the requests that may resume in it)."""
         yield
@@ -31,11 +32,11 @@ class LocalInputs:
     def run_ended(self) -> None:
         """`run()` is about to return with the engine still open: nothing to tell on one process."""
 
-    def answers(self, paused: Sequence[Request], now: float) -> list[tuple[Request, Answer]]:
+    def answers(self, paused: PausedCalls, now: float) -> list[tuple[Request, Answer]]:
         """The paused requests whose tool answered by `now`, with their answers, in pause order. A
         poll that raises is that request's failure: it comes back as an answer that fails it."""
         out = []
-        for req in list(paused):
+        for req in paused.may_answer(now):
             try:
                 answer = req.pending.poll(now)
             except Exception as exc:  # noqa: BLE001 - one request's fault must not stop the others

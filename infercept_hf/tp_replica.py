@@ -16,6 +16,7 @@ from .patches.tp_group import TPGroup
 
 from .batch_runner import ModelRunner
 from .faults import RequestFault
+from .paused_calls import PausedCalls
 from .request import Chunk, Request
 from .sampling import SamplingError
 from .step_inputs import LocalInputs
@@ -98,7 +99,7 @@ class ReplicatedInputs(LocalInputs):
         self._received: StepMessage | None = None
         self._answers: Sequence[tuple[int, Answer]] = ()
 
-    def send(self, command: str, paused: Sequence[Request] = ()) -> StepMessage:
+    def send(self, command: str, paused: PausedCalls | None = None) -> StepMessage:
         """On the driver: broadcast `command` with the events since the last message; a "step"
         carries its time and the `(request id, answer)` pairs of the tools that answered by it."""
         message = StepMessage(command, self.events())
@@ -114,7 +115,7 @@ class ReplicatedInputs(LocalInputs):
         return self._received
 
     @contextmanager
-    def step(self, paused: Sequence[Request]) -> Iterator[None]:
+    def step(self, paused: PausedCalls) -> Iterator[None]:
         if self.group.is_driver:
             message = self.send("step", paused)
         else:
@@ -132,10 +133,11 @@ class ReplicatedInputs(LocalInputs):
         if self.group.is_driver:
             self.send("return")
 
-    def answers(self, paused: Sequence[Request], now: float) -> list[tuple[Request, Answer]]:
+    def answers(self, paused: PausedCalls, now: float) -> list[tuple[Request, Answer]]:
         answers, self._answers = self._answers, ()
-        by_id = {r.request_id: r for r in paused}
-        return [(by_id[rid], answer) for rid, answer in answers]
+        if not self.group.is_driver:
+            paused.may_answer(now)  # take the calls due off the heap, as the driver's poll did
+        return [(paused.request(rid), answer) for rid, answer in answers]
 
     def tokens(self, requests: Sequence[Request], logits: torch.Tensor) -> list[int | RequestFault]:
         """The driver samples (only its requests hold their real samplers); every rank appends its
