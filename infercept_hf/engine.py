@@ -453,7 +453,7 @@ class InterceptEngine:
             req.interceptions[-1] = rec._replace(resumed_at=now)
             req.resume_pending_since = None
         stop = tok in req.eos_token_ids  # unless it ends a turn of chat tool calls: then it pauses
-        if req.num_generated < req.max_new_tokens:
+        if req.num_generated < req.max_new_tokens and self._can_pause(req):
             paused = False
             with self._isolated(req, "looking for a tool call (trigger matching)", now):
                 paused = self._maybe_pause(req, now, at_eos=stop)
@@ -465,6 +465,10 @@ class InterceptEngine:
         elif req.num_generated >= req.max_new_tokens:
             self._finish(req, "length", now)
             self._ready.append(req)
+
+    def _can_pause(self, req: Request) -> bool:
+        """Whether anything could pause `req` (checked per token, before the costlier isolated look)."""
+        return req.next_segment is not None or req.request_id in self._matchers or req.request_id in self._chats
 
     def _maybe_pause(self, req: Request, now: float, at_eos: bool = False) -> bool:
         """Pause `req` if its last token completes a tool call (at an EOS, only a chat turn's calls do)."""

@@ -42,9 +42,13 @@ class ChatSession:
               executor: ToolPool, wake: Callable[[], None]) -> ChatPending | None:
         """The pending calls if the turn (`context[turn_start:]`) ends here with calls, else None."""
         fmt = self.format
-        turn_ids = list(context[turn_start:])
-        if not at_eos and not (fmt.calls_end_turn and fmt.closes_call(fmt.tokenizer.decode(turn_ids[-TAIL_TOKENS:]))):
+        if not at_eos and not fmt.calls_end_turn:
             return None
+        if not at_eos:  # checked after every token: decode the tail only, copy the turn only on a call
+            tail = list(context[max(turn_start, len(context) - TAIL_TOKENS):])
+            if not fmt.closes_call(fmt.tokenizer.decode(tail)):
+                return None
+        turn_ids = list(context[turn_start:])
         turn = fmt.parse(fmt.tokenizer.decode(list(context[:turn_start])), fmt.tokenizer.decode(turn_ids),
                          self.num_calls)
         if not turn.calls:
