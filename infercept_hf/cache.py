@@ -172,6 +172,10 @@ class InterceptPagedCache(PagedCacheBase):
         """Have `on_change(rid, blocks)` told every change of a request's `device_blocks`."""
         self._device.on_change = on_change
 
+    def watch_host_blocks(self, on_change: Callable[[str, int], None]) -> None:
+        """Have `on_change(rid, blocks)` told every change of a request's `host_blocks`."""
+        self._host.on_change = on_change
+
     def device_blocks(self, rid: str) -> int:
         """Whole-model device blocks the request holds (the most over allocators)."""
         return self._device.held.get(rid, 0)

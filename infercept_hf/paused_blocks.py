@@ -1,9 +1,12 @@
-"""The device blocks paused requests hold, summed and integrated over time at their changes.
+"""The blocks paused requests hold, kept at their changes so that a step never walks the paused set.
 
 Preserve waste is each paused request's device memory times the time it stays paused. Summing
 it over every paused request at every step made a step's cost grow with the requests standing
 still; here the sum changes only when a request pauses, resumes or has blocks moved, and each
-request's share is settled when its blocks change or it leaves the paused set.
+request's share is settled when its blocks change or it leaves the paused set. For the same
+reason the paused requests that still hold device blocks (the ones min-waste places each step)
+and the host blocks the paused requests hold (host room a longer pause may give up) are kept
+here as the cache reports its changes, not found by a scan.
 """
 from __future__ import annotations
 
@@ -12,24 +15,34 @@ from .stats import add_telemetry
 
 
 class PausedBlocks:
-    """Whole-model device blocks of the paused requests: `total` now, and per request the
-    byte-seconds since it paused (`telemetry["waste_preserve"]`), over the steps `advance` records."""
+    """Whole-model blocks of the paused requests: device `total` now, `holders` (those with device
+    blocks), `host_total` and `host_holders`, and per request the byte-seconds since it paused
+    (`telemetry["waste_preserve"]`), over the steps `advance` records."""
 
     def __init__(self, bytes_per_block: int) -> None:
         self.bytes_per_block = bytes_per_block
         self.total = 0
+        self.host_total = 0
         self.elapsed = 0.0  # the recorded steps' seconds so far
         self._held: dict[str, tuple[Request, int, float]] = {}  # rid -> (request, blocks, elapsed when last settled)
+        self._host: dict[str, int] = {}  # rid -> host blocks, paused requests with some
+        self.holders: dict[str, Request] = {}  # paused requests holding device blocks, by rid
+        self.host_holders: dict[str, Request] = {}  # paused requests holding host blocks, by rid
 
-    def pause(self, req: Request, blocks: int) -> None:
+    def pause(self, req: Request, blocks: int, host_blocks: int) -> None:
         self._held[req.rid] = (req, blocks, self.elapsed)
         self.total += blocks
+        if blocks:
+            self.holders[req.rid] = req
+        self._set_host(req, host_blocks)
 
     def leave(self, req: Request) -> None:
         """`req` is no longer paused: settle its waste."""
         if req.rid in self._held:
             self._settle(req.rid)
             self.total -= self._held.pop(req.rid)[1]
+            self.holders.pop(req.rid, None)
+            self._set_host(req, 0)
 
     def changed(self, rid: str, blocks: int) -> None:
         """A request's device blocks changed (the cache tells every request's; only paused ones count)."""
@@ -37,10 +50,31 @@ class PausedBlocks:
             req, old, _ = self._settle(rid)
             self._held[rid] = (req, blocks, self.elapsed)
             self.total += blocks - old
+            if blocks:
+                self.holders[rid] = req
+            else:
+                self.holders.pop(rid, None)
+
+    def host_changed(self, rid: str, blocks: int) -> None:
+        """A request's host blocks changed (as `changed`, for the host pool)."""
+        if rid in self._held:
+            self._set_host(self._held[rid][0], blocks)
+
+    def request(self, rid: str) -> Request:
+        """The paused request `rid`."""
+        return self._held[rid][0]
 
     def advance(self, seconds: float) -> None:
         """A step of `seconds` ended with the blocks as they are now."""
         self.elapsed += seconds
+
+    def _set_host(self, req: Request, blocks: int) -> None:
+        self.host_total += blocks - self._host.pop(req.rid, 0)
+        if blocks:
+            self._host[req.rid] = blocks
+            self.host_holders[req.rid] = req
+        else:
+            self.host_holders.pop(req.rid, None)
 
     def _settle(self, rid: str) -> tuple[Request, int, float]:
         req, blocks, since = entry = self._held[rid]

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -270,8 +270,8 @@ class HostRoom:
     free: tuple[int, ...]  # free host blocks per allocator
     returning: tuple[int, ...]  # per allocator, host blocks of swap-ins in flight: free once copies finish,
     # which any host drop or discard waits for
-    device: dict[int, tuple[int, ...]]  # request id -> its device blocks per allocator
-    host: dict[int, tuple[int, ...]]  # request id -> its host blocks per allocator
+    device: Mapping[int, tuple[int, ...]]  # request id -> its device blocks per allocator
+    host: Mapping[int, tuple[int, ...]]  # request id -> its host blocks per allocator (absent: none)
 
 
 def movable_blocks(want: int, have: int, supports_partial: bool) -> int:
@@ -322,7 +322,7 @@ def _take_victims(candidates: Iterable[tuple[int, int]], tokens_needed: int) -> 
 
 def plan_paused_moves(
     ranked: list[tuple[PausedView, WasteFigures]],
-    paused: list[PausedView],
+    paused: Callable[[], list[PausedView]],
     room: HostRoom,
     out_budget_tokens: int,
     block_size: int,
@@ -334,23 +334,29 @@ def plan_paused_moves(
     swap preceded by the host drops that make room for it.
 
     The swap budget is spent from the top; a swap the host cannot hold first drops the host KV
-    of requests expected to pause longer (`host_victims`, among all `paused`). The plan tracks
-    the host room each move leaves, block for block as the cache counts it, so a later move
-    sees what the earlier ones freed or took."""
+    of requests expected to pause longer (`host_victims`, among `paused()`: called only when the
+    host first runs short, so a plan with host room looks at the ranked requests alone). The plan
+    tracks the host room each move leaves, block for block as the cache counts it, so a later
+    move sees what the earlier ones freed or took."""
     free = list(room.free)
     device = {rid: list(blocks) for rid, blocks in room.device.items()}
-    host = {rid: list(room.host.get(rid, [0] * len(free))) for rid in {v.request_id for v in paused} | set(device)}
+    host: dict[int, list[int]] = {}  # per request, read from `room.host` when the plan first looks
     plan: list[PlannedMove] = []
     moved = 0
     by_victim_order: list[PausedView] | None = None  # sorted once, when the host first runs short
 
+    def host_of(rid: int) -> list[int]:
+        if rid not in host:
+            host[rid] = list(room.host.get(rid, [0] * len(free)))
+        return host[rid]
+
     def host_blocks(rid: int) -> int:
-        return max(host[rid], default=0)
+        return max(host_of(rid), default=0)
 
     returning = list(room.returning)
 
     def drop_host(rid: int) -> None:
-        free[:] = [f + h + r for f, h, r in zip(free, host[rid], returning)]
+        free[:] = [f + h + r for f, h, r in zip(free, host_of(rid), returning)]
         host[rid] = [0] * len(free)
         returning[:] = [0] * len(free)
 
@@ -362,7 +368,7 @@ def plan_paused_moves(
             missing = n - min(free)
             if missing > 0:
                 if by_victim_order is None:
-                    by_victim_order = _victim_order(paused)
+                    by_victim_order = _victim_order(paused())
                 # the requests expected to pause longer than this one lead the order (NaN is rejected)
                 longer = itertools.takewhile(lambda v: v.expected_remaining_s > view.expected_remaining_s,
                                              by_victim_order)
@@ -377,7 +383,7 @@ def plan_paused_moves(
         if move.kind == "swap":
             taken = [min(n, d) for d in device[rid]]  # a shorter (sliding) table gives all it has
             device[rid] = [d - t for d, t in zip(device[rid], taken)]
-            host[rid] = [h + t for h, t in zip(host[rid], taken)]
+            host[rid] = [h + t for h, t in zip(host_of(rid), taken)]
             free[:] = [f - t for f, t in zip(free, taken)]
             moved += n * block_size
         elif move.kind == "discard":

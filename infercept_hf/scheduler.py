@@ -16,6 +16,7 @@ does is data, `policy.PolicyTraits`; this file applies it.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 from .cache import InterceptPagedCache
@@ -88,6 +89,7 @@ class Scheduler:
         self.paused: list[Request] = []
         self.paused_blocks = PausedBlocks(cache.block_bytes)
         cache.watch_device_blocks(self.paused_blocks.changed)
+        cache.watch_host_blocks(self.paused_blocks.host_changed)
         # min-waste: budget and tokens moved, per iteration (the most recent ones: a server runs for ever)
         self.swap_log: deque[SwapIteration] = deque(maxlen=SWAP_LOG_LENGTH)
         self.preemptions = 0
@@ -107,7 +109,7 @@ class Scheduler:
         req.status = Status.PAUSED
         req.paused_at = now
         self.paused.append(req)
-        self.paused_blocks.pause(req, self.cache.device_blocks(req.rid))
+        self.paused_blocks.pause(req, self.cache.device_blocks(req.rid), self.cache.host_blocks(req.rid))
         req.waste = self._waste_figures(req, now)
         if self.traits.at_pause == "discard":
             self._discard(req)
@@ -233,7 +235,7 @@ class Scheduler:
         """Free `blocks` device blocks held by paused requests, longest expected pause first: to host
         where the policy swaps (min-waste first drops the host copies of requests expected to pause
         longer still), else discarded."""
-        holders = [r for r in self.paused if r is not exclude and self.cache.device_blocks(r.rid)]
+        holders = [r for r in self.paused_blocks.holders.values() if r is not exclude]
         if not holders:
             return False
         holders.sort(key=lambda r: -self._remaining(r, now))
@@ -345,43 +347,38 @@ class Scheduler:
         costs recomputation, so it waits until the memory is wanted (see `_memory_pressure`).
         """
         budget = swap_budget_tokens(max(1, batch_tokens), self.cost)
-        holders = [r for r in self.paused if self.cache.device_blocks(r.rid) and r.num_cached]
+        holders = [r for r in self.paused_blocks.holders.values() if r.num_cached]
         moved = self._place_paused(holders, budget, swap_in_tokens, now) if holders else 0
         self.swap_log.append(SwapIteration(budget, swap_in_tokens, moved))
 
     def _place_paused(self, holders: list[Request], budget: int, swap_in_tokens: int, now: float) -> int:
         """`_min_waste` for paused requests that hold device KV: swap out, preserve or discard each.
-        Returns the tokens swapped out."""
+        Returns the tokens swapped out. Only the holders are viewed and ranked; the requests whose
+        host KV may give way are viewed only when the host runs short (`plan_paused_moves`)."""
         bs = self.cache.block_size
         out_budget, _ = split_swap_budget(
             budget,
             want_out=sum(self.cache.device_blocks(r.rid) for r in holders) * bs,
             want_in=swap_in_tokens,
             # host room held by paused requests counts: a longer-pausing one may give way (plan_paused_moves)
-            free_host_tokens=(self.cache.free_host_blocks() + sum(self.cache.host_blocks(r.rid) for r in self.paused)) * bs,
+            free_host_tokens=(self.cache.free_host_blocks() + self.paused_blocks.host_total) * bs,
             free_device_tokens=self.cache.free_device_blocks() * bs,
         )
         views = [self._view(r, now) for r in holders]
         ranked = rank_by_waste(views, self._others_tokens(), self.cost, self._chunk_tokens())
-        by_id = {r.request_id: r for r in self.paused}
         for view, figs in ranked:
-            by_id[view.request_id].waste = _as_dict(figs)
-        holding = {r.request_id for r in holders}
-        # whose host KV may give way to a swap: those with some now, and the holders (they may swap first)
-        host_holders = [self._view(r, now) for r in self.paused
-                        if self.cache.host_blocks(r.rid) and r.request_id not in holding]
-        plan = plan_paused_moves(
-            ranked,
-            views + host_holders,
-            self._host_room(holders),
-            out_budget,
-            bs,
-            self.cache.supports_partial,
-            self._memory_pressure(),
-        )
+            self.paused_blocks.request(str(view.request_id)).waste = _as_dict(figs)
+
+        def paused_views() -> list[PausedView]:
+            # whose host KV may give way to a swap: those with some now, and the holders (they may swap first)
+            return views + [self._view(r, now) for rid, r in self.paused_blocks.host_holders.items()
+                            if rid not in self.paused_blocks.holders or not r.num_cached]
+
+        plan = plan_paused_moves(ranked, paused_views, self._host_room(), out_budget, bs,
+                                 self.cache.supports_partial, self._memory_pressure())
         moved = 0
         for planned in plan:
-            req, move = by_id[planned.request_id], planned.move
+            req, move = self.paused_blocks.request(str(planned.request_id)), planned.move
             if move.kind == "drop-host":
                 self.cache.discard_host(req.rid)
                 self._note("host_drop_paused")
@@ -392,15 +389,11 @@ class Scheduler:
             req.strategy = self._placement(req)
         return moved
 
-    def _host_room(self, holders: list[Request]) -> HostRoom:
-        """The host pool and the paused requests' blocks, per allocator, for `plan_paused_moves`."""
-        holding = {r.request_id for r in holders}
-        device, host = {}, {}
-        for r in self.paused:
-            dev, host[r.request_id] = self.cache.blocks_per_allocator(r.rid)
-            if r.request_id in holding:
-                device[r.request_id] = dev
-        return HostRoom(self.cache.free_host_per_allocator(), self.cache.host_blocks_returning(), device, host)
+    def _host_room(self) -> HostRoom:
+        """The host pool and the paused requests' blocks, per allocator, for `plan_paused_moves`:
+        read for the requests the plan looks at, not for every paused one."""
+        return HostRoom(self.cache.free_host_per_allocator(), self.cache.host_blocks_returning(),
+                        _PerAllocator(self, device=True), _PerAllocator(self, device=False))
 
     def _memory_pressure(self) -> bool:
         """Whether paused KV stands in anyone's way: the running requests (the rest of their prompt
@@ -418,13 +411,35 @@ class Scheduler:
         missing = blocks - self.cache.free_host_blocks()
         if missing <= 0:
             return
-        swapped = [self._view(r, now) for r in self.paused if self.cache.host_blocks(r.rid)]
+        swapped = [self._view(r, now) for r in self.paused_blocks.host_holders.values()]
         longer = [v for v in swapped if v.expected_remaining_s > candidate.expected_remaining_s]
-        by_id = {r.request_id: r for r in self.paused}
         for rid in host_victims(longer, missing * self.cache.block_size):
-            victim = by_id[rid]
+            victim = self.paused_blocks.request(str(rid))
             self.cache.discard_host(victim.rid)
             self._note("host_drop_paused")
             victim.strategy = self._placement(victim)
             if self.cache.free_host_blocks() >= blocks:
                 return
+
+
+class _PerAllocator(Mapping[int, tuple[int, ...]]):
+    """The paused holders' device blocks (`device=True`), or every paused request's host blocks,
+    per allocator, by request id, each read from the cache when the plan asks for it."""
+
+    def __init__(self, scheduler: Scheduler, device: bool) -> None:
+        blocks = scheduler.paused_blocks
+        self._cache = scheduler.cache
+        self._members = blocks.holders if device else blocks.host_holders
+        self._device = device
+
+    def __getitem__(self, request_id: int) -> tuple[int, ...]:
+        rid = str(request_id)
+        if rid not in self._members:
+            raise KeyError(request_id)
+        return self._cache.blocks_per_allocator(rid)[0 if self._device else 1]
+
+    def __iter__(self) -> Iterator[int]:
+        return (r.request_id for r in self._members.values())
+
+    def __len__(self) -> int:
+        return len(self._members)
