@@ -41,6 +41,11 @@ def _measured(name: str, seconds: float) -> float:
     return max(float(seconds), 0.0)
 
 
+def _outlived(estimate: float | None, elapsed_s: float) -> bool:
+    """The online rule applies: no estimate, or the call has lasted longer than it."""
+    return estimate is None or elapsed_s > estimate
+
+
 @dataclass
 class _ToolEstimate:
     estimate_s: float
@@ -109,9 +114,15 @@ class DurationEstimator:
                 raise ValueError("oracle mode needs the call's true_duration")
             return max(_check_duration("true_duration", true_duration) - elapsed_s, 0.0)
         estimate = self.estimate(tool)
-        if estimate is not None and elapsed_s <= estimate:
-            return max(estimate - elapsed_s, self.floor_s)
-        return max(elapsed_s, self.floor_s)
+        if _outlived(estimate, elapsed_s):
+            return max(elapsed_s, self.floor_s)
+        return max(estimate - elapsed_s, self.floor_s)
+
+    def past_estimate(self, tool: str, elapsed_s: float) -> bool:
+        """Whether `remaining` prices a call of `tool` by the online rule (no estimate, or the call
+        has outlived it): the remaining time then grows with the elapsed time, otherwise it
+        shrinks, so paused calls of one tool can be ordered by their start times alone."""
+        return _outlived(self.estimate(tool), _measured("elapsed_s", elapsed_s))
 
     def snapshot(self) -> dict[str, dict[str, Any]]:
         """Per tool: current estimate, observation count and seed, for `engine.stats()`."""

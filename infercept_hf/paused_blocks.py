@@ -5,11 +5,12 @@ it over every paused request at every step made a step's cost grow with the requ
 still; here the sum changes only when a request pauses, resumes or has blocks moved, and each
 request's share is settled when its blocks change or it leaves the paused set. For the same
 reason the paused requests that still hold device blocks (the ones min-waste places each step)
-and the host blocks the paused requests hold (host room a longer pause may give up) are kept
-here as the cache reports its changes, not found by a scan.
+and the host blocks the paused requests hold (host room a longer pause may give up, found
+through `LongerPauses`) are kept here as the cache reports its changes, not found by a scan.
 """
 from __future__ import annotations
 
+from .longer_pauses import LongerPauses
 from .request import Request
 from .stats import add_telemetry
 
@@ -28,6 +29,7 @@ class PausedBlocks:
         self._host: dict[str, int] = {}  # rid -> host blocks, paused requests with some
         self.holders: dict[str, Request] = {}  # paused requests holding device blocks, by rid
         self.host_holders: dict[str, Request] = {}  # paused requests holding host blocks, by rid
+        self.host_by_pause = LongerPauses()  # the same, by tool and pause start
 
     def pause(self, req: Request, blocks: int, host_blocks: int) -> None:
         self._held[req.rid] = (req, blocks, self.elapsed)
@@ -73,8 +75,10 @@ class PausedBlocks:
         if blocks:
             self._host[req.rid] = blocks
             self.host_holders[req.rid] = req
+            self.host_by_pause.add(req)
         else:
             self.host_holders.pop(req.rid, None)
+            self.host_by_pause.remove(req)
 
     def _settle(self, rid: str) -> tuple[Request, int, float]:
         req, blocks, since = entry = self._held[rid]

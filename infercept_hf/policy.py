@@ -18,7 +18,6 @@ point, which validates its arguments.
 """
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -298,13 +297,22 @@ def host_victims(swapped: list[PausedView], tokens_needed: int) -> list[int]:
     and it has the most time to be recomputed. Ties drop the latest arrival first. Stops
     as soon as enough is freed; returns every candidate when even that is not enough.
     """
+    return take_host_victims(_victim_order(swapped), tokens_needed)
+
+
+def take_host_victims(ordered: Iterable[PausedView], tokens_needed: int) -> list[int]:
+    """`host_victims` from views already in `victim_key` order, read only as far as needed."""
     _check_non_negative(tokens_needed=tokens_needed)
-    return _take_victims(((v.request_id, v.host_tokens) for v in _victim_order(swapped)), tokens_needed)
+    return _take_victims(((v.request_id, v.host_tokens) for v in ordered), tokens_needed)
+
+
+def victim_key(view: PausedView) -> tuple[float, float, int]:
+    """`host_victims`' order: the longest expected remaining pause first, then the latest arrival."""
+    return -view.expected_remaining_s, -view.arrival_time, -view.request_id
 
 
 def _victim_order(views: list[PausedView]) -> list[PausedView]:
-    """`host_victims`' order: the longest expected remaining pause first, then the latest arrival."""
-    return sorted(views, key=lambda v: (-v.expected_remaining_s, -v.arrival_time, -v.request_id))
+    return sorted(views, key=victim_key)
 
 
 def _take_victims(candidates: Iterable[tuple[int, int]], tokens_needed: int) -> list[int]:
@@ -322,7 +330,7 @@ def _take_victims(candidates: Iterable[tuple[int, int]], tokens_needed: int) -> 
 
 def plan_paused_moves(
     ranked: list[tuple[PausedView, WasteFigures]],
-    paused: Callable[[], list[PausedView]],
+    longer_than: Callable[[float], Iterable[PausedView]],
     room: HostRoom,
     out_budget_tokens: int,
     block_size: int,
@@ -334,16 +342,16 @@ def plan_paused_moves(
     swap preceded by the host drops that make room for it.
 
     The swap budget is spent from the top; a swap the host cannot hold first drops the host KV
-    of requests expected to pause longer (`host_victims`, among `paused()`: called only when the
-    host first runs short, so a plan with host room looks at the ranked requests alone). The plan
-    tracks the host room each move leaves, block for block as the cache counts it, so a later
-    move sees what the earlier ones freed or took."""
+    of requests expected to pause longer (`longer_than(seconds)`: the paused requests expected to
+    pause longer than `seconds`, in `victim_key` order, asked only when the host runs short and
+    read only as far as the victims go, so a plan looks at few requests beyond the ranked ones). The plan tracks the host room each
+    move leaves, block for block as the cache counts it, so a later move sees what the earlier
+    ones freed or took."""
     free = list(room.free)
     device = {rid: list(blocks) for rid, blocks in room.device.items()}
     host: dict[int, list[int]] = {}  # per request, read from `room.host` when the plan first looks
     plan: list[PlannedMove] = []
     moved = 0
-    by_victim_order: list[PausedView] | None = None  # sorted once, when the host first runs short
 
     def host_of(rid: int) -> list[int]:
         if rid not in host:
@@ -367,11 +375,7 @@ def plan_paused_moves(
         if n:
             missing = n - min(free)
             if missing > 0:
-                if by_victim_order is None:
-                    by_victim_order = _victim_order(paused())
-                # the requests expected to pause longer than this one lead the order (NaN is rejected)
-                longer = itertools.takewhile(lambda v: v.expected_remaining_s > view.expected_remaining_s,
-                                             by_victim_order)
+                longer = longer_than(view.expected_remaining_s)
                 candidates = ((v.request_id, host_blocks(v.request_id) * block_size) for v in longer)
                 for victim in _take_victims(candidates, missing * block_size):
                     drop_host(victim)

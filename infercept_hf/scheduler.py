@@ -15,6 +15,7 @@ does is data, `policy.PolicyTraits`; this file applies it.
 """
 from __future__ import annotations
 
+import heapq
 from collections import deque
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -29,13 +30,15 @@ from .policy import (
     PausedView,
     WasteFigures,
     check_policy,
-    host_victims,
     plan_paused_moves,
     rank_by_waste,
     split_swap_budget,
     swap_budget_tokens,
+    take_host_victims,
+    victim_key,
     waste_figures,
 )
+from .longer_pauses import pending_tool
 from .paused_blocks import PausedBlocks
 from .request import Chunk, Request, Status
 
@@ -313,10 +316,18 @@ class Scheduler:
 
     # ------------------------------------------------------------------ min-waste
     def _remaining(self, req: Request, now: float) -> float:
-        tool = req.pending.tool_name if req.pending else "unknown"
+        tool = pending_tool(req)
         # the benchmark's oracle: a scripted call's expected duration is its true one
         truth = req.pending.expected_duration if req.pending and self.estimator.oracle else None
         return self.estimator.remaining(tool, now - req.paused_at, truth)
+
+    def _host_outlasting(self, seconds: float, now: float, skip_holders: bool) -> Iterator[PausedView]:
+        """Paused requests holding host KV expected to pause longer than `seconds`, in victim order
+        (without the device holders min-waste ranks, when `skip_holders`)."""
+        holders = self.paused_blocks.holders
+        skip = (lambda r: r.rid in holders and r.num_cached > 0) if skip_holders else (lambda r: False)
+        return self.paused_blocks.host_by_pause.outlasting(self.estimator, seconds, now,
+                                                           lambda r: self._view(r, now), skip)
 
     def _others_tokens(self) -> int:
         return sum(r.num_cached for r in self.running)
@@ -369,12 +380,14 @@ class Scheduler:
         for view, figs in ranked:
             self.paused_blocks.request(str(view.request_id)).waste = _as_dict(figs)
 
-        def paused_views() -> list[PausedView]:
-            # whose host KV may give way to a swap: those with some now, and the holders (they may swap first)
-            return views + [self._view(r, now) for rid, r in self.paused_blocks.host_holders.items()
-                            if rid not in self.paused_blocks.holders or not r.num_cached]
+        ranked_by_victim_key = sorted(views, key=victim_key)
 
-        plan = plan_paused_moves(ranked, paused_views, self._host_room(), out_budget, bs,
+        def longer_than(seconds: float) -> Iterator[PausedView]:
+            # whose host KV may give way to a swap: those with some now, and the holders (they may swap first)
+            ranked_ones = (v for v in ranked_by_victim_key if v.expected_remaining_s > seconds)
+            return heapq.merge(ranked_ones, self._host_outlasting(seconds, now, skip_holders=True), key=victim_key)
+
+        plan = plan_paused_moves(ranked, longer_than, self._host_room(), out_budget, bs,
                                  self.cache.supports_partial, self._memory_pressure())
         moved = 0
         for planned in plan:
@@ -411,9 +424,8 @@ class Scheduler:
         missing = blocks - self.cache.free_host_blocks()
         if missing <= 0:
             return
-        swapped = [self._view(r, now) for r in self.paused_blocks.host_holders.values()]
-        longer = [v for v in swapped if v.expected_remaining_s > candidate.expected_remaining_s]
-        for rid in host_victims(longer, missing * self.cache.block_size):
+        longer = self._host_outlasting(candidate.expected_remaining_s, now, skip_holders=False)
+        for rid in take_host_victims(longer, missing * self.cache.block_size):
             victim = self.paused_blocks.request(str(rid))
             self.cache.discard_host(victim.rid)
             self._note("host_drop_paused")

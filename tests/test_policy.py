@@ -21,6 +21,7 @@ from infercept_hf.policy import (
     movable_blocks,
     paused_move,
     plan_paused_moves,
+    victim_key,
     CostModel,
     PausedView,
     WasteFigures,
@@ -330,14 +331,18 @@ def _paused(rid: int, remaining_s: float, host_tokens: int = 0) -> PausedView:
                       expected_remaining_s=remaining_s, arrival_time=float(rid))
 
 
+def _longer(*views: PausedView):
+    return lambda seconds: sorted((v for v in views if v.expected_remaining_s > seconds), key=victim_key)
+
+
 def test_plan_makes_host_room_then_spends_the_budget_in_rank_order():
     a, b, c = _paused(1, 10.0), _paused(2, 200.0), _paused(3, 100.0, host_tokens=12)
     room = HostRoom(free=(1,), returning=(0,), device={1: (2,), 2: (3,)}, host={3: (3,)})
-    plan = plan_paused_moves([(a, KEEP), (b, KEEP)], lambda: [a, b, c], room, out_budget_tokens=16, block_size=4,
+    plan = plan_paused_moves([(a, KEEP), (b, KEEP)], _longer(a, b, c), room, out_budget_tokens=16, block_size=4,
                              supports_partial=True, memory_pressure=False)
     # a's swap needs one more host block: c pauses longer, so its host KV goes; b takes the rest of the budget
     assert plan == [PlannedMove(3, Move("drop-host")), PlannedMove(1, Move("swap", 2)), PlannedMove(2, Move("swap", 2))]
-    whole = plan_paused_moves([(a, KEEP), (b, KEEP)], lambda: [a, b, c], room, 16, 4, supports_partial=False,
+    whole = plan_paused_moves([(a, KEEP), (b, KEEP)], _longer(a, b, c), room, 16, 4, supports_partial=False,
                               memory_pressure=False)
     assert whole[-1] == PlannedMove(2, Move("keep"))  # two blocks of budget left cannot take all three
 
@@ -345,10 +350,10 @@ def test_plan_makes_host_room_then_spends_the_budget_in_rank_order():
 def test_plan_counts_swap_ins_in_flight_and_each_allocator():
     a, c = _paused(1, 10.0), _paused(3, 100.0, host_tokens=4)
     room = HostRoom(free=(0,), returning=(2,), device={1: (2,)}, host={3: (1,)})
-    plan = plan_paused_moves([(a, KEEP)], lambda: [a, c], room, 8, 4, True, False)
+    plan = plan_paused_moves([(a, KEEP)], _longer(a, c), room, 8, 4, True, False)
     assert plan == [PlannedMove(3, Move("drop-host")), PlannedMove(1, Move("swap", 2))]  # 1 dropped + 2 returning
     # a sliding-window allocator holds fewer of the request's blocks; room is the least free over allocators
     short = HostRoom(free=(3, 1), returning=(0, 0), device={1: (2, 1)}, host={})
-    assert plan_paused_moves([(a, KEEP)], lambda: [a], short, 8, 4, False, False) == [PlannedMove(1, Move("keep"))]
+    assert plan_paused_moves([(a, KEEP)], _longer(a), short, 8, 4, False, False) == [PlannedMove(1, Move("keep"))]
     roomy = dataclasses.replace(short, free=(3, 2))
-    assert plan_paused_moves([(a, KEEP)], lambda: [a], roomy, 8, 4, False, False) == [PlannedMove(1, Move("swap", 2))]
+    assert plan_paused_moves([(a, KEEP)], _longer(a), roomy, 8, 4, False, False) == [PlannedMove(1, Move("swap", 2))]
