@@ -24,6 +24,7 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 import infercept_hf as ih  # noqa: E402
+from infercept_hf.bench.plots import policy_colors_hex  # noqa: E402
 import load_test as loadtest  # noqa: E402
 from chat_session import (  # noqa: E402
     BUNDLED,
@@ -44,6 +45,8 @@ EXAMPLES = ["What is 123 * 45?", "Compute 9876-1234", "What is the capital of Fr
             "Read this aloud: the train is late", "I want to book a trip.", "Fetch the lamp."]
 TICK_S = 0.25  # redraw a silent chat (a long tool pause) this often
 STREAM_EVERY_S = 0.1  # tokens are batched into redraws this far apart
+POLICY_HEX = policy_colors_hex()
+BAR_HEADROOM = 1.15  # a bar chart's axis ends this far above its tallest bar
 CHAT_CONCURRENCY = 16  # chats streaming at once: they share one engine, which batches them
 INTRO = """# INFERCEPT on transformers: tool calls pause requests, the engine decides where their KV waits
 Each tool call below shows the call, the answer spliced into the context, how long the tool took, and whether
@@ -174,10 +177,13 @@ def build_app(model: Any, tokenizer: Any, tools: list[ih.Tool], policy: str = "m
             load_notice = gr.Markdown()
             table = gr.Dataframe(headers=list(loadtest.COLUMNS), interactive=False, label="per policy", wrap=True)
             with gr.Row():
+                # one colour per policy, the benchmark's figures' own (bench.plots.POLICY_COLORS)
+                colours = dict(color="policy", color_map=POLICY_HEX, sort=list(ih.POLICIES), y_lim=[0, None],
+                               height=260)
                 rps_plot = gr.BarPlot(x="policy", y="value", title="completed requests/s (higher is better)",
-                                      y_title="req/s", sort=list(ih.POLICIES), y_lim=[0, None], height=260)
+                                      y_title="req/s", **colours)
                 latency_plot = gr.BarPlot(x="policy", y="value", title="normalized latency (lower is better)",
-                                          y_title="ms/token", sort=list(ih.POLICIES), y_lim=[0, None], height=260)
+                                          y_title="ms/token", **colours)
 
         gr.on([send.click, box.submit], chat, [box, chatbot], [chatbot, notice, box], api_name="chat",
               concurrency_limit=CHAT_CONCURRENCY)
@@ -195,11 +201,14 @@ def build_app(model: Any, tokenizer: Any, tools: list[ih.Tool], policy: str = "m
     return app
 
 
-def _load_frames(rows: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+def _load_frames(rows: list[dict]) -> tuple[pd.DataFrame, gr.BarPlot, gr.BarPlot]:
     table = pd.DataFrame(rows, columns=list(loadtest.COLUMNS))
 
-    def bars(column: str) -> pd.DataFrame:  # typed even when empty: the chart keeps its first axis types
-        return pd.DataFrame({"policy": table["policy"], "value": table[column]}).dropna().astype({"value": float})
+    def bars(column: str) -> gr.BarPlot:  # typed even when empty: the chart keeps its first axis types
+        frame = pd.DataFrame({"policy": table["policy"], "value": table[column]}).dropna().astype({"value": float})
+        top = float(frame["value"].max()) if len(frame) else 0.0
+        # headroom above the tallest bar, so that no bar touches the frame
+        return gr.BarPlot(value=frame, y_lim=[0, top * BAR_HEADROOM if top > 0 else None])
 
     return table, bars(loadtest.RPS_COLUMN), bars(loadtest.LATENCY_COLUMN)
 

@@ -25,6 +25,11 @@ def policy_color(policy: str) -> str:
     return POLICY_COLORS.get(policy, "tab:gray")
 
 
+def policy_colors_hex() -> dict[str, str]:
+    """`POLICY_COLORS` as CSS hex colours, for charts drawn outside matplotlib (the demo's)."""
+    return {policy: matplotlib.colors.to_hex(color) for policy, color in POLICY_COLORS.items()}
+
+
 def plot_latency_vs_rate(
     runs: Sequence[Mapping[str, Any]], path: str | Path, metric: str = "normalized_latency_mean_s",
     slo: float | None = None,
@@ -41,6 +46,7 @@ def plot_latency_vs_rate(
         shown = [p for p in policies if points[p]]
         ax.bar(range(len(shown)), [points[p][0][1] for p in shown], color=[policy_color(p) for p in shown])
         ax.set_xticks(range(len(shown)), shown, rotation=20, ha="right")
+        ax.margins(y=0.12)  # headroom: no bar touches the frame
         ax.set_xlabel(f"policy (at {runs[0]['qps']:g} requests/s)")
     else:
         for p in policies:
