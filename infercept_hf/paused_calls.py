@@ -1,16 +1,17 @@
 """The paused requests' outstanding tool calls, kept so that a step reads only those that may answer.
 
-A scripted call answers exactly at its deadline, so it waits in a heap keyed by that time and
-costs a step nothing until then; thousands of requests paused at long calls leave a step as
-cheap as a few. Any other call (a tool on a worker thread, a chat turn's calls) may finish
-whenever its thread does and keeps its timeout on the engine's clock from the step that sees it
-start, so it is polled every step, as a pause always was; those are the calls the tool workers
-run, not every paused request.
+A step polls a call only when something may have changed for it: a scripted call at its
+deadline (a heap keyed by that time), a call on a worker thread when its thread tells
+(`PendingCall.on_change`: the answer is in, or a worker took it up) and at its timeout, which
+counts on the engine's clock from the step that saw it start. Thousands of requests paused at
+long calls leave a step as cheap as a few. Every call is polled once at the first step after
+its pause, so one that is already answered or running needs no signal.
 """
 from __future__ import annotations
 
 import heapq
 import itertools
+from collections import deque
 
 from .request import Request
 from .tools import PendingCall, ScriptedCall
@@ -22,8 +23,9 @@ class PausedCalls:
     def __init__(self) -> None:
         self._order = itertools.count()  # pause order: the order answers are taken in
         self._calls: dict[int, tuple[int, Request, PendingCall]] = {}  # request id -> (order, request, call)
-        self._deadlines: list[tuple[float, int, int]] = []  # (deadline, order, request id) of scripted calls
-        self._polled: dict[int, None] = {}  # request ids whose call is polled every step, in pause order
+        self._deadlines: list[tuple[float, int, int]] = []  # (time to poll, order, request id)
+        # (order, request id) of calls whose poll may give something new; appended from tool threads
+        self._signalled: deque[tuple[int, int]] = deque()
 
     def __len__(self) -> int:
         return len(self._calls)
@@ -34,13 +36,23 @@ class PausedCalls:
         self._calls[req.request_id] = (order, req, req.pending)
         if isinstance(req.pending, ScriptedCall):
             heapq.heappush(self._deadlines, (req.pending.deadline, order, req.request_id))
-        else:
-            self._polled[req.request_id] = None
+            return
+        entry = (order, req.request_id)
+        self._signalled.append(entry)  # the first poll
+        req.pending.on_change(lambda: self._signalled.append(entry))
 
     def forget(self, req: Request) -> None:
-        """`req` no longer waits for its call; its heap entry is dropped when it comes up."""
-        if self._calls.pop(req.request_id, None) is not None:
-            self._polled.pop(req.request_id, None)
+        """`req` no longer waits for its call; its entries are dropped when they come up."""
+        self._calls.pop(req.request_id, None)
+
+    def still_waiting(self, req: Request, now: float) -> None:
+        """`req`'s call was polled at `now` and had no answer: poll it again at its next check."""
+        entry = self._calls.get(req.request_id)
+        if entry is None:
+            return
+        due = entry[2].next_check(now)
+        if due is not None:
+            heapq.heappush(self._deadlines, (due, entry[0], req.request_id))
 
     def request(self, request_id: int) -> Request:
         return self._calls[request_id][1]
@@ -54,22 +66,25 @@ class PausedCalls:
             heapq.heappop(self._deadlines)
 
     def may_answer(self, now: float) -> list[Request]:
-        """The requests whose call may have answered by `now`, in pause order: the scripted calls
-        due by then (taken off the heap: they answer when polled) and every polled one."""
-        due = []
+        """The requests whose call may have answered by `now`, in pause order, each once: the calls
+        due by then and the signalled ones, taken off their queues (`still_waiting` puts back one
+        that had no answer)."""
+        due: dict[int, int] = {}
         self._drop_stale_top()
         while self._deadlines and self._deadlines[0][0] <= now:
             _, order, request_id = heapq.heappop(self._deadlines)
             if self._live(order, request_id):
-                due.append((order, request_id))
+                due[request_id] = order
             self._drop_stale_top()
-        due += [(self._calls[i][0], i) for i in self._polled]
-        due.sort()
-        return [self._calls[i][1] for _, i in due]
+        while self._signalled:
+            order, request_id = self._signalled.popleft()
+            if self._live(order, request_id):
+                due[request_id] = order
+        return [self._calls[i][1] for i, _ in sorted(due.items(), key=lambda item: item[1])]
 
     def next_check(self, now: float) -> float | None:
         """The earliest engine time at which a call may answer (None: only when a tool wakes the engine)."""
+        if any(self._live(order, request_id) for order, request_id in list(self._signalled)):
+            return now
         self._drop_stale_top()
-        due = [self._deadlines[0][0]] if self._deadlines else []
-        due += [t for i in self._polled if (t := self._calls[i][2].next_check(now)) is not None]
-        return min(due, default=None)
+        return self._deadlines[0][0] if self._deadlines else None

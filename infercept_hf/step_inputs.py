@@ -44,6 +44,8 @@ class LocalInputs:
                 answer = Answer("", error=what, fail=True)
             if answer is not None:
                 out.append((req, answer))
+            else:
+                paused.still_waiting(req, now)
         return out
 
     def tokens(self, requests: Sequence[Request], logits: torch.Tensor) -> list[int | RequestFault]:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
@@ -27,6 +28,16 @@ class ToolFuture(PendingCall):
         self.abandoned = False
         self.running_since: float | None = None  # on the engine's clock; set on the engine's thread
         self._pool = pool
+        self._on_start: list[Callable[[], None]] = []
+
+    def on_change(self, callback: Callable[[], None]) -> None:
+        self._on_start.append(callback)
+        self.future.add_done_callback(lambda _f: callback())
+
+    def started(self) -> None:
+        """A worker took the call up (the pool tells, under its lock)."""
+        for callback in self._on_start:
+            callback()
 
     def poll(self, now: float) -> Answer | None:
         if self.future.done():
@@ -128,6 +139,7 @@ class ToolPool:
             if pending.abandoned or not pending.future.set_running_or_notify_cancel():
                 continue
             self._holding.add(pending)
+            pending.started()
             name = f"infercept-tool-{pending.tool.name}"
             threading.Thread(target=self._run, args=(pending,), name=name, daemon=True).start()
 

@@ -156,6 +156,11 @@ class PendingCall:
     def abandon(self) -> None:
         """The request is gone (cancelled, closed): a late answer must be ignored."""
 
+    def on_change(self, callback: Callable[[], None]) -> None:
+        """Have `callback()` told (from any thread) whenever `poll` may give something new before
+        `next_check`: an answer came in, or a worker took the call up (its timeout starts). A call
+        that changes only with the clock, like a scripted one, never calls it."""
+
 
 class ScriptedCall(PendingCall):
     """Ready once the engine's clock passes the scripted deadline."""

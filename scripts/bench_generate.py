@@ -74,7 +74,7 @@ def main() -> None:
     total = args.batch * args.new
     # what an engine without cost_model= uses
     overrides = {} if args.saturation_tokens is None else {"saturation_tokens": args.saturation_tokens}
-    cost = load_or_profile(model, torch.float32, device, **overrides)
+    cost = load_or_profile(model, **overrides)
     print(f"cost model: saturation {cost.saturation_tokens} tokens, {cost.fwd_per_token_s * 1e6:.0f} us/token "
           f"+ {cost.fwd_fixed_s * 1e3:.2f} ms")
 

@@ -120,6 +120,11 @@ class ChatPending(PendingCall):
         known = [c for c in checks if c is not None]
         return min(known) if known else None
 
+    def on_change(self, callback: Callable[[], None]) -> None:
+        for future in self.futures:
+            if future is not None:
+                future.on_change(callback)
+
     def abandon(self) -> None:
         for future, answer in zip(self.futures, self.answers):
             if future is not None and answer is None:
