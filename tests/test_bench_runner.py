@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 from infercept_hf.bench import policy_runs
-from infercept_hf.bench.__main__ import main
+from infercept_hf.bench.__main__ import default_warmup, main
 from infercept_hf.bench.jobs import EngineSettings, check_policies, make_jobs
 from infercept_hf.bench.metrics import RUN_KEYS
 from infercept_hf.bench.workloads import generate_trace
@@ -89,6 +89,29 @@ def test_sustainable_rate_interpolates_the_slo_crossing_and_flags_a_non_monotoni
     assert rates["b"] == policy_runs.Sustainable(None, "")
     assert rates["c"] == policy_runs.Sustainable(2.0, "not broken")
     assert rates["d"] == policy_runs.Sustainable(1.0, "non-monotonic")  # the last pass before the break, as measured
+
+
+def test_sustainable_rate_needs_the_slo_kept_to_the_end_of_a_steady_window():
+    late = "normalized_latency_late_mean_s"
+    runs = [
+        {"policy": "a", "qps": 1.0, "normalized_latency_mean_s": 0.05, late: 0.06},
+        # the mean passes, but latency climbs past the SLO in the window's second half: not sustained
+        {"policy": "a", "qps": 2.0, "normalized_latency_mean_s": 0.08, late: 0.14},
+        {"policy": "b", "qps": 1.0, "normalized_latency_mean_s": 0.05, "transient": True},
+        {"policy": "c", "qps": 1.0, "normalized_latency_mean_s": 0.05},
+        {"policy": "c", "qps": 2.0, "normalized_latency_mean_s": 0.5, "transient": True},  # left out
+    ]
+    rates = policy_runs.sustainable_rates(runs, 0.1)
+    assert rates["a"] == policy_runs.Sustainable(pytest.approx(1.5), "interpolated")  # 0.06 -> 0.14 crosses at 1.5
+    assert rates["b"] == policy_runs.Sustainable(None, "transient")
+    assert rates["c"] == policy_runs.Sustainable(1.0, "not broken")
+
+
+def test_default_warmup_outlasts_the_long_tool_calls():
+    trace = generate_trace("mix", 400, 2.0, 0, 1.0, 1.0, 2048)
+    tool = sorted(r.tool_seconds for r in trace)
+    warmup = default_warmup(trace)
+    assert warmup >= tool[int(0.99 * (len(tool) - 1))] > 0.1 * max(r.arrival_s for r in trace)
 
 
 def test_unknown_policy_is_refused():

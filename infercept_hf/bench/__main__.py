@@ -28,7 +28,8 @@ log = logging.getLogger("infercept_hf.bench")
 REAL_POLICIES = "discard,discard-head,preserve,swap,min-waste,oracle,hf-cb"
 SIM_POLICIES = "discard,discard-head,preserve,swap,min-waste,oracle"
 PEERS = ("hf-cb", "hf-generate")  # jobs.PEERS, named here so that --help needs no torch
-WARMUP_SHARE = 0.1  # default warm-up: this share of the trace's arrival span
+WARMUP_SHARE = 0.1  # default warm-up: at least this share of the trace's arrival span
+WARMUP_TOOL_QUANTILE = 0.99  # ... and at least this quantile of a request's tool time (`default_warmup`)
 # Normalized latency SLO for the sustainable rate: 10 tokens/s outside tools, the interactive
 # target of the metrics' default goodput SLO (tpot 100 ms).
 DEFAULT_SLO_S = 0.1
@@ -61,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="multiplies token lengths (default 0.5 real, 1 simulated)")
     p.add_argument("--warmup", type=float, default=None,
                    help=f"seconds of trace time before the measurement window opens "
-                        f"(default: {WARMUP_SHARE:.0%}% of the arrival span)")
+                        f"(default: the 99th percentile of a request's tool time, at least "
+                        f"{WARMUP_SHARE:.0%}% of the arrival span)")
     p.add_argument("--window", type=float, default=None,
                    help="length of the measurement window in seconds (default: up to the last arrival); "
                         "requests still in flight at its end count with what they had by then")
@@ -155,11 +157,20 @@ def trace_rate(trace: list[TraceRequest], qps: float, args: argparse.Namespace) 
     return round(len(trace) / max(r.arrival_s for r in trace), 3)
 
 
+def default_warmup(trace: list[TraceRequest]) -> float:
+    """Seconds of trace time before the measurement window opens: until the requests that found
+    the system empty are gone. A request lives at least as long as its tool calls take, so the
+    warm-up is the 99th percentile of the trace's per-request tool time (the paper's mix: about
+    5 minutes at full scale), or `WARMUP_SHARE` of the arrival span when that is longer."""
+    tool = sorted(r.tool_seconds for r in trace)
+    return max(WARMUP_SHARE * max(r.arrival_s for r in trace), tool[int(WARMUP_TOOL_QUANTILE * (len(tool) - 1))])
+
+
 def measurement_window(trace: list[TraceRequest], args: argparse.Namespace) -> tuple[float, float]:
     """(start, end) in seconds of trace time: after the warm-up, up to the last arrival unless
     `--window` says otherwise."""
     span = max(r.arrival_s for r in trace)
-    start = WARMUP_SHARE * span if args.warmup is None else args.warmup
+    start = default_warmup(trace) if args.warmup is None else args.warmup
     end = span if args.window is None else start + args.window
     if not end > start:
         raise ValueError(f"the measurement window [{start:g} s, {end:g} s] is empty: the trace's arrivals span "
@@ -215,7 +226,9 @@ def run_all(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, l
                     run = policy_runs.run_real(model, policy, jobs, settings, bar, until_s=window[1])
             if run is None:  # a tensor-parallel worker rank
                 continue
-            runs.append(policy_runs.summarize_run(policy, rate, run, window=window, model=label,
+            # a window shorter than its warm-up may end before the pools fill (see `sustainable_rates`)
+            transient = window[1] - window[0] < window[0]
+            runs.append(policy_runs.summarize_run(policy, rate, run, window=window, model=label, transient=transient,
                                              simulated=bool(args.simulate), time_scale=args.time_scale,
                                              context_scale=args.context_scale))
             if run.timeline:

@@ -160,6 +160,10 @@ def summarize(
         "completed_rps": completed_rps,
         "normalized_latency_mean_s": _stat(normalized, "mean"),
         "normalized_latency_p99_s": _stat(normalized, 99),
+        # the window's second half alone: a load whose latency is still climbing there is not
+        # sustained, however good the mean over the whole window looks
+        "normalized_latency_late_mean_s": None if window is None else _stat(
+            [r.normalized_latency for r in (*done, *in_flight) if r.arrival_time >= (start + end) / 2], "mean"),
         "throughput_tok_s": generated / duration_s,
         "request_throughput": completed_rps,  # vLLM's name for it
         "output_throughput": output_tokens / duration_s,

@@ -156,13 +156,25 @@ def summarize_run(policy: str, qps: float, run: Run, slo: Mapping[str, float] | 
     return {"policy": policy, "qps": qps, **labels, **summary}
 
 
+LATE = {"normalized_latency_mean_s": "normalized_latency_late_mean_s"}  # a metric's figure over the late window
+
+
+def _worst(value: float | None, late: float | None) -> float | None:
+    """The larger of a latency over the window and over its second half (None if either is unknown
+    but the other is: a half with no request says nothing)."""
+    return value if late is None else late if value is None else max(value, late)
+
+
 @dataclass(frozen=True)
 class Sustainable:
     """A policy's sustainable rate: `rate` (None: even the lowest rate breaks the SLO) and a note:
     "interpolated" (between the last passing and the first failing rate), "not broken" (every
     rate measured passes: the rate is at least the highest), "non-monotonic" (the SLO breaks,
     and latency falls somewhere as the rate rises: noise or a burst; the last passing rate
-    before the first failure is given, not interpolated), or "" (no crossing to interpolate)."""
+    before the first failure is given, not interpolated), "transient" (every run's window was
+    shorter than its warm-up: the trace is too short to tell) or "" (no crossing to interpolate).
+    Runs marked `transient` are left out; a run passes when the SLO holds over its window and
+    over the window's second half (a latency still climbing at the end is not sustained)."""
 
     rate: float | None
     note: str
@@ -173,7 +185,11 @@ def sustainable_rates(runs: Sequence[Mapping[str, Any]], slo_s: float,
     """Per policy, the highest request rate whose `metric` stays within `slo_s` (see `Sustainable`)."""
     out: dict[str, Sustainable] = {}
     for policy in dict.fromkeys(str(r["policy"]) for r in runs):
-        points = sorted((r["qps"], r.get(metric)) for r in runs if str(r["policy"]) == policy)
+        steady = [r for r in runs if str(r["policy"]) == policy and not r.get("transient")]
+        if not steady:
+            out[policy] = Sustainable(None, "transient")
+            continue
+        points = sorted((r["qps"], _worst(r.get(metric), r.get(LATE.get(metric, "")))) for r in steady)
         values = [math.inf if v is None else v for _, v in points]
         monotonic = all(a <= b for a, b in zip(values, values[1:]))
         best: float | None = None
