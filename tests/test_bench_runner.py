@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 from infercept_hf.bench import policy_runs
-from infercept_hf.bench.__main__ import default_warmup, main
+from infercept_hf.bench.__main__ import build_parser, default_warmup, main, measurement_window
 from infercept_hf.bench.jobs import EngineSettings, check_policies, make_jobs
 from infercept_hf.bench.metrics import RUN_KEYS
 from infercept_hf.bench.workloads import generate_trace
@@ -107,11 +107,17 @@ def test_sustainable_rate_needs_the_slo_kept_to_the_end_of_a_steady_window():
     assert rates["c"] == policy_runs.Sustainable(1.0, "not broken")
 
 
-def test_default_warmup_outlasts_the_long_tool_calls():
-    trace = generate_trace("mix", 400, 2.0, 0, 1.0, 1.0, 2048)
+def test_default_warmup_outlasts_the_long_tool_calls_and_a_short_trace_is_transient():
+    args = build_parser().parse_args([])
+    trace = generate_trace("mix", 400, 0.5, 0, 1.0, 1.0, 2048)
     tool = sorted(r.tool_seconds for r in trace)
+    span = max(r.arrival_s for r in trace)
     warmup = default_warmup(trace)
-    assert warmup >= tool[int(0.99 * (len(tool) - 1))] > 0.1 * max(r.arrival_s for r in trace)
+    assert warmup >= tool[int(0.99 * (len(tool) - 1))] > 0.1 * span
+    assert span > 2 * warmup and measurement_window(trace, args) == (warmup, span, False)
+    short = generate_trace("mix", 400, 8.0, 0, 1.0, 1.0, 2048)  # the same requests in a quarter of the time
+    start, end, transient = measurement_window(short, args)
+    assert transient and start == end / 2  # the warm-up cut at half the span, the window too short to tell
 
 
 def test_unknown_policy_is_refused():

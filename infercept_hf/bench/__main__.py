@@ -166,16 +166,19 @@ def default_warmup(trace: list[TraceRequest]) -> float:
     return max(WARMUP_SHARE * max(r.arrival_s for r in trace), tool[int(WARMUP_TOOL_QUANTILE * (len(tool) - 1))])
 
 
-def measurement_window(trace: list[TraceRequest], args: argparse.Namespace) -> tuple[float, float]:
-    """(start, end) in seconds of trace time: after the warm-up, up to the last arrival unless
-    `--window` says otherwise."""
+def measurement_window(trace: list[TraceRequest], args: argparse.Namespace) -> tuple[float, float, bool]:
+    """(start, end, transient) in seconds of trace time: after the warm-up, up to the last arrival
+    unless `--window` says otherwise. With the default warm-up, `transient` says the window is
+    shorter than the warm-up it needs (a warm-up past half the arrival span is cut there), so the
+    run may end before the pools fill."""
     span = max(r.arrival_s for r in trace)
-    start = default_warmup(trace) if args.warmup is None else args.warmup
+    needed = default_warmup(trace)
+    start = min(needed, span / 2) if args.warmup is None else args.warmup
     end = span if args.window is None else start + args.window
     if not end > start:
         raise ValueError(f"the measurement window [{start:g} s, {end:g} s] is empty: the trace's arrivals span "
                          f"{span:g} s (lower --warmup, or give --window)")
-    return start, end
+    return start, end, args.warmup is None and end - start < needed
 
 
 # ---------------------------------------------------------------------- the runs
@@ -214,7 +217,8 @@ def run_all(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, l
     vocab = model.config.get_text_config().vocab_size
     for qps in args.rates:
         trace = make_trace(args, qps, max_context)
-        window = measurement_window(trace, args)
+        start, end, transient = measurement_window(trace, args)
+        window = (start, end)
         jobs = make_jobs(trace, vocab, args.seed)
         rate = trace_rate(trace, qps, args)
         windows[rate] = window
@@ -226,8 +230,6 @@ def run_all(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, l
                     run = policy_runs.run_real(model, policy, jobs, settings, bar, until_s=window[1])
             if run is None:  # a tensor-parallel worker rank
                 continue
-            # a window shorter than its warm-up may end before the pools fill (see `sustainable_rates`)
-            transient = window[1] - window[0] < window[0]
             runs.append(policy_runs.summarize_run(policy, rate, run, window=window, model=label, transient=transient,
                                              simulated=bool(args.simulate), time_scale=args.time_scale,
                                              context_scale=args.context_scale))
