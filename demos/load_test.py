@@ -2,10 +2,16 @@
 
 All of it is the benchmark's own code (`infercept_hf.bench`): the trace generator, the
 replay loop and the metrics. This module only picks defaults small enough to finish in
-seconds on a CPU and shapes one row per policy for the UI.
+seconds on a CPU and shapes one row per policy for the UI. Run as a script, it repeats the
+tab's test on the bundled chat model and prints the rows (on a shared machine one run says
+little: repeat it and read the spread):
+
+    python demos/load_test.py --repeats 3 --mix mix
 """
 from __future__ import annotations
 
+import argparse
+import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -99,3 +105,27 @@ def run(test: LoadTest, model: torch.nn.Module, cost_model: CostModel | None) ->
 def parse_policies(names: Sequence[str]) -> tuple[str, ...]:
     """Policies in the engine's order, whatever order they were ticked in."""
     return tuple(p for p in POLICIES if p in names) + tuple(p for p in names if p not in POLICIES)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from chat_session import BUNDLED, load_model  # the demo's own loader (demos/ is the script's folder)
+
+    from infercept_hf.model_spec import ModelSpec
+    from infercept_hf.profiler import load_or_profile
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--mix", default=MIX, choices=MIXES)
+    p.add_argument("--users", type=int, default=LoadTest.users)
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    model = load_model(BUNDLED).model
+    cost = load_or_profile(model, ModelSpec.of(model))
+    test = LoadTest(users=args.users, mix=args.mix)
+    for repeat in range(args.repeats):
+        for row in run(test, model, cost):
+            print(json.dumps({"repeat": repeat, **row}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
