@@ -199,12 +199,17 @@ class Scheduler:
 
         min-waste recomputes in chunks that fill the device up to its saturation point S next to
         the running decodes (INFERCEPT's chunked recomputation), so no decode stalls behind a long
-        prefill; the other policies prefill as much as the batch allows, as vLLM does.
+        prefill; the other policies prefill as much as the batch allows, as vLLM does. Where the
+        cost model prices a full batch no dearer than a chunk (a flat forward, as a small model
+        on a CPU measures), a chunk would shorten no decode's step and only add steps: no chunks.
         """
         if not self.traits.chunked_recompute:
             return self.max_batch_tokens
         decodes = sum(1 for r in self.running if r.uncached == 1)
-        return max(1, min(self.max_batch_tokens, self.cost.saturation_tokens) - decodes)
+        chunk = max(1, min(self.max_batch_tokens, self.cost.saturation_tokens) - decodes)
+        if self.cost.t_fwd(decodes + self.max_batch_tokens) <= self.cost.t_fwd(decodes + chunk):
+            return self.max_batch_tokens
+        return chunk
 
     # ------------------------------------------------------------------ memory
     def _reserve(self, req: Request, n: int, now: float, protected: set[int] | None) -> bool:

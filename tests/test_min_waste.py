@@ -116,3 +116,31 @@ def test_full_host_gives_way_to_a_more_wasteful_request(llama):
     assert results[b].interceptions[0].strategy == "swap"
     assert results[a].interceptions[0].strategy in ("discard", "preserve", "partial-swap")
     assert results[a].telemetry["recomputed_tokens"] > 0
+
+
+def _prefill_next_to_decodes(model, cost: CostModel) -> tuple[list[int], int]:
+    """Two requests decoding, then a 100-token prompt: the chunk sizes of its prefill, and the
+    iterations min-waste counted as chunked."""
+    engine = ih.InterceptEngine(model, policy="min-waste", num_blocks=64, block_size=4, max_batch_tokens=128,
+                                cost_model=cost)
+    decoders = [engine.add_request(p, max_new_tokens=40) for p in prompts_for(3, [8, 8])]
+    _step_until(engine, lambda: all(engine._requests[i].num_generated > 0 for i in decoders))
+    late = engine.add_request(prompts_for(5, [100])[0], max_new_tokens=2)
+    chunks = []
+    while engine._requests[late].num_generated == 0:
+        before = engine._requests[late].num_cached
+        engine.step()
+        chunks.append(engine._requests[late].num_cached - before)
+    engine.cache.check_integrity()
+    return chunks, engine.stats()["moves"].get("chunked_iterations", 0)
+
+
+def test_min_waste_chunks_a_prefill_only_where_a_chunk_shortens_the_decodes_step(llama):
+    sloped = CostModel(fwd_per_token_s=1e-3, fwd_fixed_s=1e-3, swap_bytes_per_s=1e9, kv_bytes_per_token=M,
+                       saturation_tokens=32)
+    chunks, chunked = _prefill_next_to_decodes(llama, sloped)
+    assert chunks == [30, 30, 30, 10] and chunked == 4  # S minus the two decodes, beside them
+    flat = CostModel(fwd_per_token_s=0.0, fwd_fixed_s=1e-2, swap_bytes_per_s=1e9, kv_bytes_per_token=M,
+                     saturation_tokens=32)  # every batch costs the same: a chunk saves the decodes nothing
+    chunks, chunked = _prefill_next_to_decodes(llama, flat)
+    assert chunks == [100] and chunked == 0
