@@ -98,7 +98,7 @@ class Scheduler:
 
     # ------------------------------------------------------------------ transitions
     def add(self, req: Request) -> None:
-        self.cache.track(req.rid, req.kv)
+        self.cache.track(req.rid, req.kv, req.tokens)
         self.waiting.append(req)
 
     def pause(self, req: Request, now: float) -> None:
@@ -107,7 +107,7 @@ class Scheduler:
         req.status = Status.PAUSED
         req.paused_at = now
         self.paused.append(req)
-        self.paused_blocks.pause(req, self.cache.device_blocks(req.rid))
+        self.paused_blocks.pause(req, self.cache.exclusive_blocks(req.rid))
         req.waste = self._waste_figures(req, now)
         if self.traits.at_pause == "discard":
             self._discard(req)
@@ -162,6 +162,7 @@ class Scheduler:
         self.waiting.sort(key=queue_order)
         while self.waiting and budget > 0:
             req = self.waiting[0]
+            self.cache.attach_prefix(req.rid)
             if not self._swap_in(req, now):
                 break
             n = min(req.uncached, budget)
@@ -232,14 +233,18 @@ class Scheduler:
     def _evict_paused(self, blocks: int, now: float, exclude: Request) -> bool:
         """Free `blocks` device blocks held by paused requests, longest expected pause first: to host
         where the policy swaps (min-waste first drops the host copies of requests expected to pause
-        longer still), else discarded."""
+        longer still), else discarded. Only blocks a request holds alone free anything; when no
+        paused request holds any, whole requests let go of their shares (the last one out frees)."""
         holders = [r for r in self.paused if r is not exclude and self.cache.device_blocks(r.rid)]
         if not holders:
             return False
         holders.sort(key=lambda r: -self._remaining(r, now))
+        alone = any(self.cache.exclusive_blocks(r.rid) for r in holders)
         freed = 0
         for r in holders:
-            have = self.cache.device_blocks(r.rid)
+            have = self.cache.exclusive_blocks(r.rid) if alone else self.cache.device_blocks(r.rid)
+            if not have:
+                continue
             take = min(have, blocks - freed) if self.cache.supports_partial else have
             if self.traits.host_room_by_pause:
                 self._make_host_room(take, self._view(r, now), now)
@@ -323,7 +328,8 @@ class Scheduler:
         return PausedView(
             request_id=req.request_id,
             context_tokens=req.num_cached,
-            device_tokens=self.cache.device_tokens(req.rid),
+            device_tokens=(device := self.cache.device_tokens(req.rid)),
+            shared_tokens=min(device, self.cache.shared_device_tokens(req.rid)),
             host_tokens=self.cache.host_blocks(req.rid) * self.cache.block_size,
             paused_for_s=now - req.paused_at,
             expected_remaining_s=self._remaining(req, now),
@@ -355,7 +361,7 @@ class Scheduler:
         bs = self.cache.block_size
         out_budget, _ = split_swap_budget(
             budget,
-            want_out=sum(self.cache.device_blocks(r.rid) for r in holders) * bs,
+            want_out=sum(self.cache.exclusive_blocks(r.rid) for r in holders) * bs,
             want_in=swap_in_tokens,
             # host room held by paused requests counts: a longer-pausing one may give way (plan_paused_moves)
             free_host_tokens=(self.cache.free_host_blocks() + sum(self.cache.host_blocks(r.rid) for r in self.paused)) * bs,
