@@ -54,6 +54,7 @@ class HostPool:
         self.num_blocks = num_blocks
         self.free: list[int] = list(range(num_blocks - 1, -1, -1))  # pop() hands out the lowest id first
         self.tables: dict[str, list[int]] = {}
+        self.on_give_back: Callable[[list[int]], None] | None = None  # told the blocks given back
 
     def take(self, n: int) -> list[int]:
         if n > len(self.free):
@@ -61,6 +62,8 @@ class HostPool:
         return [self.free.pop() for _ in range(n)]
 
     def give_back(self, ids: list[int]) -> None:
+        if self.on_give_back is not None:
+            self.on_give_back(ids)
         self.free.extend(ids)
         self.free.sort(reverse=True)
 
@@ -135,6 +138,8 @@ class InterceptPagedCache(PagedCacheBase):
         self._host = _Tally()
         self.pipeline = SwapPipeline(swap_mode or SwapPipeline.default_mode(torch.device(device)))
         self.prefix = PrefixIndex(self, prefix_sharing)
+        if self.prefix.enabled:
+            next(iter(self.host.values())).on_give_back = self.prefix.forget_host_copies
         self._tokens: dict[str, list[int]] = {}  # each request's token log, for naming its blocks
 
     @property
@@ -354,7 +359,13 @@ class InterceptPagedCache(PagedCacheBase):
             nbytes = len(dev_ids) * pp.bytes_per_block(alloc)
             self.swapped_out_bytes += nbytes
             self.ledger.add_swapped(rid, nbytes)
-            done = lambda a=alloc, ids=dev_ids: pp.release_refs(self, a, ids)  # noqa: E731
+            # once the copies have landed: the host blocks take the device blocks' names, then those are let go
+            names = [pp.block_hash(alloc, b) for b in dev_ids] if self.prefix.enabled else []
+
+            def done(a=alloc, ids=dev_ids, hids=host_ids, names=names) -> None:
+                self.prefix.note_host_copies(hids, names)
+                pp.release_refs(self, a, ids)
+
             self.pipeline.submit(Transfer(alloc, dev_ids, host_ids, True, done, host.storage))
         self._sync_device(rid)
         self._sync_host(rid)
@@ -376,16 +387,29 @@ class InterceptPagedCache(PagedCacheBase):
         for name, alloc in self.allocators.items():
             host = self.host[name]
             host_ids = host.tables.pop(rid)
-            dev_ids = pp.take_blocks(self, alloc, len(host_ids))
-            pp.block_tables(alloc).setdefault(rid, []).extend(dev_ids)
-            moved += len(dev_ids) * pp.bytes_per_block(alloc)
-            done = lambda h=host, ids=host_ids: h.give_back(ids)  # noqa: E731
-            self.pipeline.submit(Transfer(alloc, dev_ids, host_ids, False, done, host.storage))
+            # a block whose named content is still on the device (cached or read by others) is reused, not copied
+            kept = [self.prefix.device_copy(h) for h in host_ids]
+            fresh = iter(pp.take_blocks(self, alloc, kept.count(None)))
+            table = [b if b is not None else next(fresh) for b in kept]
+            pp.block_tables(alloc).setdefault(rid, []).extend(table)
+            copy = [(d, h) for d, h, b in zip(table, host_ids, kept) if b is None]
+            if len(copy) < len(host_ids):
+                host.give_back([h for h, b in zip(host_ids, kept) if b is not None])
+            moved += len(copy) * pp.bytes_per_block(alloc)
+            copy_host = [h for _, h in copy]
+            done = lambda h=host, ids=copy_host: h.give_back(ids)  # noqa: E731
+            self.pipeline.submit(Transfer(alloc, [d for d, _ in copy], copy_host, False, done, host.storage))
         self.swapped_in_bytes += moved
         self.ledger.add_swapped(rid, moved)
         self._sync_device(rid)
         self._sync_host(rid)
         return moved
+
+    def load_host_block(self, host_id: int, dev_id: int) -> None:
+        """Copy one host block into a device block now (a prefix hit on a host copy, which keeps its owner)."""
+        alloc, host = self.prefix.alloc, next(iter(self.host.values()))
+        self.pipeline.submit(Transfer(alloc, [dev_id], [host_id], False, lambda: None, host.storage))
+        self.pipeline.finish()
 
     def finish_transfers(self) -> None:
         """Complete outstanding copies and release what they freed (the engine calls this every step)."""

@@ -48,6 +48,9 @@ class PrefixIndex:
         self.enabled = self.off_reason is None
         self.alloc = allocs[0]
         self.hit_tokens = 0  # tokens served from the index instead of computed, over all requests
+        self.host_hit_tokens = 0  # of those, tokens copied in from another request's host copy
+        self._host_names: dict[int, int] = {}  # host block -> the name of the content it holds
+        self._host_by_name: dict[int, int] = {}  # name -> a host block holding it
         self._indexed: dict[str, int] = {}  # rid -> leading blocks of its table known to be named
 
     # ------------------------------------------------------------------ naming and reuse
@@ -87,9 +90,10 @@ class PrefixIndex:
             return 0
         for i in range(start, (len(tokens) - 1) // bs):
             parent, block = pp.hashed_block(self.alloc, parent, tokens[i * bs:(i + 1) * bs])
-            if block is None:
+            if block is not None:
+                pp.acquire(self.alloc, block)
+            elif (block := self._from_host(parent)) is None:
                 break
-            pp.acquire(self.alloc, block)
             table.append(block)
         if not table:
             del pp.block_tables(self.alloc)[rid]
@@ -100,6 +104,45 @@ class PrefixIndex:
 
     def forget(self, rid: str) -> None:
         self._indexed.pop(rid, None)
+
+    # ------------------------------------------------------------------ host copies
+    def note_host_copies(self, host_ids: list[int], names: list[int | None]) -> None:
+        """Host blocks now hold these named contents (a swap-out's copies have landed)."""
+        for h, name in zip(host_ids, names):
+            if name is not None:
+                self._host_names[h] = name
+                self._host_by_name.setdefault(name, h)
+
+    def forget_host_copies(self, host_ids: list[int]) -> None:
+        """These host blocks go back to the host pool: their contents are gone."""
+        for h in host_ids:
+            name = self._host_names.pop(h, None)
+            if name is not None and self._host_by_name.get(name) == h:
+                del self._host_by_name[name]
+
+    def device_copy(self, host_id: int) -> int | None:
+        """The device block that still holds this host block's named content, now referenced once
+        more (a swap-in takes it instead of copying), or None."""
+        name = self._host_names.get(host_id) if self.enabled else None
+        block = pp.named_block(self.alloc, name) if name is not None else None
+        if block is not None:
+            pp.acquire(self.alloc, block)
+        return block
+
+    def _from_host(self, name: int) -> int | None:
+        """A fresh device block holding the named content, copied from a host block (its owner keeps
+        that one), or None when no host block holds it or no device block is free."""
+        host_id = self._host_by_name.get(name)
+        if host_id is None:
+            return None
+        self.make_room(1)
+        if self.cache.free_device_blocks() < 1:
+            return None
+        block = pp.take_blocks(self.cache, self.alloc, 1)[0]
+        self.cache.load_host_block(host_id, block)
+        pp.name_block(self.alloc, block, name)
+        self.host_hit_tokens += self.block_size
+        return block
 
     # ------------------------------------------------------------------ what a request holds alone
     def shared_blocks(self, rid: str) -> int:

@@ -29,6 +29,8 @@ __all__ = [
     "extra_references",
     "hashed_block",
     "index_block",
+    "name_block",
+    "named_block",
     "ref_count",
     "release_refs",
     "shares_blocks",
@@ -264,6 +266,16 @@ def index_block(cache: Any, alloc: Allocator, rid: str, i: int, block_hash_: int
         alloc.ledger.acquire(same)
         release_refs(cache, alloc, [table[i]])
         table[i] = same
+
+
+def named_block(alloc: Allocator, block_hash_: int) -> int | None:
+    """The device block holding the content of this name, if any."""
+    return alloc.ledger.hash_to_block.get(block_hash_)
+
+
+def name_block(alloc: Allocator, block_id: int, block_hash_: int) -> None:
+    """Give a block no other block's name (checked by the caller: the ledger knows no block of that content)."""
+    assert alloc.ledger.register_new_hash(block_id, block_hash_) is None, "content already named"
 
 
 def evict_cached(cache: Any, alloc: Allocator, n: int) -> int:

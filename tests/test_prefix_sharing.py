@@ -296,3 +296,53 @@ def test_interleavings_with_heavy_sharing_keep_every_block_and_token(policy, num
             assert r.token_ids == expected
         else:
             assert r.finish_reason == "cancelled" and r.token_ids == expected[: len(r.token_ids)]
+
+
+# ------------------------------------------------------------------ host copies
+def _paused_and_swapped(llama):
+    """Request a (13-token shared prefix + 2) swapped to host at its first pause, under `swap`."""
+    clock = ManualClock()
+    engine = ih.InterceptEngine(llama, policy="swap", num_blocks=32, block_size=4, host_pool_bytes=16 * 4 * 512,
+                                cost_model=TEST_COST, clock=clock)
+    a = engine.add_request(SHARED + TAILS[0], max_new_tokens=MAX_NEW, interceptions=SCRIPT)
+    ra = engine._requests[a]
+    while ra.status is not ih.request.Status.PAUSED:
+        engine.step()
+    engine.step()  # the swap-out's copies land after the next forward (or at once, on CPU)
+    assert engine.cache.device_blocks(ra.rid) == 0 and engine.cache.host_blocks(ra.rid) == 5
+    return engine, clock, a
+
+
+def _drain(engine, clock):
+    results = {}
+    while engine.has_unfinished():
+        for r in engine.step():
+            results[r.request_id] = r
+        engine.cache.check_integrity()
+        clock.advance(0.5)
+    return results
+
+
+def test_a_hit_on_a_host_copy_swaps_it_in_instead_of_recomputing(llama):
+    engine, clock, a = _paused_and_swapped(llama)
+    cache = engine.cache
+    alloc = cache.allocators["full_attention"]
+    pp.evict_cached(cache, alloc, pp.count_cached(alloc))  # the device copies are gone: only the host has them
+    b = engine.add_request(SHARED + TAILS[1], max_new_tokens=3)
+    results = _drain(engine, clock)
+    assert results[b].cached_tokens == 12 and engine.stats()["prefix_host_hit_tokens"] == 12
+    assert results[b].token_ids == reference_scripted(llama, SHARED + TAILS[1], None, 3)
+    assert results[a].token_ids == reference_scripted(llama, SHARED + TAILS[0], SCRIPT, MAX_NEW)
+    engine.close()
+
+
+def test_a_swap_in_reuses_device_blocks_still_cached_instead_of_copying(llama):
+    engine, clock, a = _paused_and_swapped(llama)
+    cache = engine.cache
+    assert engine.stats()["prefix_cached_blocks"] == 4  # the swapped-out named blocks stay cached on device
+    clock.advance(1.0)
+    results = _drain(engine, clock)
+    assert results[a].token_ids == reference_scripted(llama, SHARED + TAILS[0], SCRIPT, MAX_NEW)
+    # the named blocks came back by reference: fewer bytes crossed the link inward than outward
+    assert cache.swapped_in_bytes < cache.swapped_out_bytes
+    engine.close()
