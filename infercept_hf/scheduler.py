@@ -88,6 +88,7 @@ class Scheduler:
         self.paused: list[Request] = []
         self.paused_blocks = PausedBlocks(cache.block_bytes)
         cache.watch_device_blocks(self.paused_blocks.changed)
+        self._shares_seen = 0  # the cache's extra block references when paused shares were last counted
         # min-waste: budget and tokens moved, per iteration (the most recent ones: a server runs for ever)
         self.swap_log: deque[SwapIteration] = deque(maxlen=SWAP_LOG_LENGTH)
         self.preemptions = 0
@@ -137,6 +138,7 @@ class Scheduler:
 
     # ------------------------------------------------------------------ the iteration
     def schedule(self, now: float) -> StepPlan:
+        self._recount_paused_shares()
         plan = StepPlan()
         self._swapped_in_bytes = 0
         self.running.sort(key=lambda r: (r.uncached > 1, r.queue_key))  # decodes first, then prefills
@@ -177,6 +179,15 @@ class Scheduler:
             swap_in_tokens = self._swapped_in_bytes // self.cache.spec.rank_kv_bytes_per_token
             self._min_waste(now, plan.num_tokens, swap_in_tokens)
         return plan
+
+    def _recount_paused_shares(self) -> None:
+        """Other requests took or dropped shares of blocks since the last step: what each paused
+        request holds alone (its preserve waste) may have changed without a move of its own."""
+        shares = self.cache.prefix.extra_references()
+        if shares != self._shares_seen:
+            self._shares_seen = shares
+            for r in self.paused:
+                self.paused_blocks.changed(r.rid, self.cache.exclusive_blocks(r.rid))
 
     def _prefill_budget(self) -> int:
         """Tokens for prompt, answer and recompute chunks this iteration: `_chunk_tokens()` while

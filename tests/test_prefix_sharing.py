@@ -346,3 +346,26 @@ def test_a_swap_in_reuses_device_blocks_still_cached_instead_of_copying(llama):
     # the named blocks came back by reference: fewer bytes crossed the link inward than outward
     assert cache.swapped_in_bytes < cache.swapped_out_bytes
     engine.close()
+
+
+def test_generate_takes_the_switch_and_returns_the_same_tokens(llama, monkeypatch):
+    from conftest import left_pad
+
+    prompts = [SHARED + t for t in TAILS]
+    ids, mask = left_pad(prompts)
+    seen = []
+    original = ih.InterceptEngine.__init__
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs["prefix_sharing"])
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(ih.InterceptEngine, "__init__", spy)
+    outs = [ih.generate(llama, ids, mask, interceptions=[SCRIPT] * len(prompts), max_new_tokens=MAX_NEW,
+                        do_sample=False, block_size=4, cost_model=TEST_COST, prefix_sharing=share)
+            for share in (True, False)]
+    assert seen == [True, False]
+    assert outs[0].tolist() == outs[1].tolist()
+    width = ids.shape[1]
+    for row, p in zip(outs[0].tolist(), prompts):
+        assert row[width:width + MAX_NEW + 6] == reference_scripted(llama, p, SCRIPT, MAX_NEW)

@@ -1,4 +1,4 @@
-"""`python -m infercept_hf.bench.agents`: an agent mix whose sessions share a system prompt and tool schemas.
+"""`infercept-bench agents` (or `python -m infercept_hf.bench.agents`): an agent mix whose sessions share a system prompt and tool schemas.
 
 Every session of one agent starts with the same prefix (system prompt + tool schemas), then its
 own user message; each turn decodes, calls a tool, and gets back the tool's answer followed by
@@ -9,7 +9,7 @@ continuous batching (its prefix cache on; each turn a new request carrying the w
 Reported per contender: computed prompt tokens (every token a forward processed that was not a
 just-sampled token fed back: prompts, answers, recomputation), mean TTFT, completed requests/s.
 
-    python -m infercept_hf.bench.agents --sessions 16 --prefix 512 --turns 4 --out out/agents
+    infercept-bench agents --sessions 16 --prefix 512 --turns 4 --out out/agents
 """
 from __future__ import annotations
 
@@ -96,7 +96,7 @@ def run_contender(name: str, model: torch.nn.Module, jobs: Sequence[Job], settin
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m infercept_hf.bench.agents", description=__doc__,
+    p = argparse.ArgumentParser(prog="infercept-bench agents", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny", help="tiny (random Llama), demo, smollm2, or a transformers id/path")
     p.add_argument("--sessions", type=int, default=16)
@@ -117,7 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    contenders = args.contenders.split(",")
+    unknown = [c for c in contenders if c not in CONTENDERS]
+    if unknown:
+        parser.error(f"unknown contender(s) {', '.join(unknown)}; choose from {', '.join(CONTENDERS)}")
     from ..profiler import load_or_profile
     from .models import load_model
 
@@ -128,9 +133,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     settings = EngineSettings(num_blocks=args.num_blocks, block_size=args.block_size,
                               max_batch_tokens=args.max_batch_tokens, cost_model=load_or_profile(model))
     rows = []
-    for name in args.contenders.split(","):
-        if name not in CONTENDERS:
-            raise SystemExit(f"unknown contender {name!r}; choose from {', '.join(CONTENDERS)}")
+    for name in contenders:
         rows.append(run_contender(name, model, jobs, settings, args.policy))
         print(json.dumps(rows[-1]))
     out = Path(args.out)
