@@ -450,7 +450,9 @@ class InterceptPagedCache(PagedCacheBase):
 
     # ------------------------------------------------------------------ integrity
     def check_integrity(self) -> None:
-        """Raise AssertionError unless free + owned = total with no block owned twice, on device and host."""
+        """Raise AssertionError unless every block is accounted for exactly: on device, free, cached
+        for reuse, or listed by as many tables (and copies in flight) as its reference count says;
+        on host, free or owned by one request; and no name points at a block nobody holds."""
         in_flight = self.pipeline.in_flight()
         free_sectors = pp.free_sector_ids(self)
         claimed: set[int] = set()
@@ -466,6 +468,9 @@ class InterceptPagedCache(PagedCacheBase):
             assert not set(cached) & set(owned), "device block both cached for reuse and referenced"
             free_leaves = pp.free_block_ids(self, alloc)
             assert not set(owned + cached) & set(free_leaves), "device block both free and owned"
+            assert all(pp.block_hash(alloc, b) is not None for b in cached), "cached device block without a name"
+            # a named block nobody lists would let a later match read whatever is written there next
+            assert set(pp.named_block_ids(alloc)) <= set(owned) | set(cached), "device block still named, listed nowhere"
             bps = pp.blocks_per_sector(alloc)
             mine = {b // bps for b in owned + cached + free_leaves}
             assert not mine & free_sectors, "block inside a free sector"
@@ -473,7 +478,6 @@ class InterceptPagedCache(PagedCacheBase):
             claimed |= mine
             # every block of every claimed sector is either referenced, cached or free
             assert len(owned) + len(cached) + len(free_leaves) == len(mine) * bps, "device blocks leaked inside a sector"
-            assert all(pp.block_hash(alloc, b) is not None for b in cached), "cached device block without a name"
         assert len(claimed) + len(free_sectors) == pp.num_sectors(self), "device sector leaked"
         for name, host in self.host.items():
             owned = [b for t in host.tables.values() for b in t]
@@ -481,6 +485,7 @@ class InterceptPagedCache(PagedCacheBase):
             assert len(owned) == len(set(owned)), f"host block owned twice ({name})"
             assert not set(owned) & set(host.free), f"host block both free and owned ({name})"
             assert len(owned) + len(host.free) == host.num_blocks, f"host block leaked ({name})"
+            assert self.prefix.named_host_blocks() <= set(owned), f"a free host block is still named ({name})"
         ids = self.request_ids()
         device = {rid: n for rid in ids if (n := self._count_device(rid))}
         host_held = {rid: n for rid in ids if (n := self._count_host(rid))}

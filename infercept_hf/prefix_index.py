@@ -113,6 +113,9 @@ class PrefixIndex:
                 self._host_names[h] = name
                 self._host_by_name.setdefault(name, h)
 
+    def named_host_blocks(self) -> set[int]:
+        return set(self._host_names)
+
     def forget_host_copies(self, host_ids: list[int]) -> None:
         """These host blocks go back to the host pool: their contents are gone."""
         for h in host_ids:

@@ -30,6 +30,7 @@ __all__ = [
     "hashed_block",
     "index_block",
     "name_block",
+    "named_block_ids",
     "named_block",
     "ref_count",
     "release_refs",
@@ -233,6 +234,11 @@ def hashed_block(alloc: Allocator, parent: int | None, tokens: list[int]) -> tup
 def cached_block_ids(alloc: Allocator) -> list[int]:
     """Blocks no request references, kept for their content, least recently released first."""
     return list(alloc.ledger.cached_blocks)
+
+
+def named_block_ids(alloc: Allocator) -> list[int]:
+    """Every block that holds a name (referenced or cached)."""
+    return list(alloc.ledger.block_to_hash)
 
 
 def count_cached(alloc: Allocator) -> int:

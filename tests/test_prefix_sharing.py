@@ -369,3 +369,14 @@ def test_generate_takes_the_switch_and_returns_the_same_tokens(llama, monkeypatc
     width = ids.shape[1]
     for row, p in zip(outs[0].tolist(), prompts):
         assert row[width:width + MAX_NEW + 6] == reference_scripted(llama, p, SCRIPT, MAX_NEW)
+
+
+def test_check_integrity_catches_a_named_block_nobody_lists(llama):
+    engine = ih.InterceptEngine(llama, num_blocks=32, block_size=4, cost_model=TEST_COST)
+    engine.add_request(SHARED, max_new_tokens=2)
+    engine.run()
+    alloc = engine.cache.allocators["full_attention"]
+    pp.acquire(alloc, pp.cached_block_ids(alloc)[0])  # taken out of the cache by a reference no table holds
+    with pytest.raises(AssertionError, match="still named, listed nowhere"):
+        engine.cache.check_integrity()
+    engine.close()
