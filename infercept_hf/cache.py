@@ -401,6 +401,7 @@ class InterceptPagedCache(PagedCacheBase):
             self.pipeline.submit(Transfer(alloc, [d for d, _ in copy], copy_host, False, done, host.storage))
         self.swapped_in_bytes += moved
         self.ledger.add_swapped(rid, moved)
+        self.prefix.forget(rid)  # blocks copied back are unnamed, wherever they sit: name them from the start
         self._sync_device(rid)
         self._sync_host(rid)
         return moved
