@@ -29,7 +29,7 @@ from ..outputs import RequestResult
 from ..tools import Scripted
 from .hf_peer import run_hf_cb
 from .jobs import EngineSettings, Job
-from .policy_runs import _sleep_until, replay
+from .policy_runs import replay, sleep_until
 from .workloads import TraceRequest
 
 CONTENDERS = ("sharing-on", "sharing-off", "hf-cb")
@@ -85,7 +85,7 @@ def run_contender(name: str, model: torch.nn.Module, jobs: Sequence[Job], settin
                              max_batch_tokens=settings.max_batch_tokens, cost_model=settings.cost_model,
                              clock=time.perf_counter, prefix_sharing=name == "sharing-on")
     try:
-        results, _, duration = replay(engine, jobs, time.perf_counter, _sleep_until)
+        results, _, duration = replay(engine, jobs, time.perf_counter, sleep_until)
         stats = engine.stats()
         engine.cache.check_integrity()
     finally:
