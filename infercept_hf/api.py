@@ -51,6 +51,7 @@ def generate(
     host_pool_bytes: int | None = None,
     response_template: dict | None = None,
     on_event: EventCallback | None = None,
+    prefix_sharing: bool = True,
     **generate_kwargs: Any,
 ) -> torch.Tensor:
     """Like `model.generate(input_ids, attention_mask=..., **kwargs)`, pausing rows at tool calls.
@@ -58,6 +59,8 @@ def generate(
     `tools` apply to every row: `Tool`s, and plain functions the model calls in its chat format
     (read with the tokenizer's response template, or `response_template`). `interceptions` gives
     one `Scripted` per row instead. `on_event` hears every row's events (`request_id` = row).
+    `prefix_sharing=False` computes every row's prompt itself instead of sharing full KV blocks
+    of equal prefixes (the tokens are the same either way).
     Greedy float32 decoding returns exactly the tokens of a plain transformers loop that re-runs
     `model.generate` on the full context after each tool answer, under every policy.
     """
@@ -77,6 +80,7 @@ def generate(
         host_pool_bytes=host_pool_bytes,
         response_template=response_template,
         on_event=on_event,
+        prefix_sharing=prefix_sharing,
         **generate_kwargs,
     )
 
@@ -101,6 +105,7 @@ def custom_generate(
     attention_backend: str = "auto",
     response_template: dict | None = None,
     on_event: EventCallback | None = None,
+    prefix_sharing: bool = True,
     **model_kwargs: Any,
 ) -> torch.LongTensor:
     """transformers' `custom_generate` entry: `model.generate(ids, custom_generate=custom_generate, tools=[...],
@@ -144,6 +149,7 @@ def custom_generate(
         max_batch_tokens=max_batch_tokens or 256,
         cost_model=cost_model,
         attention_backend=attention_backend,
+        prefix_sharing=prefix_sharing,
     )
     try:
         ids = []

@@ -18,8 +18,12 @@ moves are allowed there (`supports_partial` is False).
 The cache is also the one writer of each request's `KVRecord` (`kv_ledger.py`): tokens
 computed, and what every move changed, so nobody else reconciles block counts with them.
 
-Accounting is exact and checked by `check_integrity()`: every device block is free or
-owned by exactly one request, every host block likewise. Per-request block counts and their
+With prefix sharing (`prefix_index.py`) a full device block may be listed by several
+requests' tables; moves then drop the request's reference rather than free the block, so no
+request frees or moves a block another one reads. Accounting is exact and checked by
+`check_integrity()`: every device block is free, cached for reuse, or referenced exactly as
+many times as the tables (and copies in flight) list it; every host block is free or owned by
+one request. Per-request block counts and their
 totals are kept as running figures (`_Tally`), resynced wherever a block table changes,
 because the scheduler and the stats read them several times per request per step;
 `check_integrity()` recounts them from the tables.
@@ -36,6 +40,7 @@ from .offload import SwapPipeline, Transfer
 from .patches import paged_pool as pp
 from .patches.paged_cache import PagedCacheBase
 from .patches.transformers_cb import FULL_ATTENTION
+from .prefix_index import PrefixIndex
 
 
 class HostPool:
@@ -49,6 +54,7 @@ class HostPool:
         self.num_blocks = num_blocks
         self.free: list[int] = list(range(num_blocks - 1, -1, -1))  # pop() hands out the lowest id first
         self.tables: dict[str, list[int]] = {}
+        self.on_give_back: Callable[[list[int]], None] | None = None  # told the blocks given back
 
     def take(self, n: int) -> list[int]:
         if n > len(self.free):
@@ -56,6 +62,8 @@ class HostPool:
         return [self.free.pop() for _ in range(n)]
 
     def give_back(self, ids: list[int]) -> None:
+        if self.on_give_back is not None:
+            self.on_give_back(ids)
         self.free.extend(ids)
         self.free.sort(reverse=True)
 
@@ -102,13 +110,15 @@ class InterceptPagedCache(PagedCacheBase):
         max_batch_tokens: int,
         distributed_helper=None,
         swap_mode: str | None = None,
+        prefix_sharing: bool = True,
     ) -> None:
         if num_blocks < 1 or block_size < 1 or num_host_blocks < 0:
             raise ValueError(
                 f"need num_blocks >= 1, block_size >= 1, num_host_blocks >= 0; got {num_blocks}, {block_size}, {num_host_blocks}"
             )
         device = spec.device
-        super().__init__(spec.config, num_blocks, block_size, max_batch_tokens, device, spec.dtype, distributed_helper)
+        super().__init__(spec.config, num_blocks, block_size, max_batch_tokens, device, spec.dtype, distributed_helper,
+                         block_sharing=prefix_sharing)
         self.spec = spec
         self.block_size = block_size
         self.allocators = pp.allocators(self)
@@ -127,6 +137,10 @@ class InterceptPagedCache(PagedCacheBase):
         self._device = _Tally()
         self._host = _Tally()
         self.pipeline = SwapPipeline(swap_mode or SwapPipeline.default_mode(torch.device(device)))
+        self.prefix = PrefixIndex(self, prefix_sharing)
+        if self.prefix.enabled:
+            next(iter(self.host.values())).on_give_back = self.prefix.forget_host_copies
+        self._tokens: dict[str, list[int]] = {}  # each request's token log, for naming its blocks
 
     @property
     def supports_partial(self) -> bool:
@@ -134,13 +148,31 @@ class InterceptPagedCache(PagedCacheBase):
         return self.full_attention_only
 
     # ------------------------------------------------------------------ cached tokens
-    def track(self, rid: str, record: KVRecord) -> None:
-        """Keep `record` up to date with every move of the request's blocks, until `free(rid)`."""
+    def track(self, rid: str, record: KVRecord, tokens: list[int] | None = None) -> None:
+        """Keep `record` up to date with every move of the request's blocks, until `free(rid)`.
+        `tokens` is the request's token log (appended to in place), which names its full blocks."""
         self.ledger.track(rid, record)
+        if tokens is not None:
+            self._tokens[rid] = tokens
 
     def record_computed(self, rid: str, n: int) -> None:
         """A forward wrote the KV of the request's next `n` tokens into the blocks reserved for them."""
+        before = self.ledger.computed(rid)
         self.ledger.add_computed(rid, n)
+        after = before + n
+        if self.prefix.enabled and after // self.block_size > before // self.block_size and rid in self._tokens:
+            self.prefix.index(rid, self._tokens[rid], after)
+
+    def attach_prefix(self, rid: str) -> int:
+        """Reuse named blocks that continue the request's cached tokens (at admission, or when it
+        returns after a discard): returns the tokens it need not compute."""
+        if not self.prefix.enabled or self.host_blocks(rid) or rid not in self._tokens:
+            return 0
+        gained = self.prefix.attach(rid, self._tokens[rid], self.ledger.computed(rid))
+        if gained:
+            self.ledger.add_reused(rid, gained)
+            self._sync_device(rid)
+        return gained
 
     def device_tokens(self, rid: str) -> int:
         """Of the request's cached tokens, those on the device (the head; the rest is on host)."""
@@ -169,8 +201,12 @@ class InterceptPagedCache(PagedCacheBase):
         return self.spec.rank_kv_bytes_per_token * self.block_size
 
     def watch_device_blocks(self, on_change: Callable[[str, int], None]) -> None:
-        """Have `on_change(rid, blocks)` told every change of a request's `device_blocks`."""
-        self._device.on_change = on_change
+        """Have `on_change(rid, blocks)` told the request's `exclusive_blocks` at every change of its
+        `device_blocks` (another request taking or dropping a share of them is not a change of its own)."""
+        if self.prefix.enabled:
+            self._device.on_change = lambda rid, _n: on_change(rid, self.exclusive_blocks(rid))
+        else:
+            self._device.on_change = on_change
 
     def watch_host_blocks(self, on_change: Callable[[str, int], None]) -> None:
         """Have `on_change(rid, blocks)` told every change of a request's `host_blocks`."""
@@ -180,6 +216,15 @@ class InterceptPagedCache(PagedCacheBase):
         """Whole-model device blocks the request holds (the most over allocators)."""
         return self._device.held.get(rid, 0)
 
+    def shared_device_tokens(self, rid: str) -> int:
+        """Tokens in the request's device blocks that other requests read too (its head)."""
+        return self.prefix.shared_blocks(rid) * self.block_size
+
+    def exclusive_blocks(self, rid: str) -> int:
+        """Of the request's device blocks, those no other request reads: what keeping them costs
+        and what dropping or moving them frees (its tail; the shared ones are its head)."""
+        return self.device_blocks(rid) - self.prefix.shared_blocks(rid)
+
     def host_blocks(self, rid: str) -> int:
         """Whole-model host blocks the request holds (the most over allocators)."""
         return self._host.held.get(rid, 0)
@@ -188,7 +233,7 @@ class InterceptPagedCache(PagedCacheBase):
         """Free whole-model blocks (the smallest over allocators, counting unclaimed sectors)."""
         free_sectors = pp.num_free_sectors(self)
         if (a := self._only_allocator) is not None:
-            return pp.count_free_blocks(self, a) + free_sectors * pp.blocks_per_sector(a)
+            return pp.count_free_blocks(self, a) + free_sectors * pp.blocks_per_sector(a) + self.prefix.cached_blocks()
         return min(
             pp.count_free_blocks(self, a) + free_sectors * pp.blocks_per_sector(a) for a in self.allocators.values()
         )
@@ -198,9 +243,9 @@ class InterceptPagedCache(PagedCacheBase):
 
     # per allocator, in `self.allocators` order: what planning several moves at once must track
     def blocks_per_allocator(self, rid: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """The request's device blocks and host blocks, per allocator."""
+        """The request's device blocks it holds alone (`exclusive_blocks`) and host blocks, per allocator."""
         if self._only_allocator is not None:  # one allocator: its counts are the whole-model tallies
-            return (self.device_blocks(rid),), (self.host_blocks(rid),)
+            return (self.exclusive_blocks(rid),), (self.host_blocks(rid),)
         device = tuple(len(pp.block_tables(a).get(rid, ())) for a in self.allocators.values())
         return device, tuple(len(self.host[name].tables.get(rid, ())) for name in self.allocators)
 
@@ -218,8 +263,9 @@ class InterceptPagedCache(PagedCacheBase):
         return next(iter(self.host.values())).num_blocks
 
     def used_device_blocks(self) -> int:
-        """Sum of `device_blocks` over every request."""
-        return self._device.total
+        """Device blocks some request references: the sum of `device_blocks` over every request,
+        less the repeats of shared blocks."""
+        return self._device.total - self.prefix.extra_references()
 
     def used_host_blocks(self) -> int:
         """Sum of `host_blocks` over every request."""
@@ -262,8 +308,15 @@ class InterceptPagedCache(PagedCacheBase):
         """Reserve device blocks so `new_tokens` can be written after `past_len`; False if full.
         Most decode steps cross no block boundary: with full-attention layers only, transformers'
         allocation would then change nothing, so it is skipped (sliding layers may rotate blocks)."""
+        if not self.prefix.own_tail(rid, past_len):
+            return False
         if self.full_attention_only and self.blocks_needed(rid, past_len, new_tokens) == 0:
             return True
+        if self.reserve_device(rid, past_len, new_tokens):
+            return True
+        if not self.prefix.cached_blocks():
+            return False
+        self.prefix.make_room(self.blocks_needed(rid, past_len, new_tokens))
         return self.reserve_device(rid, past_len, new_tokens)
 
     def blocks_needed(self, rid: str, past_len: int, new_tokens: int) -> int:
@@ -279,6 +332,8 @@ class InterceptPagedCache(PagedCacheBase):
             h.give_back(h.tables.pop(rid, []))
         self._sync_host(rid)
         self.ledger.drop(rid)
+        self.prefix.forget(rid)
+        self._tokens.pop(rid, None)
 
     # ------------------------------------------------------------------ moves
     def _tail_count(self, rid: str, num_blocks: int | None, have: int) -> int:
@@ -308,7 +363,13 @@ class InterceptPagedCache(PagedCacheBase):
             nbytes = len(dev_ids) * pp.bytes_per_block(alloc)
             self.swapped_out_bytes += nbytes
             self.ledger.add_swapped(rid, nbytes)
-            done = lambda a=alloc, ids=dev_ids: pp.release_blocks(self, a, ids)  # noqa: E731
+            # once the copies have landed: the host blocks take the device blocks' names, then those are let go
+            names = [pp.block_hash(alloc, b) for b in dev_ids] if self.prefix.enabled else []
+
+            def done(a=alloc, ids=dev_ids, hids=host_ids, names=names) -> None:
+                self.prefix.note_host_copies(hids, names)
+                pp.release_refs(self, a, ids)
+
             self.pipeline.submit(Transfer(alloc, dev_ids, host_ids, True, done, host.storage))
         self._sync_device(rid)
         self._sync_host(rid)
@@ -321,6 +382,7 @@ class InterceptPagedCache(PagedCacheBase):
         was no tail), or None, moving nothing, when the device lacks room."""
         if self.host_blocks(rid) == 0:
             return 0
+        self.prefix.make_room(self.host_blocks(rid))
         if not self._room_for_host_tail(rid):
             pp.try_to_free_sectors(self)
             if not self._room_for_host_tail(rid):
@@ -329,16 +391,30 @@ class InterceptPagedCache(PagedCacheBase):
         for name, alloc in self.allocators.items():
             host = self.host[name]
             host_ids = host.tables.pop(rid)
-            dev_ids = pp.take_blocks(self, alloc, len(host_ids))
-            pp.block_tables(alloc).setdefault(rid, []).extend(dev_ids)
-            moved += len(dev_ids) * pp.bytes_per_block(alloc)
-            done = lambda h=host, ids=host_ids: h.give_back(ids)  # noqa: E731
-            self.pipeline.submit(Transfer(alloc, dev_ids, host_ids, False, done, host.storage))
+            # a block whose named content is still on the device (cached or read by others) is reused, not copied
+            kept = [self.prefix.device_copy(h) for h in host_ids]
+            fresh = iter(pp.take_blocks(self, alloc, kept.count(None)))
+            table = [b if b is not None else next(fresh) for b in kept]
+            pp.block_tables(alloc).setdefault(rid, []).extend(table)
+            copy = [(d, h) for d, h, b in zip(table, host_ids, kept) if b is None]
+            if len(copy) < len(host_ids):
+                host.give_back([h for h, b in zip(host_ids, kept) if b is not None])
+            moved += len(copy) * pp.bytes_per_block(alloc)
+            copy_host = [h for _, h in copy]
+            done = lambda h=host, ids=copy_host: h.give_back(ids)  # noqa: E731
+            self.pipeline.submit(Transfer(alloc, [d for d, _ in copy], copy_host, False, done, host.storage))
         self.swapped_in_bytes += moved
         self.ledger.add_swapped(rid, moved)
+        self.prefix.forget(rid)  # blocks copied back are unnamed, wherever they sit: name them from the start
         self._sync_device(rid)
         self._sync_host(rid)
         return moved
+
+    def load_host_block(self, host_id: int, dev_id: int) -> None:
+        """Copy one host block into a device block now (a prefix hit on a host copy, which keeps its owner)."""
+        alloc, host = self.prefix.alloc, next(iter(self.host.values()))
+        self.pipeline.submit(Transfer(alloc, [dev_id], [host_id], False, lambda: None, host.storage))
+        self.pipeline.finish()
 
     def finish_transfers(self) -> None:
         """Complete outstanding copies and release what they freed (the engine calls this every step)."""
@@ -353,7 +429,7 @@ class InterceptPagedCache(PagedCacheBase):
         for alloc in self.allocators.values():
             tables = pp.block_tables(alloc)
             table = tables.get(rid, [])
-            pp.release_blocks(self, alloc, _pop_tail(table, n))
+            pp.release_refs(self, alloc, _pop_tail(table, n))
             if not table:
                 tables.pop(rid, None)
         self._sync_device(rid)
@@ -379,23 +455,34 @@ class InterceptPagedCache(PagedCacheBase):
 
     # ------------------------------------------------------------------ integrity
     def check_integrity(self) -> None:
-        """Raise AssertionError unless free + owned = total with no block owned twice, on device and host."""
+        """Raise AssertionError unless every block is accounted for exactly: on device, free, cached
+        for reuse, or listed by as many tables (and copies in flight) as its reference count says;
+        on host, free or owned by one request; and no name points at a block nobody holds."""
         in_flight = self.pipeline.in_flight()
         free_sectors = pp.free_sector_ids(self)
         claimed: set[int] = set()
         for alloc in self.allocators.values():
-            owned = [b for table in pp.block_tables(alloc).values() for b in table]
-            owned += [b for t in in_flight if t.alloc is alloc and t.to_host for b in t.dev_ids]
-            assert len(owned) == len(set(owned)), f"device block owned twice: {sorted(owned)}"
+            refs: dict[int, int] = {}  # block -> tables (and swap-outs in flight) that list it
+            for b in [b for table in pp.block_tables(alloc).values() for b in table] + [
+                    b for t in in_flight if t.alloc is alloc and t.to_host for b in t.dev_ids]:
+                refs[b] = refs.get(b, 0) + 1
+            owned = list(refs)
+            wrong = {b: (n, pp.ref_count(alloc, b)) for b, n in refs.items() if n != pp.ref_count(alloc, b)}
+            assert not wrong, f"device blocks listed a different number of times than their reference counts: {wrong}"
+            cached = pp.cached_block_ids(alloc)
+            assert not set(cached) & set(owned), "device block both cached for reuse and referenced"
             free_leaves = pp.free_block_ids(self, alloc)
-            assert not set(owned) & set(free_leaves), "device block both free and owned"
+            assert not set(owned + cached) & set(free_leaves), "device block both free and owned"
+            assert all(pp.block_hash(alloc, b) is not None for b in cached), "cached device block without a name"
+            # a named block nobody lists would let a later match read whatever is written there next
+            assert set(pp.named_block_ids(alloc)) <= set(owned) | set(cached), "device block still named, listed nowhere"
             bps = pp.blocks_per_sector(alloc)
-            mine = {b // bps for b in owned + free_leaves}
+            mine = {b // bps for b in owned + cached + free_leaves}
             assert not mine & free_sectors, "block inside a free sector"
             assert not mine & claimed, "sector claimed by two allocators"
             claimed |= mine
-            # every block of every claimed sector is either owned or free
-            assert len(owned) + len(free_leaves) == len(mine) * bps, "device blocks leaked inside a sector"
+            # every block of every claimed sector is either referenced, cached or free
+            assert len(owned) + len(cached) + len(free_leaves) == len(mine) * bps, "device blocks leaked inside a sector"
         assert len(claimed) + len(free_sectors) == pp.num_sectors(self), "device sector leaked"
         for name, host in self.host.items():
             owned = [b for t in host.tables.values() for b in t]
@@ -403,6 +490,7 @@ class InterceptPagedCache(PagedCacheBase):
             assert len(owned) == len(set(owned)), f"host block owned twice ({name})"
             assert not set(owned) & set(host.free), f"host block both free and owned ({name})"
             assert len(owned) + len(host.free) == host.num_blocks, f"host block leaked ({name})"
+            assert self.prefix.named_host_blocks() <= set(owned), f"a free host block is still named ({name})"
         ids = self.request_ids()
         device = {rid: n for rid in ids if (n := self._count_device(rid))}
         host_held = {rid: n for rid in ids if (n := self._count_host(rid))}

@@ -86,6 +86,7 @@ class InterceptEngine:
         step_inputs: LocalInputs | None = None,
         estimator: DurationEstimator | None = None,
         tool_pool: ToolPool | None = None,
+        prefix_sharing: bool = True,
     ) -> None:
         """`batch_runner(model, cache)` builds what runs each batch (`.forward(chunks) -> logits`): the
         default `ModelRunner` runs the model; the simulator passes one that advances a virtual `clock`
@@ -98,7 +99,9 @@ class InterceptEngine:
         tokens: `LocalInputs` by default; tensor-parallel replicas take the driver's. `estimator`
         predicts pause lengths for min-waste (the benchmark's oracle passes one told the true durations).
         `tool_pool` runs the tool calls (a `ToolPool(max_tool_workers)` by default; replicas other than
-        the driver pass one that runs nothing)."""
+        the driver pass one that runs nothing). `prefix_sharing` lets requests read the full KV blocks
+        of equal prefixes (tool answers included) instead of computing them again (`prefix_index.py`;
+        `engine.cache.prefix.off_reason` says why it is off, e.g. for sliding-window models)."""
         self.model = model
         self.tokenizer = tokenizer
         self.policy = check_policy(policy)
@@ -119,6 +122,7 @@ class InterceptEngine:
             num_host_blocks=sizes.num_host_blocks,
             max_batch_tokens=max_batch_tokens,
             distributed_helper=distributed_helper,
+            prefix_sharing=prefix_sharing,
         )
         self.cost = cost_model or load_or_profile(model, self.spec)
         self.estimator = estimator or DurationEstimator()

@@ -17,6 +17,7 @@ class KVRecord:
     computed: int = 0  # tokens at the front of its token log with KV in the cache (device head + host tail)
     high_water: int = 0  # most tokens ever computed: anything below it computed again is recomputation
     swapped_bytes: int = 0  # KV bytes moved over the host link for it, out and in
+    reused: int = 0  # tokens whose KV it took from blocks other requests computed (the prefix index)
 
 
 class KVLedger:
@@ -40,6 +41,13 @@ class KVLedger:
         """A forward wrote the KV of `n` more tokens."""
         record = self._records[rid]
         record.computed += n
+        record.high_water = max(record.high_water, record.computed)
+
+    def add_reused(self, rid: str, n: int) -> None:
+        """`n` more tokens came from shared blocks instead of a forward."""
+        record = self._records[rid]
+        record.computed += n
+        record.reused += n
         record.high_water = max(record.high_water, record.computed)
 
     def keep_within(self, rid: str, blocks: int) -> None:

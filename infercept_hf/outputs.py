@@ -50,6 +50,7 @@ class RequestResult(NamedTuple):
     token_times: list[float]
     interceptions: list[InterceptionRecord]
     telemetry: dict[str, float] | None = None  # request.TELEMETRY_KEYS: waste_preserve / waste_discard (byte-s), recomputed_tokens, swapped_bytes
+    cached_tokens: int = 0  # context tokens whose KV came from shared or retained blocks instead of a forward
 
     @property
     def tool_seconds(self) -> float:

@@ -3,12 +3,15 @@
 Preserve waste is each paused request's device memory times the time it stays paused. Summing
 it over every paused request at every step made a step's cost grow with the requests standing
 still; here the sum changes only when a request pauses, resumes or has blocks moved, and each
-request's share is settled when its blocks change or it leaves the paused set. For the same
+request's share is settled when its blocks change or it leaves the paused set. Only the blocks a
+request holds alone count: a block shared with another request costs nothing to keep. For the same
 reason the paused requests that still hold device blocks (the ones min-waste places each step)
 and the host blocks the paused requests hold (host room a longer pause may give up, found
 through `LongerPauses`) are kept here as the cache reports its changes, not found by a scan.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 from .longer_pauses import LongerPauses
 from .request import Request
@@ -16,12 +19,14 @@ from .stats import add_telemetry
 
 
 class PausedBlocks:
-    """Whole-model blocks of the paused requests: device `total` now, `holders` (those with device
-    blocks), `host_total` and `host_holders`, and per request the byte-seconds since it paused
-    (`telemetry["waste_preserve"]`), over the steps `advance` records."""
+    """Whole-model blocks of the paused requests: device blocks held alone `total` now, `holders`
+    (those with any device blocks), `host_total` and `host_holders`, and per request the
+    byte-seconds since it paused (`telemetry["waste_preserve"]`), over the steps `advance` records.
+    `alone(rid)` says how many of a request's device blocks no other request reads."""
 
-    def __init__(self, bytes_per_block: int) -> None:
+    def __init__(self, bytes_per_block: int, alone: Callable[[str], int]) -> None:
         self.bytes_per_block = bytes_per_block
+        self.alone = alone
         self.total = 0
         self.host_total = 0
         self.elapsed = 0.0  # the recorded steps' seconds so far
@@ -31,10 +36,11 @@ class PausedBlocks:
         self.host_holders: dict[str, Request] = {}  # paused requests holding host blocks, by rid
         self.host_by_pause = LongerPauses()  # the same, by tool and pause start
 
-    def pause(self, req: Request, blocks: int, host_blocks: int) -> None:
+    def pause(self, req: Request, device_blocks: int, host_blocks: int) -> None:
+        blocks = self.alone(req.rid) if device_blocks else 0
         self._held[req.rid] = (req, blocks, self.elapsed)
         self.total += blocks
-        if blocks:
+        if device_blocks:
             self.holders[req.rid] = req
         self._set_host(req, host_blocks)
 
@@ -46,16 +52,25 @@ class PausedBlocks:
             self.holders.pop(req.rid, None)
             self._set_host(req, 0)
 
-    def changed(self, rid: str, blocks: int) -> None:
+    def changed(self, rid: str, device_blocks: int) -> None:
         """A request's device blocks changed (the cache tells every request's; only paused ones count)."""
         if rid in self._held:
-            req, old, _ = self._settle(rid)
-            self._held[rid] = (req, blocks, self.elapsed)
-            self.total += blocks - old
-            if blocks:
+            req = self._recount(rid, self.alone(rid) if device_blocks else 0)
+            if device_blocks:
                 self.holders[rid] = req
             else:
                 self.holders.pop(rid, None)
+
+    def shares_changed(self, rid: str) -> None:
+        """Other requests took or dropped shares of `rid`'s blocks: what it holds alone may differ."""
+        if rid in self._held:
+            self._recount(rid, self.alone(rid))
+
+    def _recount(self, rid: str, blocks: int) -> Request:
+        req, old, _ = self._settle(rid)
+        self._held[rid] = (req, blocks, self.elapsed)
+        self.total += blocks - old
+        return req
 
     def host_changed(self, rid: str, blocks: int) -> None:
         """A request's host blocks changed (as `changed`, for the host pool)."""

@@ -191,12 +191,21 @@ class PausedView:
     paused_for_s: float  # elapsed since the call started
     expected_remaining_s: float  # estimate of the rest of the pause
     arrival_time: float  # the request's original arrival, for fair tie-breaks
+    shared_tokens: int = 0  # of `device_tokens`, those in blocks other requests read too (the prefix index)
 
     def __post_init__(self) -> None:
         _check_non_negative(
             context_tokens=self.context_tokens, device_tokens=self.device_tokens, host_tokens=self.host_tokens,
             paused_for_s=self.paused_for_s, expected_remaining_s=self.expected_remaining_s,
+            shared_tokens=self.shared_tokens,
         )
+        if self.shared_tokens > self.device_tokens:
+            raise ValueError(f"shared_tokens ({self.shared_tokens}) exceeds device_tokens ({self.device_tokens})")
+
+    @property
+    def own_device_tokens(self) -> int:
+        """Device tokens the request holds alone: what preserving costs and what a move frees."""
+        return self.device_tokens - self.shared_tokens
 
 
 @dataclass(frozen=True)
@@ -224,11 +233,16 @@ def waste_figures(view: PausedView, other_tokens: int, cost: CostModel, chunk_to
     its head); discard rebuilds the whole context, since a tail in the host pool is of no
     use without its head. Swap is the stalled figure for the device part: what moving it
     outside the budget would cost, the reason min-waste swaps only within the budget.
+
+    Blocks shared with other requests (`shared_tokens`) count in none of them: they stay on
+    the device whatever this request does, so keeping them costs nothing, dropping or moving
+    them frees nothing, and a discarded request finds them there and recomputes only the rest.
     """
+    own = view.own_device_tokens
     return WasteFigures(
-        preserve=preserve_waste(view.device_tokens, view.expected_remaining_s, cost),
-        discard=discard_waste(view.context_tokens, other_tokens, cost, chunk_tokens),
-        swap=swap_waste(view.device_tokens, other_tokens, cost),
+        preserve=preserve_waste(own, view.expected_remaining_s, cost),
+        discard=discard_waste(view.context_tokens - view.shared_tokens, other_tokens, cost, chunk_tokens),
+        swap=swap_waste(own, other_tokens, cost),
     )
 
 

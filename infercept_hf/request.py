@@ -121,6 +121,7 @@ class Request:
             token_times=list(self.token_times),
             interceptions=list(self.interceptions),
             telemetry={**self.telemetry, "swapped_bytes": self.kv.swapped_bytes},
+            cached_tokens=self.kv.reused,
         )
 
 

@@ -90,9 +90,10 @@ class Scheduler:
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self.paused: list[Request] = []
-        self.paused_blocks = PausedBlocks(cache.block_bytes)
+        self.paused_blocks = PausedBlocks(cache.block_bytes, cache.exclusive_blocks)
         cache.watch_device_blocks(self.paused_blocks.changed)
         cache.watch_host_blocks(self.paused_blocks.host_changed)
+        self._shares_seen = 0  # the cache's extra block references when paused shares were last counted
         # min-waste: budget and tokens moved, per iteration (the most recent ones: a server runs for ever)
         self.swap_log: deque[SwapIteration] = deque(maxlen=SWAP_LOG_LENGTH)
         self.preemptions = 0
@@ -103,7 +104,7 @@ class Scheduler:
 
     # ------------------------------------------------------------------ transitions
     def add(self, req: Request) -> None:
-        self.cache.track(req.rid, req.kv)
+        self.cache.track(req.rid, req.kv, req.tokens)
         self.waiting.append(req)
 
     def pause(self, req: Request, now: float) -> None:
@@ -142,6 +143,7 @@ class Scheduler:
 
     # ------------------------------------------------------------------ the iteration
     def schedule(self, now: float) -> StepPlan:
+        self._recount_paused_shares()
         plan = StepPlan()
         self._swapped_in_bytes = 0
         self.running.sort(key=lambda r: (r.uncached > 1, r.queue_key))  # decodes first, then prefills
@@ -167,6 +169,7 @@ class Scheduler:
         self.waiting.sort(key=queue_order)
         while self.waiting and budget > 0:
             req = self.waiting[0]
+            self.cache.attach_prefix(req.rid)
             if not self._swap_in(req, now):
                 break
             n = min(req.uncached, budget)
@@ -181,6 +184,15 @@ class Scheduler:
             swap_in_tokens = self._swapped_in_bytes // self.cache.spec.rank_kv_bytes_per_token
             self._min_waste(now, plan.num_tokens, swap_in_tokens)
         return plan
+
+    def _recount_paused_shares(self) -> None:
+        """Other requests took or dropped shares of blocks since the last step: what each paused
+        request holds alone (its preserve waste) may have changed without a move of its own."""
+        shares = self.cache.prefix.extra_references()
+        if shares != self._shares_seen:
+            self._shares_seen = shares
+            for rid in list(self.paused_blocks.holders):
+                self.paused_blocks.shares_changed(rid)
 
     def _prefill_budget(self) -> int:
         """Tokens for prompt, answer and recompute chunks this iteration: `_chunk_tokens()` while
@@ -242,14 +254,18 @@ class Scheduler:
     def _evict_paused(self, blocks: int, now: float, exclude: Request) -> bool:
         """Free `blocks` device blocks held by paused requests, longest expected pause first: to host
         where the policy swaps (min-waste first drops the host copies of requests expected to pause
-        longer still), else discarded."""
+        longer still), else discarded. Only blocks a request holds alone free anything; when no
+        paused request holds any, whole requests let go of their shares (the last one out frees)."""
         holders = [r for r in self.paused_blocks.holders.values() if r is not exclude]
         if not holders:
             return False
         holders.sort(key=lambda r: -self._remaining(r, now))
+        alone = any(self.cache.exclusive_blocks(r.rid) for r in holders)
         freed = 0
         for r in holders:
-            have = self.cache.device_blocks(r.rid)
+            have = self.cache.exclusive_blocks(r.rid) if alone else self.cache.device_blocks(r.rid)
+            if not have:
+                continue
             take = min(have, blocks - freed) if self.cache.supports_partial else have
             if self.traits.host_room_by_pause:
                 self._make_host_room(take, self._view(r, now), now)
@@ -341,7 +357,8 @@ class Scheduler:
         return PausedView(
             request_id=req.request_id,
             context_tokens=req.num_cached,
-            device_tokens=self.cache.device_tokens(req.rid),
+            device_tokens=(device := self.cache.device_tokens(req.rid)),
+            shared_tokens=min(device, self.cache.shared_device_tokens(req.rid)),
             host_tokens=self.cache.host_blocks(req.rid) * self.cache.block_size,
             paused_for_s=now - req.paused_at,
             expected_remaining_s=self._remaining(req, now),
@@ -374,7 +391,7 @@ class Scheduler:
         bs = self.cache.block_size
         out_budget, _ = split_swap_budget(
             budget,
-            want_out=sum(self.cache.device_blocks(r.rid) for r in holders) * bs,
+            want_out=sum(self.cache.exclusive_blocks(r.rid) for r in holders) * bs,
             want_in=swap_in_tokens,
             # host room held by paused requests counts: a longer-pausing one may give way (plan_paused_moves)
             free_host_tokens=(self.cache.free_host_blocks() + self.paused_blocks.host_total) * bs,

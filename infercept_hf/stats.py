@@ -119,4 +119,9 @@ class EngineStats:
             "finished": dict(self.finished),
             "preemptions": scheduler.preemptions,
             "moves": dict(scheduler.moves),
+            "prefix_sharing": c.prefix.enabled,
+            "prefix_hit_tokens": c.prefix.hit_tokens,
+            "prefix_host_hit_tokens": c.prefix.host_hit_tokens,
+            "prefix_cached_blocks": c.prefix.cached_blocks(),
+            "prefix_shared_blocks": c.prefix.shared_in_use(),
         }

@@ -36,11 +36,12 @@ class PagedCacheBase(PagedAttentionCache):
     request's device blocks, by whatever path (ours or transformers'), to `device_blocks_changed`."""
 
     def __init__(self, config: Any, num_blocks: int, block_size: int, max_batch_tokens: int,
-                 device: torch.device | str, dtype: torch.dtype, distributed_helper: Any = None) -> None:
+                 device: torch.device | str, dtype: torch.dtype, distributed_helper: Any = None,
+                 block_sharing: bool = False) -> None:
         with explicit_pool_sizing():
             super().__init__(
                 config,
-                cb_config(num_blocks, block_size, max_batch_tokens),
+                cb_config(num_blocks, block_size, max_batch_tokens, block_sharing),
                 device,
                 distributed_helper or single_process_helper(),
                 dtype=dtype,
@@ -59,8 +60,9 @@ class PagedCacheBase(PagedAttentionCache):
         return self.can_store_request_tokens(state, new_tokens)
 
     def release_device(self, rid: str) -> None:
-        """Give back every device block of the request (no prefix caching: nothing is kept)."""
-        self.free_blocks(rid, no_cache=True)
+        """Drop the request's reference to each of its device blocks; with block sharing, a named
+        block nobody else reads stays cached for reuse (see `prefix_index.py`)."""
+        self.free_blocks(rid, no_cache=not self.allow_block_sharing)
 
     # transformers' own entry points, overridden so that no path changes blocks unreported
     def can_store_request_tokens(self, state: Any, request_len: int, dry_run: bool = False) -> bool:

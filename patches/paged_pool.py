@@ -8,15 +8,33 @@ them breaks this file only.
 """
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import torch
+from transformers.generation.continuous_batching.cache_allocators.cache_allocator import compute_block_hash
 
 Allocator = Any  # transformers' cache allocator (FullAttentionAllocator, SlidingAttentionAllocator)
 
 __all__ = [
     "Allocator",
+    "acquire",
     "admits",
+    "block_hash",
+    "cached_block_ids",
+    "copy_block",
+    "count_cached",
+    "count_shared",
+    "evict_cached",
+    "extra_references",
+    "hashed_block",
+    "index_block",
+    "name_block",
+    "named_block_ids",
+    "named_block",
+    "ref_count",
+    "release_refs",
+    "shares_blocks",
     "allocator_index",
     "allocators",
     "block_tables",
@@ -180,3 +198,103 @@ def take_blocks(cache: Any, alloc: Allocator, n: int) -> list[int]:
     while cache.pool.count_free_blocks(alloc.index) < n:
         cache.pool.allocate_sector(alloc.index)
     return cache.pool.get_free_blocks(alloc.index, n)
+
+
+# ---------------------------------------------------------------------- shared blocks
+# transformers' `BlockLedger` (one per allocator) is the one owner of reference counts, content
+# hashes and the unreferenced blocks kept for reuse; these functions are its only readers here.
+def shares_blocks(alloc: Allocator) -> bool:
+    """Whether transformers lets this allocator's blocks be shared (full attention: yes; sliding
+    windows: no, their ring-ordered blocks are overwritten in place once the window wraps)."""
+    return bool(alloc.use_block_sharing)
+
+
+def ref_count(alloc: Allocator, block_id: int) -> int:
+    """Block tables (and in-flight copies) that reference a block the ledger does not hold as cached."""
+    return alloc.ledger.shared_ref_counts.get(block_id, 1)
+
+
+def extra_references(alloc: Allocator) -> int:
+    """References beyond the first, summed over the allocator's shared blocks."""
+    return sum(n - 1 for n in alloc.ledger.shared_ref_counts.values())
+
+
+def block_hash(alloc: Allocator, block_id: int) -> int | None:
+    """The chained content hash of a full block, None for a block not (yet) indexed."""
+    return alloc.ledger.block_to_hash.get(block_id)
+
+
+def hashed_block(alloc: Allocator, parent: int | None, tokens: list[int]) -> tuple[int, int | None]:
+    """`(hash, block id or None)`: the hash of a block of `tokens` after the block hashed `parent`,
+    and the block that holds exactly that content, if the ledger knows one."""
+    h = compute_block_hash(parent, tokens)
+    return h, alloc.ledger.hash_to_block.get(h)
+
+
+def cached_block_ids(alloc: Allocator) -> list[int]:
+    """Blocks no request references, kept for their content, least recently released first."""
+    return list(alloc.ledger.cached_blocks)
+
+
+def named_block_ids(alloc: Allocator) -> list[int]:
+    """Every block that holds a name (referenced or cached)."""
+    return list(alloc.ledger.block_to_hash)
+
+
+def count_cached(alloc: Allocator) -> int:
+    return len(alloc.ledger.cached_blocks)
+
+
+def count_shared(alloc: Allocator) -> int:
+    """Blocks referenced more than once."""
+    return len(alloc.ledger.shared_ref_counts)
+
+
+def acquire(alloc: Allocator, block_id: int) -> None:
+    """One more reference to a block (a cached block becomes referenced again)."""
+    alloc.ledger.acquire(block_id)
+
+
+def release_refs(cache: Any, alloc: Allocator, ids: list[int], keep_hashed: bool = True) -> None:
+    """Drop one reference to each block: a block nobody references any more goes back to the
+    pool, or, when it holds indexed content and `keep_hashed`, into the cache of reusable blocks."""
+    freed = [b for b in ids if alloc.ledger.release(b, no_cache=not keep_hashed)]
+    if freed:
+        cache.pool.free_blocks(alloc.index, freed)
+
+
+def index_block(cache: Any, alloc: Allocator, rid: str, i: int, block_hash_: int) -> None:
+    """Name the request's `i`-th block by its chained hash; when another block already holds that
+    content, the request reads that one instead and its own copy is released."""
+    table = alloc.block_table[rid]
+    same = alloc.ledger.register_new_hash(table[i], block_hash_)
+    if same is not None and same != table[i]:
+        alloc.ledger.acquire(same)
+        release_refs(cache, alloc, [table[i]])
+        table[i] = same
+
+
+def named_block(alloc: Allocator, block_hash_: int) -> int | None:
+    """The device block holding the content of this name, if any."""
+    return alloc.ledger.hash_to_block.get(block_hash_)
+
+
+def name_block(alloc: Allocator, block_id: int, block_hash_: int) -> None:
+    """Give a block no other block's name (checked by the caller: the ledger knows no block of that content)."""
+    assert alloc.ledger.register_new_hash(block_id, block_hash_) is None, "content already named"
+
+
+def evict_cached(cache: Any, alloc: Allocator, n: int) -> int:
+    """Return the `n` least recently released cached blocks to the pool (their content is forgotten)."""
+    ledger = alloc.ledger
+    victims = list(itertools.islice(ledger.cached_blocks, n))
+    for b in victims:
+        del ledger.cached_blocks[b]
+        ledger.hash_to_block.pop(ledger.block_to_hash.pop(b))
+    cache.pool.free_blocks(alloc.index, victims)
+    return len(victims)
+
+
+def copy_block(alloc: Allocator, src: int, dst: int) -> None:
+    """Copy one whole block (every layer of the allocator) inside the device cache."""
+    alloc.copy_blocks([src], [dst])

@@ -83,17 +83,20 @@ def explicit_pool_sizing():
             _cb_cache.PagedAttentionMemoryHandler = original
 
 
-def cb_config(num_blocks: int, block_size: int, max_batch_tokens: int) -> ContinuousBatchingConfig:
+def cb_config(num_blocks: int, block_size: int, max_batch_tokens: int,
+              block_sharing: bool = False) -> ContinuousBatchingConfig:
     """A continuous-batching config for a synchronous engine with an explicitly sized pool.
 
-    Prefix sharing is off: injected tool answers break its block hashes. Async batching is
-    off: our step loop is synchronous by design.
+    `block_sharing` turns on the allocators' block ledgers (reference counts, content names,
+    cached blocks); the engine names blocks itself over its own token log, tool answers
+    included (`prefix_index.py`), never through transformers' request states. Async batching
+    is off: our step loop is synchronous by design.
     """
     return ContinuousBatchingConfig(
         num_blocks=num_blocks,
         page_size=block_size,
         max_batch_tokens=max_batch_tokens,
-        allow_block_sharing=False,
+        allow_block_sharing=block_sharing,
         max_memory_percent=0.9,
         max_blocks_per_request=0,
         use_async_batching=False,

@@ -58,7 +58,8 @@ def test_fixed_policies_do_what_they_say(llama):
     prompts = prompts_for(12, [9, 14, 7, 12])
     seen = {}
     for policy in ("discard", "preserve", "swap"):
-        engine = make_engine(llama, policy, num_blocks=64, host_pool_bytes=64 * 4 * 512)
+        # the policies' own mechanics: with prefix sharing a discarded request would find its full blocks cached
+        engine = make_engine(llama, policy, num_blocks=64, host_pool_bytes=64 * 4 * 512, prefix_sharing=False)
         for p, s in zip(prompts, TRACE):
             engine.add_request(p, max_new_tokens=14, interceptions=s)
         results = run_checked(engine)
@@ -156,7 +157,8 @@ def test_generate_rejects_mismatched_interceptions(llama):
 def test_pause_placements_and_owed_recompute_are_live(llama):
     """The live view a UI polls: where a paused request's KV lies, and the recomputation still owed."""
     clock = ManualClock()
-    engine = make_engine(llama, "discard", num_blocks=64, clock=clock)
+    # prefix sharing off: a discarded request would find its full blocks cached and owe no recompute
+    engine = make_engine(llama, "discard", num_blocks=64, clock=clock, prefix_sharing=False)
     rid = engine.add_request(prompts_for(13, [10])[0], max_new_tokens=6, interceptions=ih.Scripted([(3, 1.0, [5])]))
     assert engine.pause_placements() == {}
     while not engine.pause_placements():

@@ -3,6 +3,7 @@
     infercept-bench --mix mix --num-requests 40 --qps 1,2,4 --policies discard,min-waste,hf-cb --out out/
     infercept-bench --simulate gpt-j-6b/a100-80g --num-requests 600 --qps 1,2,3,4 --out out/sim
     torchrun --nproc_per_node 2 -m infercept_hf.bench --model PATH --policies discard,min-waste   # tensor parallel
+    infercept-bench agents --sessions 16 --prefix 512 --turns 4    # prefix sharing on an agent mix (see --help)
 
 Results come from a measurement window after a warm-up (default: from 10% of the arrival span
 to the last arrival); requests still in flight at its end count with what they had by then.
@@ -279,6 +280,12 @@ def write_outputs(out: Path, runs: list[dict[str, Any]], timelines: dict[str, li
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["agents"]:  # the agent mix: sessions sharing a prefix, sharing on and off (bench/agents.py)
+        from .agents import main as agents_main
+
+        agents_main(argv[1:])
+        return
     logging.basicConfig(format="%(message)s")
     log.setLevel(logging.INFO)
     parser = build_parser()

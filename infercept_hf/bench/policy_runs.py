@@ -77,7 +77,7 @@ def replay(
     return results, t0, clock() - t0
 
 
-def _sleep_until(t: float | None) -> None:
+def sleep_until(t: float | None) -> None:
     """Real clock: sleep toward the next event, at most 50 ms at a time (tools may answer early)."""
     delay = REAL_IDLE_POLL_S if t is None else t - time.perf_counter()
     time.sleep(min(max(delay, 0.0), 0.05))
@@ -132,7 +132,7 @@ def run_real(model: torch.nn.Module, policy: str, jobs: Sequence[Job], settings:
     if not getattr(engine, "is_driver", True):
         engine.run()  # mirrors every step until the driver closes its engine
         return None
-    results, start, duration = replay(engine, jobs, time.perf_counter, _sleep_until, progress, until_s)
+    results, start, duration = replay(engine, jobs, time.perf_counter, sleep_until, progress, until_s)
     return _finish_engine_run(engine, results, start, duration)
 
 
