@@ -119,4 +119,6 @@ class EngineStats:
             "finished": dict(self.finished),
             "preemptions": scheduler.preemptions,
             "moves": dict(scheduler.moves),
+            # `predictive` only: prefetches (on time / late / wasted / early, bytes moved early) and ranking decisions
+            **({"predictive": scheduler.predictor.snapshot()} if scheduler.predictor is not None else {}),
         }

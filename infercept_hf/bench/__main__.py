@@ -25,8 +25,8 @@ from .workloads import KINDS, MIX, TraceRequest
 
 log = logging.getLogger("infercept_hf.bench")
 
-REAL_POLICIES = "discard,discard-head,preserve,swap,min-waste,oracle,hf-cb"
-SIM_POLICIES = "discard,discard-head,preserve,swap,min-waste,oracle"
+REAL_POLICIES = "discard,discard-head,preserve,swap,min-waste,oracle,predictive,predictive-oracle,hf-cb"
+SIM_POLICIES = "discard,discard-head,preserve,swap,min-waste,oracle,predictive,predictive-oracle"
 PEERS = ("hf-cb", "hf-generate")  # jobs.PEERS, named here so that --help needs no torch
 WARMUP_SHARE = 0.1  # default warm-up: this share of the trace's arrival span
 # Normalized latency SLO for the sustainable rate: 10 tokens/s outside tools, the interactive
