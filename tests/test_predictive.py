@@ -18,12 +18,16 @@ TOKENS = 12
 PAUSE = ih.Scripted([(3, 1.0, [5, 6])])  # decode 3 tokens, pause 1 s, answer 2 tokens
 
 
-def _engine(model, history: list[float], clock: ManualClock) -> ih.InterceptEngine:
+def _start(model, history: list[float], seed: int, pause: ih.Scripted = PAUSE):
+    """A predictive engine whose estimator has seen `history`, with one 40-token request that pauses."""
+    clock = ManualClock()
     engine = ih.InterceptEngine(model, policy="predictive", num_blocks=64, block_size=4, host_pool_bytes=1 << 20,
                                 cost_model=FAST_LINK, clock=clock)
     for seconds in history:
         engine.estimator.observe("scripted", seconds)
-    return engine
+    prompt = prompts_for(seed, [40])[0]
+    rid = engine.add_request(prompt, max_new_tokens=TOKENS, interceptions=pause)
+    return engine, clock, prompt, rid
 
 
 def _step(engine, clock, until, results, dt=0.01, limit=400) -> None:
@@ -47,10 +51,7 @@ HISTORY = [0.5] + [1.0] * 19
 
 
 def test_prefetch_brings_the_kv_back_before_the_answer(llama):
-    clock = ManualClock()
-    engine = _engine(llama, HISTORY, clock)
-    prompt = prompts_for(5, [40])[0]
-    rid = engine.add_request(prompt, max_new_tokens=TOKENS, interceptions=PAUSE)
+    engine, clock, prompt, rid = _start(llama, HISTORY, seed=5)
     results: dict = {}
     paused = engine.scheduler.paused
     # the answer is 1 s away: min-waste spends the free link on it, the whole context goes to host
@@ -79,11 +80,8 @@ def test_prefetch_brings_the_kv_back_before_the_answer(llama):
 
 
 def test_an_answer_before_the_prediction_is_late(llama):
-    clock = ManualClock()
-    engine = _engine(llama, [5.0] * 20, clock)  # this tool usually takes 5 s; this call answers after 0.3 s
-    prompt = prompts_for(6, [40])[0]
     pause = ih.Scripted([(3, 0.3, [5, 6])])
-    rid = engine.add_request(prompt, max_new_tokens=TOKENS, interceptions=pause)
+    engine, clock, prompt, rid = _start(llama, [5.0] * 20, seed=6, pause=pause)  # usually 5 s; this call 0.3 s
     results: dict = {}
     _step(engine, clock, lambda: not engine.has_unfinished(), results)
     assert results[rid].token_ids == reference_scripted(llama, prompt, pause, TOKENS)
@@ -94,10 +92,7 @@ def test_an_answer_before_the_prediction_is_late(llama):
 
 
 def test_a_prefetch_evicted_for_a_newcomer_is_wasted(llama):
-    clock = ManualClock()
-    engine = _engine(llama, HISTORY, clock)
-    prompt = prompts_for(7, [40])[0]
-    rid = engine.add_request(prompt, max_new_tokens=TOKENS, interceptions=PAUSE)
+    engine, clock, prompt, rid = _start(llama, HISTORY, seed=7)
     results: dict = {}
     _step(engine, clock, lambda: _prefetch_stats(engine)["started"] == 1, results)
     # a newcomer needs two blocks more than are free: the prefetched KV gives its tail back to host
