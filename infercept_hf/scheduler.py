@@ -10,7 +10,9 @@ When blocks run out, paused requests give theirs up first (longest expected paus
 then the youngest running request is preempted.
 
 `queue_key` orders everybody: the original arrival time, except under a policy whose
-resumed requests re-enter at the back like new vLLM requests (`discard`). What each policy
+resumed requests re-enter at the back like new vLLM requests (`discard`). `predictive` orders
+the waiting queue by predicted remaining work instead, aged so that nobody starves, and copies
+swapped KV back before the answer is due (`predictive.py`). What each policy
 does is data, `policy.PolicyTraits`; this file applies it.
 """
 from __future__ import annotations
