@@ -33,6 +33,8 @@ QueueKey = Callable[[Request], tuple[float, float, int]]
 
 
 class Predictor:
+    """The scheduler's hooks for `predictive`; the defaults are the ones measured in docs/BENCHMARK.md."""
+
     def __init__(
         self,
         cache: InterceptPagedCache,
