@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 
 import infercept_hf as ih
+from infercept_hf.offload import SwapPipeline
 from infercept_hf.policy import CostModel
 from infercept_hf.ranking import predicted_work, rank_key, starvation_bound_s
 from infercept_hf.request import Request
@@ -18,11 +19,13 @@ TOKENS = 12
 PAUSE = ih.Scripted([(3, 1.0, [5, 6])])  # decode 3 tokens, pause 1 s, answer 2 tokens
 
 
-def _start(model, history: list[float], seed: int, pause: ih.Scripted = PAUSE):
-    """A predictive engine whose estimator has seen `history`, with one 40-token request that pauses."""
+def _start(model, history: list[float], seed: int, pause: ih.Scripted = PAUSE, pipeline: str = "sync"):
+    """A predictive engine whose estimator has seen `history`, with one 40-token request that pauses.
+    `pipeline="lazy"` defers every copy to the last moment the swap pipeline allows."""
     clock = ManualClock()
     engine = ih.InterceptEngine(model, policy="predictive", num_blocks=64, block_size=4, host_pool_bytes=1 << 20,
                                 cost_model=FAST_LINK, clock=clock)
+    engine.cache.pipeline = SwapPipeline(pipeline)
     for seconds in history:
         engine.estimator.observe("scripted", seconds)
     prompt = prompts_for(seed, [40])[0]
@@ -50,8 +53,9 @@ def _prefetch_stats(engine) -> dict:
 HISTORY = [0.5] + [1.0] * 19
 
 
-def test_prefetch_brings_the_kv_back_before_the_answer(llama):
-    engine, clock, prompt, rid = _start(llama, HISTORY, seed=5)
+@pytest.mark.parametrize("pipeline", ["sync", "lazy"])
+def test_prefetch_brings_the_kv_back_before_the_answer(llama, pipeline):
+    engine, clock, prompt, rid = _start(llama, HISTORY, seed=5, pipeline=pipeline)
     results: dict = {}
     paused = engine.scheduler.paused
     # the answer is 1 s away: min-waste spends the free link on it, the whole context goes to host
