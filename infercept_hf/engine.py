@@ -414,7 +414,7 @@ class InterceptEngine:
             if self._closed or self._ready or self._held or self.scheduler.has_work():
                 return
             now = self._now()
-            due = self.paused_calls.next_check(now)
+            due = self._next_due(now)
         if due is not None:
             timeout = min(timeout, due - now)
         if timeout > 0:
@@ -615,10 +615,15 @@ class InterceptEngine:
         return self.stats_.steps
 
     def next_answer_due(self) -> float | None:
-        """The earliest engine time at which a paused request's answer may be due (None: none
-        is known, only a finishing tool can wake the engine): a driver may sleep until then."""
+        """The earliest engine time at which a paused request's answer may be due, or (`predictive`)
+        a prefetch falls due (None: none is known, only a finishing tool can wake the engine): a
+        driver may sleep until then."""
         with self._lock:
-            return self.paused_calls.next_check(self._now())
+            return self._next_due(self._now())
+
+    def _next_due(self, now: float) -> float | None:
+        due = [t for t in (self.paused_calls.next_check(now), self.scheduler.next_prefetch(now)) if t is not None]
+        return min(due, default=None)
 
     @property
     def closed(self) -> bool:

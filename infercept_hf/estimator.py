@@ -14,12 +14,20 @@ every iteration. Three sources, best first:
 With no information at all a call that just started gets `floor_s`: it will not return
 before the next iteration at the earliest, and the estimate then grows with the elapsed
 time, so short calls stay preserved and long ones soon become worth moving.
+
+Besides the running mean, each tool keeps its recent durations (`duration_sketch.py`, bounded
+memory), which the `predictive` policy reads as a distribution: quantiles to time a prefetch,
+and the durations a pause may still resemble to weigh its waste. Whoever learns how long a
+call took, the engine for the tools it runs or a server for calls its clients answer, reports
+it with `observe(tool_name, seconds)`.
 """
 from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
 from typing import Any
+
+from .duration_sketch import DEFAULT_CAPACITY, DurationSketch
 
 DEFAULT_ALPHA = 0.2
 DEFAULT_FLOOR_S = 1e-3
@@ -49,6 +57,7 @@ def _outlived(estimate: float | None, elapsed_s: float) -> bool:
 @dataclass
 class _ToolEstimate:
     estimate_s: float
+    sketch: DurationSketch
     observations: int = 0
     seed_s: float | None = None
 
@@ -64,10 +73,13 @@ class DurationEstimator:
     in O(1) memory.
     """
 
-    def __init__(self, alpha: float = DEFAULT_ALPHA, floor_s: float = DEFAULT_FLOOR_S, oracle: bool = False) -> None:
+    def __init__(self, alpha: float = DEFAULT_ALPHA, floor_s: float = DEFAULT_FLOOR_S, oracle: bool = False,
+                 sketch_capacity: int = DEFAULT_CAPACITY) -> None:
         if not 0 < alpha <= 1:
             raise ValueError(f"alpha must be in (0, 1], got {alpha!r}")
+        DurationSketch(sketch_capacity)  # refuses a bad capacity here, not at the first observation
         self.alpha = alpha
+        self.sketch_capacity = sketch_capacity
         self.floor_s = _check_duration("floor_s", floor_s)
         self.oracle = oracle
         self._tools: dict[str, _ToolEstimate] = {}
@@ -80,15 +92,20 @@ class DurationEstimator:
         with self._lock:
             entry = self._tools.get(tool)
             if entry is None:
-                self._tools[tool] = _ToolEstimate(seconds, seed_s=seconds)
+                self._tools[tool] = _ToolEstimate(seconds, DurationSketch(self.sketch_capacity), seed_s=seconds)
             elif entry.observations == 0:
                 entry.estimate_s = entry.seed_s = seconds
 
     def observe(self, tool: str, seconds: float) -> None:
-        """A call of `tool` returned after `seconds` (a negative measurement counts as 0)."""
+        """A call of `tool` returned after `seconds` (a negative measurement counts as 0). The one
+        entry point for measurements: the engine calls it for every answer it collects, and a server
+        whose clients answer tool calls calls it with the time each answer took. Thread-safe."""
         seconds = _measured("seconds", seconds)
         with self._lock:
-            entry = self._tools.setdefault(tool, _ToolEstimate(seconds))
+            entry = self._tools.get(tool)
+            if entry is None:
+                entry = self._tools[tool] = _ToolEstimate(seconds, DurationSketch(self.sketch_capacity))
+            entry.sketch.add(seconds)
             entry.observations += 1
             samples = entry.observations + (entry.seed_s is not None)
             weight = max(self.alpha, 1 / samples)
@@ -124,10 +141,34 @@ class DurationEstimator:
         shrinks, so paused calls of one tool can be ordered by their start times alone."""
         return _outlived(self.estimate(tool), _measured("elapsed_s", elapsed_s))
 
+    def remaining_distribution(self, tool: str, elapsed_s: float, true_duration: float | None = None) -> list[float]:
+        """The rest of a pause that has lasted `elapsed_s`, as equally likely outcomes, ascending:
+        `d - elapsed_s` for each kept duration `d` of `tool` longer than `elapsed_s` (this call has
+        outlived the others). Empty when no kept call lasted that long (callers fall back to
+        `remaining`). Oracle mode: the one true outcome."""
+        elapsed_s = _measured("elapsed_s", elapsed_s)
+        if self.oracle:
+            return [self.remaining(tool, elapsed_s, true_duration)]
+        with self._lock:
+            entry = self._tools.get(tool)
+            longer = entry.sketch.outliving(elapsed_s) if entry is not None else []
+        return [d - elapsed_s for d in longer]
+
+    def duration_quantile(self, tool: str, q: float, true_duration: float | None = None) -> float | None:
+        """The `q` quantile of `tool`'s kept durations (None: none observed yet); oracle mode: the
+        true duration."""
+        if self.oracle:
+            return self.remaining(tool, 0.0, true_duration)
+        with self._lock:
+            entry = self._tools.get(tool)
+            return entry.sketch.quantile(q) if entry is not None and len(entry.sketch) else None
+
     def snapshot(self) -> dict[str, dict[str, Any]]:
-        """Per tool: current estimate, observation count and seed, for `engine.stats()`."""
+        """Per tool: current estimate, observation count, seed and the kept durations' quartiles,
+        for `engine.stats()`."""
         with self._lock:
             return {
-                tool: {"estimate_s": e.estimate_s, "observations": e.observations, "seed_s": e.seed_s}
+                tool: {"estimate_s": e.estimate_s, "observations": e.observations, "seed_s": e.seed_s,
+                       "quartiles_s": [e.sketch.quantile(q) for q in (0.25, 0.5, 0.75)] if len(e.sketch) else None}
                 for tool, e in sorted(self._tools.items())
             }

@@ -45,6 +45,7 @@ class PolicyTraits:
     revisit_each_step: bool  # paused placements re-decided every iteration, within the swap budget (min-waste)
     chunked_recompute: bool  # recompute in chunks that fill the device to its saturation point beside the decodes
     host_room_by_pause: bool  # a full host pool drops the host copies of requests expected to pause longer
+    predictive: bool = False  # min-waste plus duration distributions, prefetch and ranking by work (predictive.py)
 
 
 _PLAIN = dict(evict_to_host=False, preempt_to_host=False, revisit_each_step=False, chunked_recompute=False,
@@ -60,6 +61,10 @@ POLICY_TRAITS: dict[str, PolicyTraits] = {
     # INFERCEPT: keep at the pause, then every iteration swap within the budget or preserve / discard by least waste
     "min-waste": PolicyTraits("min-waste", "keep", resume_at_back=False, evict_to_host=True, preempt_to_host=False,
                               revisit_each_step=True, chunked_recompute=True, host_room_by_pause=True),
+    # min-waste over predicted duration distributions, swapped KV back before the answer, queue by predicted work
+    "predictive": PolicyTraits("predictive", "keep", resume_at_back=False, evict_to_host=True, preempt_to_host=False,
+                               revisit_each_step=True, chunked_recompute=True, host_room_by_pause=True,
+                               predictive=True),
 }
 POLICIES = tuple(POLICY_TRAITS)
 
@@ -252,7 +257,11 @@ def rank_by_waste(
     """Paused requests by `min(W_preserve, W_discard)`, largest first: the order in which the
     swap budget is spent, since swapping within the budget removes that waste. Ties go to
     the earliest arrival, then the lowest id, so the order is deterministic."""
-    figures = [(v, waste_figures(v, other_tokens, cost, chunk_tokens)) for v in paused]
+    return rank_figures([(v, waste_figures(v, other_tokens, cost, chunk_tokens)) for v in paused])
+
+
+def rank_figures(figures: list[tuple[PausedView, WasteFigures]]) -> list[tuple[PausedView, WasteFigures]]:
+    """`rank_by_waste`'s order for figures however computed: `least` largest first, then arrival, then id."""
     return sorted(figures, key=lambda vf: (-vf[1].least, vf[0].arrival_time, vf[0].request_id))
 
 

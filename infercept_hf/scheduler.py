@@ -10,7 +10,9 @@ When blocks run out, paused requests give theirs up first (longest expected paus
 then the youngest running request is preempted.
 
 `queue_key` orders everybody: the original arrival time, except under a policy whose
-resumed requests re-enter at the back like new vLLM requests (`discard`). What each policy
+resumed requests re-enter at the back like new vLLM requests (`discard`). `predictive` orders
+the waiting queue by predicted remaining work instead, aged so that nobody starves, and copies
+swapped KV back before the answer is due (`predictive.py`). What each policy
 does is data, `policy.PolicyTraits`; this file applies it.
 """
 from __future__ import annotations
@@ -40,6 +42,7 @@ from .policy import (
 )
 from .longer_pauses import pending_tool
 from .paused_blocks import PausedBlocks
+from .predictive import Call, Predictor
 from .request import Chunk, Request, Status
 
 SWAP_LOG_LENGTH = 100_000
@@ -101,6 +104,10 @@ class Scheduler:
         # the decisions behind the placements, counted (engine stats "moves"): every move of paused
         # KV (at the pause and after it), and the iterations whose prefills min-waste chunked
         self.moves: dict[str, int] = {}
+        # `predictive`: durations as distributions, prefetch and the queue by predicted work
+        self.predictor = Predictor(cache, estimator, cost) if self.traits.predictive else None
+        self._queue_key = queue_order  # this iteration's queue order (the predictor's ranks it by work)
+        self._step_s = 0.0  # the latest iteration's forward time, as the cost model predicts it
 
     # ------------------------------------------------------------------ transitions
     def add(self, req: Request) -> None:
@@ -124,6 +131,8 @@ class Scheduler:
 
     def resume(self, req: Request, now: float) -> None:
         """The answer is in the token log: queue the request to continue."""
+        if self.predictor is not None:
+            self.predictor.returned(req, now)
         self.paused.remove(req)
         self.paused_blocks.leave(req)
         req.status = Status.WAITING
@@ -136,6 +145,8 @@ class Scheduler:
             if req in queue:
                 queue.remove(req)
         self.paused_blocks.leave(req)
+        if self.predictor is not None:
+            self.predictor.forget(req)
         self.cache.free(req.rid)
 
     def has_work(self) -> bool:
@@ -146,6 +157,7 @@ class Scheduler:
         self._recount_paused_shares()
         plan = StepPlan()
         self._swapped_in_bytes = 0
+        self._queue_key = self.predictor.queue_key(now) if self.predictor is not None else queue_order
         self.running.sort(key=lambda r: (r.uncached > 1, r.queue_key))  # decodes first, then prefills
         budget = self.max_batch_tokens
         prefill_budget = self._prefill_budget()
@@ -166,7 +178,8 @@ class Scheduler:
             if prefill:
                 prefill_budget -= n
         budget = min(budget, prefill_budget)
-        self.waiting.sort(key=queue_order)
+        self.waiting.sort(key=self._queue_key)
+        admitted = []
         while self.waiting and budget > 0:
             req = self.waiting[0]
             self.cache.attach_prefix(req.rid)
@@ -175,13 +188,17 @@ class Scheduler:
             n = min(req.uncached, budget)
             if not self._reserve(req, n, now, protected=None):
                 break
-            self.waiting.pop(0)
+            admitted.append(self.waiting.pop(0))
             req.status = Status.RUNNING
             self.running.append(req)
             plan.chunks.append(Chunk(req, req.num_cached, n))
             budget -= n
         if self.traits.revisit_each_step:
             swap_in_tokens = self._swapped_in_bytes // self.cache.spec.rank_kv_bytes_per_token
+            self._step_s = self.cost.t_fwd(max(1, plan.num_tokens))
+            if self.predictor is not None:
+                self.predictor.note_admissions(admitted, self.waiting)
+                swap_in_tokens += self._prefetch(now, plan.num_tokens, swap_in_tokens)
             self._min_waste(now, plan.num_tokens, swap_in_tokens)
         return plan
 
@@ -259,7 +276,7 @@ class Scheduler:
         holders = [r for r in self.paused_blocks.holders.values() if r is not exclude]
         if not holders:
             return False
-        holders.sort(key=lambda r: -self._remaining(r, now))
+        holders.sort(key=lambda r: (self._kept_for_return(r, now), -self._remaining(r, now)))
         alone = any(self.cache.exclusive_blocks(r.rid) for r in holders)
         freed = 0
         for r in holders:
@@ -286,10 +303,11 @@ class Scheduler:
         in before the batch filled up): it is of no use before `req` runs, and left alone, two requests
         can wait on each other forever, or `req` can preempt itself over and over. Takes the last in
         the queue first: to host where the policy swaps and there is room, else discarded."""
-        holders = [r for r in self.waiting if queue_order(r) > queue_order(req) and self.cache.device_blocks(r.rid)]
+        order = self._queue_key
+        holders = [r for r in self.waiting if order(r) > order(req) and self.cache.device_blocks(r.rid)]
         if not holders:
             return False
-        victim = max(holders, key=queue_order)
+        victim = max(holders, key=order)
         if not (self.traits.evict_to_host and self._swap_out(victim, None)):
             self._discard(victim)
         return True
@@ -310,6 +328,8 @@ class Scheduler:
         moved = self.cache.swap_out(req.rid, num_blocks, wait=wait)
         if moved and req.status is Status.PAUSED:
             self._note("swap_out_paused")
+            if self.predictor is not None:
+                self.predictor.moved_out(req)
         return moved
 
     def _note(self, move: str) -> None:
@@ -319,6 +339,8 @@ class Scheduler:
         """Drop device blocks from the tail (all by default); the token log keeps what to recompute."""
         if req.status is Status.PAUSED:
             self._note("discard_paused")
+            if self.predictor is not None:
+                self.predictor.moved_out(req)
         if num_blocks is None or not self.cache.supports_partial:
             self.cache.discard_host(req.rid)
             self.cache.discard_device(req.rid)
@@ -336,11 +358,16 @@ class Scheduler:
         return "discard"
 
     # ------------------------------------------------------------------ min-waste
+    def _call(self, req: Request) -> Call:
+        """The paused request's tool name and, for the benchmark's oracle, its true duration (a scripted
+        call's expected duration is its true one)."""
+        return pending_tool(req), req.pending.expected_duration if req.pending and self.estimator.oracle else None
+
     def _remaining(self, req: Request, now: float) -> float:
-        tool = pending_tool(req)
-        # the benchmark's oracle: a scripted call's expected duration is its true one
-        truth = req.pending.expected_duration if req.pending and self.estimator.oracle else None
-        return self.estimator.remaining(tool, now - req.paused_at, truth)
+        call = self._call(req)
+        if self.predictor is not None:
+            return self.predictor.remaining(call, now - req.paused_at)
+        return self.estimator.remaining(call[0], now - req.paused_at, call[1])
 
     def _host_outlasting(self, seconds: float, now: float, skip_holders: bool) -> Iterator[PausedView]:
         """Paused requests holding host KV expected to pause longer than `seconds`, in victim order
@@ -380,7 +407,7 @@ class Scheduler:
         costs recomputation, so it waits until the memory is wanted (see `_memory_pressure`).
         """
         budget = swap_budget_tokens(max(1, batch_tokens), self.cost)
-        holders = [r for r in self.paused_blocks.holders.values() if r.num_cached]
+        holders = [r for r in self.paused_blocks.holders.values() if r.num_cached and not self._kept_for_return(r, now)]
         moved = self._place_paused(holders, budget, swap_in_tokens, now) if holders else 0
         self.swap_log.append(SwapIteration(budget, swap_in_tokens, moved))
 
@@ -398,7 +425,7 @@ class Scheduler:
             free_device_tokens=self.cache.free_device_blocks() * bs,
         )
         views = [self._view(r, now) for r in holders]
-        ranked = rank_by_waste(views, self._others_tokens(), self.cost, self._chunk_tokens())
+        ranked = self._rank_paused(views)
         for view, figs in ranked:
             self.paused_blocks.request(str(view.request_id)).waste = _as_dict(figs)
 
@@ -424,6 +451,39 @@ class Scheduler:
             req.strategy = self._placement(req)
         return moved
 
+    def _kept_for_return(self, req: Request, now: float) -> bool:
+        """`predictive`: a paused request whose KV stays on the device for its imminent answer (moved
+        only when nothing else can give way)."""
+        return self.predictor is not None and self.predictor.keeps(req, self._call(req), now, self._step_s)
+
+    def _rank_paused(self, views: list[PausedView]) -> list[tuple[PausedView, WasteFigures]]:
+        if self.predictor is None:
+            return rank_by_waste(views, self._others_tokens(), self.cost, self._chunk_tokens())
+        calls = {r.request_id: self._call(r) for r in self.paused}
+        return self.predictor.rank_by_waste(views, calls, self._others_tokens(), self._chunk_tokens(), self._step_s)
+
+    def _prefetch(self, now: float, batch_tokens: int, swap_in_tokens: int) -> int:
+        """`predictive`: bring back swapped KV whose answer is due soon, with what this iteration's swap
+        budget has left after the returning requests' swap-ins, into blocks nobody queued wants.
+        Returns the tokens copied in."""
+        assert self.predictor is not None
+        budget = swap_budget_tokens(max(1, batch_tokens), self.cost) - swap_in_tokens
+        spare = self.cache.free_device_blocks() - self._blocks_wanted()
+        calls = {r.request_id: self._call(r) for r in self.paused}
+        moved = self.predictor.prefetch(self.paused, calls, now, budget, spare, self._step_s)
+        if moved:
+            for r in self.paused:
+                if r.request_id in self.predictor.ledger:
+                    r.strategy = self._placement(r)
+        return moved
+
+    def next_prefetch(self, now: float) -> float | None:
+        """`predictive`: when the next prefetch falls due (after `now`), so an idle engine wakes for it."""
+        if self.predictor is None:
+            return None
+        calls = {r.request_id: self._call(r) for r in self.paused}
+        return self.predictor.next_due(self.paused, calls, now, self._step_s)
+
     def _host_room(self) -> HostRoom:
         """The host pool and the paused requests' blocks, per allocator, for `plan_paused_moves`:
         read for the requests the plan looks at, not for every paused one."""
@@ -437,9 +497,13 @@ class Scheduler:
         nobody could use: keeping it wastes nothing, and discarding it would only buy
         recomputation. (The paper compares the waste figures regardless; in simulation, waiting
         for pressure cut min-waste's normalized latency by up to 38% under load, docs/BENCHMARK.md.)"""
+        return self._blocks_wanted() > self.cache.free_device_blocks()
+
+    def _blocks_wanted(self) -> int:
+        """Device blocks the running requests (the rest of their prompt and one more token each) and
+        the waiting ones (their uncached tokens and any context on host) still need."""
         need = sum(self.cache.blocks_needed(r.rid, r.num_cached, r.uncached + 1) for r in self.running)
-        need += sum(self.cache.blocks_needed(r.rid, r.num_cached, r.uncached) for r in self.waiting)
-        return need > self.cache.free_device_blocks()
+        return need + sum(self.cache.blocks_needed(r.rid, r.num_cached, r.uncached) for r in self.waiting)
 
     def _make_host_room(self, blocks: int, candidate: PausedView, now: float) -> None:
         """Host full: drop the host KV of swapped requests expected to pause longer than `candidate`."""

@@ -124,4 +124,6 @@ class EngineStats:
             "prefix_host_hit_tokens": c.prefix.host_hit_tokens,
             "prefix_cached_blocks": c.prefix.cached_blocks(),
             "prefix_shared_blocks": c.prefix.shared_in_use(),
+            # `predictive` only: prefetches (on time / late / wasted / early, bytes moved early) and ranking decisions
+            **({"predictive": scheduler.predictor.snapshot()} if scheduler.predictor is not None else {}),
         }

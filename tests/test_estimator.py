@@ -110,8 +110,8 @@ def test_snapshot():
     est.seed("b", 2.0)
     est.observe("a", 1.0)
     assert est.snapshot() == {
-        "a": {"estimate_s": 1.0, "observations": 1, "seed_s": None},
-        "b": {"estimate_s": 2.0, "observations": 0, "seed_s": 2.0},
+        "a": {"estimate_s": 1.0, "observations": 1, "seed_s": None, "quartiles_s": [1.0, 1.0, 1.0]},
+        "b": {"estimate_s": 2.0, "observations": 0, "seed_s": 2.0, "quartiles_s": None},
     }
 
 

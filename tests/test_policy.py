@@ -297,8 +297,9 @@ def test_discard_head_is_discard_that_keeps_its_queue_place():
     assert dataclasses.replace(discard, name="discard-head", resume_at_back=False) == head
 
 
-def test_only_min_waste_revisits_placements():
-    assert [p for p in POLICIES if POLICY_TRAITS[p].revisit_each_step] == ["min-waste"]
+def test_only_min_waste_and_predictive_revisit_placements():
+    assert [p for p in POLICIES if POLICY_TRAITS[p].revisit_each_step] == ["min-waste", "predictive"]
+    assert dataclasses.replace(POLICY_TRAITS["min-waste"], name="predictive", predictive=True) == POLICY_TRAITS["predictive"]
 
 
 def test_unknown_policy_is_refused():

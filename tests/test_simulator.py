@@ -46,7 +46,7 @@ def _replay(engine, clock, jobs):
     return recorder.batches, strategies, duration, stats
 
 
-@pytest.mark.parametrize("policy", ["min-waste", "swap", "discard"])
+@pytest.mark.parametrize("policy", ["min-waste", "predictive", "swap", "discard"])
 def test_simulated_and_executed_runs_schedule_alike(policy):
     """A tiny real model run on a virtual clock advanced by the cost model, against its meta-device
     twin: every batch, every interception's strategy, every figure the policy moved must match."""

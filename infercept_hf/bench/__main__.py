@@ -26,8 +26,8 @@ from .workloads import KINDS, MIX, TraceRequest
 
 log = logging.getLogger("infercept_hf.bench")
 
-REAL_POLICIES = "discard,discard-head,preserve,swap,min-waste,oracle,hf-cb"
-SIM_POLICIES = "discard,discard-head,preserve,swap,min-waste,oracle"
+REAL_POLICIES = "discard,discard-head,preserve,swap,min-waste,oracle,predictive,predictive-oracle,hf-cb"
+SIM_POLICIES = "discard,discard-head,preserve,swap,min-waste,oracle,predictive,predictive-oracle"
 PEERS = ("hf-cb", "hf-generate")  # jobs.PEERS, named here so that --help needs no torch
 WARMUP_SHARE = 0.1  # default warm-up: at least this share of the trace's arrival span
 WARMUP_TOOL_QUANTILE = 0.99  # ... and at least this quantile of a request's tool time (`default_warmup`)

@@ -15,9 +15,10 @@ from ..policy import POLICIES
 from ..tools import Scripted
 from .workloads import TraceRequest, to_scripted
 
-ORACLE = "oracle"
+# contenders told every pause's true duration, by the engine policy they run
+ORACLES = {"oracle": "min-waste", "predictive-oracle": "predictive"}
 PEERS = ("hf-cb", "hf-generate")
-ALL_POLICIES = (*POLICIES, ORACLE, *PEERS)
+ALL_POLICIES = (*POLICIES, *ORACLES, *PEERS)
 
 
 @dataclass(frozen=True)

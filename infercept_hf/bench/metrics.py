@@ -27,7 +27,7 @@ IN_FLIGHT = "in-flight"  # the finish reason of a request clipped at the end of 
 DEFAULT_SLO: dict[str, float] = {"ttft_ms": 2000.0, "tpot_ms": 100.0}
 SLO_KEYS = ("ttft_ms", "tpot_ms", "e2el_ms")
 ENGINE_KEYS = ("recomputed_tokens", "swapped_bytes", "swap_gbps", "strategies", "preemptions", "moves",
-               "prefix_hit_tokens")
+               "prefix_hit_tokens", "predictive")
 WASTE_CAUSES = ("preserve", "swap", "discard")
 RUN_KEYS = (
     "policy", "qps", "completed_rps", "normalized_latency_mean_s", "normalized_latency_p99_s",

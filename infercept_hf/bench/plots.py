@@ -17,7 +17,8 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 DEVICE_STATES = ("running", "preserved", "free")
 POLICY_COLORS = {
     "discard": "tab:red", "discard-head": "tab:orange", "preserve": "tab:purple", "swap": "tab:green",
-    "min-waste": "tab:blue", "oracle": "tab:cyan", "hf-cb": "tab:brown", "hf-generate": "tab:pink",
+    "min-waste": "tab:blue", "oracle": "tab:cyan", "predictive": "black", "predictive-oracle": "tab:olive",
+    "hf-cb": "tab:brown", "hf-generate": "tab:pink",
 }
 
 

@@ -21,7 +21,7 @@ from ..engine import InterceptEngine
 from ..estimator import DurationEstimator
 from ..outputs import RequestResult
 from . import hf_peer
-from .jobs import ORACLE, PEERS, EngineSettings, Job, Run
+from .jobs import ORACLES, PEERS, EngineSettings, Job, Run
 from .metrics import merge_engine_stats, summarize
 from .presets import Preset
 from .simulator import VirtualClock, preset_engine
@@ -94,13 +94,13 @@ def virtual_wait(clock: VirtualClock) -> Callable[[float | None], None]:
 
 
 def _oracle_estimator(policy: str) -> DurationEstimator | None:
-    """For the oracle: min-waste told every pause's true duration (the scheduler passes the
+    """For an oracle: its engine policy told every pause's true duration (the scheduler passes the
     scripted pause to it)."""
-    return DurationEstimator(oracle=True) if policy == ORACLE else None
+    return DurationEstimator(oracle=True) if policy in ORACLES else None
 
 
 def _engine_policy(policy: str) -> str:
-    return "min-waste" if policy == ORACLE else policy
+    return ORACLES.get(policy, policy)
 
 
 def _finish_engine_run(engine: InterceptEngine, results: list[RequestResult], start: float, duration: float) -> Run:
@@ -122,7 +122,7 @@ def run_real(model: torch.nn.Module, policy: str, jobs: Sequence[Job], settings:
         return Run(*hf_peer.run_hf_cb(model, jobs, settings, progress))
     if policy == "hf-generate":
         return Run(*hf_peer.run_hf_generate(model, jobs, progress))
-    oracle = {"estimator": _oracle_estimator(policy)} if policy == ORACLE else {}
+    oracle = {"estimator": _oracle_estimator(policy)} if policy in ORACLES else {}
     # under torchrun a TensorParallelEngine on every rank: the driver replays, the others mirror it
     engine = build_engine(
         model, policy=_engine_policy(policy), num_blocks=settings.num_blocks, block_size=settings.block_size,

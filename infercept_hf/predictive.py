@@ -1,0 +1,193 @@
+"""What `policy="predictive"` adds to min-waste: the scheduler's one collaborator for it.
+
+- Durations as distributions: a paused request's remaining time is the mean of the outcomes its
+  tool's kept durations still allow (`DurationEstimator.remaining_distribution`), and its waste
+  figures weigh keep-then-maybe-discard plans over those outcomes (`expected_waste.py`).
+- Prefetch: swapped KV comes back ahead of the predicted answer (`prefetch.py`), within the swap
+  budget and into blocks nobody queued wants.
+- Ranking: the waiting queue (new, resumed and preempted requests) in order of predicted
+  remaining work, aged so that nobody starves (`ranking.py`).
+Every decision reads the estimator and the cache only, so tensor-parallel replicas, fed the
+same answers on the same clock, decide alike.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+
+from .cache import InterceptPagedCache
+from .estimator import DurationEstimator
+from .expected_waste import expected_figures
+from .policy import CostModel, PausedView, WasteFigures, rank_figures, waste_figures
+from .prefetch import (
+    DEFAULT_MAX_HELD_FRACTION,
+    DEFAULT_OVERDUE_QUANTILE,
+    DEFAULT_PREFETCH_QUANTILE,
+    PrefetchLedger,
+    prefetch_start,
+)
+from .ranking import DEFAULT_AGING_S, predicted_work, rank_key
+from .request import Request
+
+Call = tuple[str, "float | None"]  # a paused request's tool name and, for the oracle, its true duration
+QueueKey = Callable[[Request], tuple[float, float, int]]
+
+
+class Predictor:
+    """The scheduler's hooks for `predictive`; the defaults are the ones measured in docs/BENCHMARK.md."""
+
+    def __init__(
+        self,
+        cache: InterceptPagedCache,
+        estimator: DurationEstimator,
+        cost: CostModel,
+        aging_s: float = DEFAULT_AGING_S,
+        prefetch_quantile: float = DEFAULT_PREFETCH_QUANTILE,
+        overdue_quantile: float = DEFAULT_OVERDUE_QUANTILE,
+        max_held_fraction: float = DEFAULT_MAX_HELD_FRACTION,
+    ) -> None:
+        self.cache = cache
+        self.estimator = estimator
+        self.cost = cost
+        self.aging_s = aging_s
+        self.prefetch_quantile = prefetch_quantile
+        self.overdue_quantile = overdue_quantile
+        self.max_held_blocks = int(max_held_fraction * cache.num_blocks)
+        self.ledger = PrefetchLedger()
+        self._overdue: set[int] = set()  # prefetched, then outlived the overdue quantile: not pinned, not again
+        self.ranking = {"reordered_iterations": 0, "overtakes": 0}
+
+    # ------------------------------------------------------------------ durations
+    def remaining(self, call: Call, elapsed_s: float) -> float:
+        """Expected rest of the pause: the mean of the outcomes still possible, else the estimator's rule."""
+        outcomes = self.estimator.remaining_distribution(call[0], elapsed_s, call[1])
+        if outcomes:
+            return sum(outcomes) / len(outcomes)
+        return self.estimator.remaining(call[0], elapsed_s, call[1])
+
+    def rank_by_waste(self, views: Sequence[PausedView], calls: dict[int, Call], other_tokens: int,
+                      chunk_tokens: int | None, step_s: float) -> list[tuple[PausedView, WasteFigures]]:
+        """min-waste's ranking with each request's figures weighed over its outcomes."""
+        figures = []
+        for v in views:
+            tool, truth = calls[v.request_id]
+            outcomes = self.estimator.remaining_distribution(tool, v.paused_for_s, truth)
+            figs = (expected_figures(v, outcomes, other_tokens, self.cost, chunk_tokens, step_s) if outcomes
+                    else waste_figures(v, other_tokens, self.cost, chunk_tokens))
+            figures.append((v, figs))
+        return rank_figures(figures)
+
+    # ------------------------------------------------------------------ ranking
+    def queue_key(self, now: float) -> QueueKey:
+        """This iteration's queue order: aged predicted work, ties by the arrival order (memoised:
+        the scheduler compares many times per iteration)."""
+        memo: dict[int, tuple[float, float, int]] = {}
+
+        def key(req: Request) -> tuple[float, float, int]:
+            k = memo.get(req.request_id)
+            if k is None:
+                since = req.resume_pending_since if req.resume_pending_since is not None else req.arrival_time
+                work = predicted_work(len(req.tokens), req.max_new_tokens - req.num_generated)
+                k = memo[req.request_id] = (rank_key(work, now - since, self.aging_s), req.queue_key, req.request_id)
+            return k
+
+        return key
+
+    def note_admissions(self, admitted: Sequence[Request], still_waiting: Sequence[Request]) -> None:
+        """Telemetry: requests admitted while an earlier arrival still waits (the ranking's decisions)."""
+        if not admitted or not still_waiting:
+            return
+        first = min((r.queue_key, r.request_id) for r in still_waiting)
+        ahead = sum(1 for r in admitted if (r.queue_key, r.request_id) > first)
+        if ahead:
+            self.ranking["reordered_iterations"] += 1
+            self.ranking["overtakes"] += ahead
+
+    # ------------------------------------------------------------------ prefetch
+    def pinned(self, req: Request) -> bool:
+        """A prefetched request min-waste must leave on the device until its answer."""
+        return req.request_id in self.ledger and req.request_id not in self._overdue
+
+    def keeps(self, req: Request, call: Call, now: float, step_s: float) -> bool:
+        """Whether min-waste must leave `req`'s device KV alone: it is pinned, or its answer is so
+        near that a copy out would have to come straight back (its prefetch would be due before
+        the copy out and back could be done)."""
+        if self.pinned(req):
+            return True
+        if req.request_id in self._overdue:
+            return False
+        at = self.estimator.duration_quantile(call[0], self.prefetch_quantile, call[1])
+        out_and_back = self._lead(2 * self.cache.device_tokens(req.rid), step_s)
+        return at is not None and prefetch_start(req.paused_at, at, out_and_back) <= now
+
+    def _lead(self, tokens: int, step_s: float) -> float:
+        """How long before an answer a copy of `tokens` back must start: the copy, and one iteration."""
+        return self.cost.t_swap(tokens) + step_s
+
+    def prefetch(self, paused: Sequence[Request], calls: dict[int, Call], now: float, budget_tokens: int,
+                 spare_blocks: int, step_s: float) -> int:
+        """Copy back the swapped KV of calls about to answer, soonest first, while `budget_tokens`
+        (the swap budget this iteration has left; the first copy may exceed it, as its swap-in on
+        return would) and `spare_blocks` (free device blocks nobody queued wants) last. Unpins
+        prefetched calls that outlived the overdue quantile. Returns the tokens copied."""
+        bs = self.cache.block_size
+        for req in paused:
+            if self.pinned(req):
+                tool, truth = calls[req.request_id]
+                overdue = self.estimator.duration_quantile(tool, self.overdue_quantile, truth)
+                if overdue is not None and now - req.paused_at > overdue + step_s:
+                    self._overdue.add(req.request_id)
+        room = min(spare_blocks, self.max_held_blocks - self.ledger.held_blocks)
+        if budget_tokens <= 0 or room <= 0:
+            return 0
+        due: list[tuple[float, float, int, Request, int]] = []
+        for req, host, start in self._starts(paused, calls, step_s):
+            if start <= now and host <= room:
+                due.append((start, req.arrival_time, req.request_id, req, host))
+        moved = 0
+        for *_, req, host in sorted(due, key=lambda d: d[:3]):
+            if host > room or moved and moved + host * bs > budget_tokens:
+                continue
+            nbytes = self.cache.swap_in(req.rid)
+            if not nbytes:
+                continue
+            self.ledger.start(req.request_id, now, nbytes, host)
+            room -= host
+            moved += host * bs
+            if moved >= budget_tokens:
+                break
+        return moved
+
+    def _starts(self, paused: Sequence[Request], calls: dict[int, Call],
+                step_s: float) -> Iterator[tuple[Request, int, float]]:
+        """`(request, host blocks, when its prefetch must start)` for each swapped request not yet
+        prefetched."""
+        for req in paused:
+            host = self.cache.host_blocks(req.rid)
+            if not host or req.request_id in self.ledger or req.request_id in self._overdue:
+                continue
+            tool, truth = calls[req.request_id]
+            at = self.estimator.duration_quantile(tool, self.prefetch_quantile, truth)
+            if at is not None:
+                yield req, host, prefetch_start(req.paused_at, at, self._lead(host * self.cache.block_size, step_s))
+
+    def next_due(self, paused: Sequence[Request], calls: dict[int, Call], now: float, step_s: float) -> float | None:
+        """The earliest moment after `now` at which a prefetch falls due (those due already wait
+        for budget or room, which only a step's events can free)."""
+        return min((start for _, _, start in self._starts(paused, calls, step_s) if start > now), default=None)
+
+    def returned(self, req: Request, now: float) -> None:
+        """`req`'s answer arrived: settle its prefetch outcome."""
+        self._overdue.discard(req.request_id)
+        self.ledger.returned(req.request_id, now, self.cache.host_blocks(req.rid))
+
+    def moved_out(self, req: Request) -> None:
+        """`req`'s KV leaves the device before its answer (evicted or swapped out)."""
+        self.ledger.undone(req.request_id)
+
+    def forget(self, req: Request) -> None:
+        """`req` ended (finished, failed, cancelled)."""
+        self._overdue.discard(req.request_id)
+        self.ledger.undone(req.request_id)
+
+    def snapshot(self) -> dict[str, dict[str, float]]:
+        return {"prefetch": self.ledger.snapshot(), "ranking": dict(self.ranking)}

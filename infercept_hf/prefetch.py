@@ -1,0 +1,88 @@
+"""Bringing a swapped request's KV back before its tool answers, and what came of it.
+
+When a call's answer arrives and its KV lies in the host pool, the request waits for the copy
+back (and a copy larger than a forward pass stalls the batch). `predictive` starts that copy
+ahead of the predicted return instead: once the call has run for as long as the
+`prefetch_quantile` of its tool's durations, less the copy's own time and one iteration, so
+that in about `1 - prefetch_quantile` of returns the KV is back in time.
+
+A prefetch is bounded three ways: it only takes device blocks nobody queued wants (it never
+evicts), prefetched KV holds at most `max_held_fraction` of the device pool, and a call that
+outlives the `overdue_quantile` of its tool gives its pin up (min-waste may move it again).
+Outcomes, per return of a request whose KV had been in the host pool:
+- on_time: every block was back on the device when the answer arrived;
+- late: some still lay in the host pool (no prefetch yet, or it had been undone);
+- wasted: a prefetched KV left the device again before the answer (evicted or unpinned
+  and swapped out), or its request ended without one: the copy bought nothing;
+- early: an on-time prefetch whose KV waited on the device longer than `early_after_s`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEFAULT_PREFETCH_QUANTILE = 0.05
+DEFAULT_OVERDUE_QUANTILE = 1.0
+DEFAULT_MAX_HELD_FRACTION = 0.5
+DEFAULT_EARLY_AFTER_S = 1.0
+
+
+def prefetch_start(paused_at: float, quantile_s: float, lead_s: float) -> float:
+    """When a copy that takes `lead_s` (its own time plus an iteration) must start to be done by
+    the time a call paused at `paused_at` has run `quantile_s`."""
+    return paused_at + quantile_s - lead_s
+
+
+@dataclass
+class _Held:
+    started_at: float
+    nbytes: int
+    blocks: int
+
+
+class PrefetchLedger:
+    """The prefetched requests still waiting for their answer, and the outcome counts."""
+
+    def __init__(self, early_after_s: float = DEFAULT_EARLY_AFTER_S) -> None:
+        self.early_after_s = early_after_s
+        self._held: dict[int, _Held] = {}
+        self.counts = {"started": 0, "on_time": 0, "late": 0, "wasted": 0, "early": 0}
+        self.bytes_early = 0  # KV bytes copied back before their answer
+        self.held_early_s = 0.0  # seconds prefetched KV waited on the device for its answer, all together
+
+    def __contains__(self, request_id: int) -> bool:
+        return request_id in self._held
+
+    @property
+    def held_blocks(self) -> int:
+        return sum(h.blocks for h in self._held.values())
+
+    def start(self, request_id: int, now: float, nbytes: int, blocks: int) -> None:
+        self._held[request_id] = _Held(now, nbytes, blocks)
+        self.counts["started"] += 1
+        self.bytes_early += nbytes
+
+    def returned(self, request_id: int, now: float, host_blocks: int) -> None:
+        """The answer arrived; `host_blocks`: the request's KV still in the host pool."""
+        held = self._held.pop(request_id, None)
+        if host_blocks:
+            self.counts["late"] += 1
+        elif held is not None:
+            self.counts["on_time"] += 1
+            self.held_early_s += now - held.started_at
+            if now - held.started_at > self.early_after_s:
+                self.counts["early"] += 1
+
+    def undone(self, request_id: int) -> None:
+        """A prefetched KV leaves the device before its answer (evicted, unpinned, or its request ended)."""
+        if self._held.pop(request_id, None) is not None:
+            self.counts["wasted"] += 1
+
+    def snapshot(self) -> dict[str, float]:
+        done = self.counts["on_time"] + self.counts["late"]
+        return {
+            **self.counts,
+            "held": len(self._held),
+            "bytes_early": self.bytes_early,
+            "held_early_s": self.held_early_s,
+            "no_wait_share": self.counts["on_time"] / done if done else 0.0,
+        }
