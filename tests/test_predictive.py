@@ -21,10 +21,11 @@ PAUSE = ih.Scripted([(3, 1.0, [5, 6])])  # decode 3 tokens, pause 1 s, answer 2 
 
 def _start(model, history: list[float], seed: int, pause: ih.Scripted = PAUSE, pipeline: str = "sync"):
     """A predictive engine whose estimator has seen `history`, with one 40-token request that pauses.
-    `pipeline="lazy"` defers every copy to the last moment the swap pipeline allows."""
+    `pipeline="lazy"` defers every copy to the last moment the swap pipeline allows. Prefix sharing
+    is off so that a swap-in copies every block back (none is found still named on the device)."""
     clock = ManualClock()
     engine = ih.InterceptEngine(model, policy="predictive", num_blocks=64, block_size=4, host_pool_bytes=1 << 20,
-                                cost_model=FAST_LINK, clock=clock)
+                                cost_model=FAST_LINK, clock=clock, prefix_sharing=False)
     engine.cache.pipeline = SwapPipeline(pipeline)
     for seconds in history:
         engine.estimator.observe("scripted", seconds)
