@@ -14,10 +14,10 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from openai.types import Completion, CompletionChoice, CompletionUsage
 from openai.types.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionMessage
@@ -35,11 +35,17 @@ from .turns import ServerCall, TextDelta, Turn, TurnEnd
 logger = logging.getLogger(__name__)
 
 DISCONNECT_POLL_S = 0.25  # how often a non-streamed turn checks whether its client is still there
-OPEN_PATHS = ("/health",)  # answered without the API key (load balancers probe it)
 
 
 def build_app(service: Service) -> FastAPI:
-    app = FastAPI(title="infercept-serve")
+    async def authorized(request: Request) -> None:
+        """A dependency, not a middleware: Starlette's `BaseHTTPMiddleware` ends streamed responses
+        early once the endpoint has read the body."""
+        key = service.config.api_key
+        if key is not None and request.headers.get("authorization") != f"Bearer {key}":
+            raise APIError(401, "a valid API key is required (Authorization: Bearer ...)", code="invalid_api_key")
+
+    app = FastAPI(title="infercept-serve", dependencies=[Depends(authorized)])
     generation_config = getattr(service.engine.model, "generation_config", None)
 
     @app.exception_handler(APIError)
@@ -51,20 +57,15 @@ def build_app(service: Service) -> FastAPI:
         logger.exception("request failed")
         return APIError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error").response()
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        key = service.config.api_key
-        if key is not None and request.url.path not in OPEN_PATHS:
-            if request.headers.get("authorization") != f"Bearer {key}":
-                return APIError(401, "a valid API key is required (Authorization: Bearer ...)",
-                                code="invalid_api_key").response()
-        return await call_next(request)
+    health_app = FastAPI()  # /health answers without the key: load balancers probe it
 
-    @app.get("/health")
+    @health_app.get("/health")
     async def health() -> JSONResponse:
         if not service.healthy:
             return JSONResponse({"status": "unhealthy"}, status_code=503)
         return JSONResponse({"status": "ok"})
+
+    app.router.routes.extend(health_app.router.routes)
 
     @app.get("/v1/models")
     async def models() -> JSONResponse:
@@ -104,7 +105,7 @@ async def _serve_turn(service: Service, request: Request, endpoint: str, prompt:
                       tools: list[dict], formatter: _Formatter) -> Response:
     service.admit()
     try:
-        turn = await service.start_turn(prompt, params, tools)
+        turn = await service.start_turn(prompt, params, tools, chat=endpoint == "chat")
     except BaseException:
         service.release()
         service.metrics.request_done(endpoint, "rejected")

@@ -116,17 +116,19 @@ class Service:
             raise bad_request(f"tools cannot be used with this model: {exc}", param="tools") from exc
 
     # ------------------------------------------------------------------ turns
-    async def start_turn(self, prompt: list[int], params: TurnParams, client_tools: list[dict]) -> Turn:
+    async def start_turn(self, prompt: list[int], params: TurnParams, client_tools: list[dict], chat: bool) -> Turn:
         """Continue the held session the prompt matches, or start one; the turn's events follow."""
         max_tokens = self._budget(len(prompt), params.max_tokens)
         fmt = self._format(client_tools)
         server_names = frozenset(n for n in self.server_tools if n not in {t["function"]["name"] for t in client_tools})
         spec = TurnSpec(self.tokenizer, max_tokens, params.stop, fmt, server_names, self.config.session_ttl_s)
         schemas = self.tool_schemas(client_tools)
+        # calls are read only where tools are offered; otherwise (and for completions) the text is the model's own
+        template = self.response_template if chat and schemas else None
         claimed = self.store.claim(prompt, params.session_key)
         if claimed is not None:
             session = claimed[0]
-            turn = Turn(session, prompt, self.tokenizer, self.response_template, schemas, params.stop)
+            turn = Turn(session, prompt, self.tokenizer, template, schemas, params.stop, self.engine.default_eos)
             session.begin(prompt, spec, turn.listener)
             try:
                 turn.cached_tokens = await asyncio.to_thread(self.engine.continue_request, session.request_id, prompt,
@@ -135,7 +137,7 @@ class Service:
             except ValueError:  # expired or evicted meanwhile: start afresh
                 session.listener = None
         session = self.store.new(params.session_key)
-        turn = Turn(session, prompt, self.tokenizer, self.response_template, schemas, params.stop)
+        turn = Turn(session, prompt, self.tokenizer, template, schemas, params.stop, self.engine.default_eos)
         session.begin(prompt, spec, turn.listener)
         try:
             session.request_id = await asyncio.to_thread(

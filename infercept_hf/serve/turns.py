@@ -48,16 +48,19 @@ Piece = TextDelta | ServerCall | TurnEnd
 class _Segment:
     """Model text between server tool answers, decoded and parsed as it grows."""
 
-    def __init__(self, tokenizer: Any, template: dict | None, tools: list[dict], prefix_ids: Sequence[int]) -> None:
+    def __init__(self, tokenizer: Any, template: dict | None, tools: list[dict], prefix_ids: Sequence[int],
+                 eos_ids: frozenset[int]) -> None:
         self.tokenizer = tokenizer
+        self.eos_ids = eos_ids
         self.ids: list[int] = []
         self.fed = 0
         self.parser = ResponseParser(template, prefix=tokenizer.decode(list(prefix_ids)), tools=tools or None) \
             if template is not None else None
 
     def feed(self, ids: Sequence[int]) -> list[Any]:
-        self.ids.extend(ids)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=self.parser is None)
+        # the parser reads the raw text (markers included); plain text drops only the end of turn
+        self.ids.extend(ids if self.parser is not None else [i for i in ids if i not in self.eos_ids])
+        text = self.tokenizer.decode(self.ids)
         if text.endswith("\ufffd"):  # a character split across tokens: wait for the rest
             return []
         new, self.fed = text[self.fed:], len(text)
@@ -76,8 +79,9 @@ class Turn:
     """Listens to a session's events for one turn (any thread) and yields its pieces (event loop)."""
 
     def __init__(self, session: HeldSession, prompt_ids: Sequence[int], tokenizer: Any, template: dict | None,
-                 tools: list[dict], stop: Sequence[str]) -> None:
+                 tools: list[dict], stop: Sequence[str], eos_ids: frozenset[int]) -> None:
         self.session = session
+        self.eos_ids = eos_ids
         self.tokenizer = tokenizer
         self.template = template
         self.tools = tools
@@ -100,7 +104,7 @@ class Turn:
 
     async def pieces(self) -> AsyncIterator[Piece]:
         """Everything the client is to see of this turn, ending with one `TurnEnd`."""
-        segment = _Segment(self.tokenizer, self.template, self.tools, self.context)
+        segment = _Segment(self.tokenizer, self.template, self.tools, self.context, self.eos_ids)
         calls: list[ToolCall] = []
         while True:
             event, end_reason = await self._events.get()
@@ -126,7 +130,7 @@ class Turn:
                 server = self.session.server
                 for call_id, name, arguments, result in (server.last_results if server else []):
                     yield ServerCall(call_id, name or "", _json(arguments), result)
-                segment = _Segment(self.tokenizer, self.template, self.tools, self.context)
+                segment = _Segment(self.tokenizer, self.template, self.tools, self.context, self.eos_ids)
             elif event.kind == "finish":
                 for piece in self._items(segment.finish(), calls):
                     yield piece
