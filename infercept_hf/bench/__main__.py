@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--turns", type=int, help="client mode: turns per session (default: the workload's calls + 1)")
     p.add_argument("--turn-tokens", type=int, help="client mode: max_tokens of every turn (default: the workload's)")
     p.add_argument("--api-key", help="client mode: the server's API key")
+    p.add_argument("--served-model", help="client mode: the model name to ask for (default: the server's first)")
+    p.add_argument("--no-cache-key", action="store_true",
+                   help="client mode: send no prompt_cache_key (for servers that refuse unknown fields)")
     p.add_argument("--request-timeout", type=float, default=300.0, help="client mode: seconds per turn at most")
     return p
 
@@ -277,7 +280,7 @@ def run_client_mode(args: argparse.Namespace) -> None:
 
     trace = make_trace(args, args.rates[0], None)
     results = run_client(args.base_url, trace, args.turns, args.turn_tokens, args.seed, args.api_key,
-                         args.request_timeout)
+                         args.request_timeout, args.served_model, not args.no_cache_key)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results["setup"] = {"command": args.command, "base_url": args.base_url, "mix": args.mix, "qps": args.rates[0],

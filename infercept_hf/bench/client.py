@@ -73,10 +73,12 @@ def session_plan(req: TraceRequest, turns: int | None, turn_tokens: int | None,
 
 
 async def _turn(client: httpx.AsyncClient, model: str, messages: list[dict], max_tokens: int,
-                record: TurnRecord, key: str) -> str:
+                record: TurnRecord, key: str | None) -> str:
     """One streamed turn; fills `record` and returns the assistant's text."""
     body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}, "prompt_cache_key": key}
+            "stream_options": {"include_usage": True}}
+    if key is not None:  # OpenAI's session hint; a strict server (transformers serve) refuses unknown fields
+        body["prompt_cache_key"] = key
     start = time.monotonic()
     text: list[str] = []
     async with client.stream("POST", "/chat/completions", json=body) as response:
@@ -103,7 +105,7 @@ async def _turn(client: httpx.AsyncClient, model: str, messages: list[dict], max
 
 
 async def _session(client: httpx.AsyncClient, model: str, req: TraceRequest, turns: int | None,
-                   turn_tokens: int | None, seed: int, t0: float) -> SessionRecord:
+                   turn_tokens: int | None, seed: int, t0: float, cache_key: bool) -> SessionRecord:
     await asyncio.sleep(max(0.0, t0 + req.arrival_s - time.monotonic()))
     record = SessionRecord(req.request_id, req.arrival_s)
     first, plan = session_plan(req, turns, turn_tokens, seed)
@@ -112,7 +114,8 @@ async def _session(client: httpx.AsyncClient, model: str, req: TraceRequest, tur
         turn = TurnRecord(req.request_id, i + 1, None, 0.0, 0, 0, 0)
         record.turns.append(turn)
         try:
-            reply = await _turn(client, model, messages, max_tokens, turn, f"session-{req.request_id}")
+            key = f"session-{req.request_id}" if cache_key else None
+            reply = await _turn(client, model, messages, max_tokens, turn, key)
         except httpx.HTTPError as exc:
             turn.error = f"{type(exc).__name__}: {exc}"
         if turn.error is not None:
@@ -128,15 +131,18 @@ async def _session(client: httpx.AsyncClient, model: str, req: TraceRequest, tur
 
 async def replay(base_url: str, trace: Sequence[TraceRequest], turns: int | None = None,
                  turn_tokens: int | None = None, seed: int = 0, api_key: str | None = None,
-                 timeout_s: float = 300.0) -> tuple[list[SessionRecord], float]:
-    """Every session of `trace` against the server at `base_url` (…/v1); returns them and the wall time."""
+                 timeout_s: float = 300.0, model: str | None = None,
+                 cache_key: bool = True) -> tuple[list[SessionRecord], float]:
+    """Every session of `trace` against the server at `base_url` (…/v1); returns them and the wall time.
+    `model`: the name to ask for (default: the first the server lists)."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     limits = httpx.Limits(max_connections=len(trace) + 4)
     async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=timeout_s, limits=limits) as client:
-        models = (await client.get("/models")).json()["data"]
-        model = models[0]["id"]
+        if model is None:
+            model = (await client.get("/models")).json()["data"][0]["id"]
         t0 = time.monotonic()
-        sessions = await asyncio.gather(*(_session(client, model, r, turns, turn_tokens, seed, t0) for r in trace))
+        sessions = await asyncio.gather(*(_session(client, model, r, turns, turn_tokens, seed, t0, cache_key)
+                                          for r in trace))
         return list(sessions), time.monotonic() - t0
 
 
@@ -164,8 +170,9 @@ def summarize(sessions: Sequence[SessionRecord], wall_s: float) -> dict[str, Any
 
 
 def run_client(base_url: str, trace: Sequence[TraceRequest], turns: int | None, turn_tokens: int | None, seed: int,
-               api_key: str | None, timeout_s: float) -> dict[str, Any]:
-    sessions, wall = asyncio.run(replay(base_url, trace, turns, turn_tokens, seed, api_key, timeout_s))
+               api_key: str | None, timeout_s: float, model: str | None, cache_key: bool) -> dict[str, Any]:
+    sessions, wall = asyncio.run(replay(base_url, trace, turns, turn_tokens, seed, api_key, timeout_s, model,
+                                        cache_key))
     return {"summary": summarize(sessions, wall), "sessions": [asdict(s) for s in sessions]}
 
 
