@@ -87,6 +87,8 @@ def test_client_tool_round_trip_reuses_the_paused_context(server):
     assert second.usage.completion_tokens == len(ref)
     assert second.choices[0].message.content == _text(ref)
     assert second.choices[0].message.content == "The answer is 5535."
+    # the client's gap was learned as the pause of its tool, for min-waste's next placement
+    assert service.engine.stats()["duration_estimates"]["client:calculator"]["observations"] >= 1
 
 
 def test_a_streamed_tool_call_comes_as_a_delta(server):
@@ -207,9 +209,12 @@ def test_held_sessions_past_the_bound_are_dropped_oldest_first():
 def test_metrics_scrape(server):
     service, srv, client = server
     out = client.chat.completions.create(model="m", messages=QUESTION, max_tokens=4, temperature=0)
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="m", messages=QUESTION, n=3)
     text = httpx.get(srv.base_url[:-3] + "/metrics", timeout=TIMEOUT_S).text
     series = dict(line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))
     assert int(series['infercept_requests_total{endpoint="chat",outcome="length"}']) >= 1
+    assert int(series['infercept_requests_total{endpoint="chat",outcome="rejected"}']) >= 1
     assert int(series["infercept_prompt_tokens_total"]) >= out.usage.prompt_tokens
     assert int(series["infercept_cached_tokens_total"]) == service.metrics.cached_tokens
     assert int(series['infercept_requests{state="paused"}']) == service.engine.stats()["paused"]

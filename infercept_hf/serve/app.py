@@ -34,6 +34,8 @@ from .turns import ServerCall, TextDelta, Turn, TurnEnd
 
 logger = logging.getLogger(__name__)
 
+CHAT_PATH, COMPLETIONS_PATH = "/v1/chat/completions", "/v1/completions"
+ENDPOINTS = {CHAT_PATH: "chat", COMPLETIONS_PATH: "completions"}  # metrics labels
 DISCONNECT_POLL_S = 0.25  # how often a non-streamed turn checks whether its client is still there
 
 
@@ -49,12 +51,15 @@ def build_app(service: Service) -> FastAPI:
     generation_config = getattr(service.engine.model, "generation_config", None)
 
     @app.exception_handler(APIError)
-    async def _api_error(_request: Request, exc: APIError) -> JSONResponse:
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        if exc.status < 500:  # refused before it ran; a turn that ran counted itself
+            service.metrics.request_done(_endpoint(request), "rejected")
         return exc.response()
 
     @app.exception_handler(Exception)
-    async def _internal(_request: Request, exc: Exception) -> JSONResponse:
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("request failed")
+        service.metrics.request_done(_endpoint(request), "error")
         return APIError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error").response()
 
     health_app = FastAPI()  # /health answers without the key: load balancers probe it
@@ -77,20 +82,27 @@ def build_app(service: Service) -> FastAPI:
         text = await asyncio.to_thread(service.render_metrics)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
-    @app.post("/v1/chat/completions")
+    @app.post(CHAT_PATH)
     async def chat_completions(request: Request) -> Response:
         req = chat_request(await _body(request), request.headers, generation_config)
         prompt = service.render_chat(req.messages, req.tools)
-        return await _serve_turn(service, request, "chat", prompt, req.turn, req.tools, _ChatFormatter())
+        return await _serve_turn(service, request, ENDPOINTS[CHAT_PATH], prompt, req.turn, req.tools,
+                                 _ChatFormatter())
 
-    @app.post("/v1/completions")
+    @app.post(COMPLETIONS_PATH)
     async def completions(request: Request) -> Response:
         req = completion_request(await _body(request), request.headers, generation_config)
         prompt = service.encode(req.prompt)
         echo = service.tokenizer.decode(prompt) if req.echo else ""
-        return await _serve_turn(service, request, "completions", prompt, req.turn, [], _TextFormatter(echo))
+        return await _serve_turn(service, request, ENDPOINTS[COMPLETIONS_PATH], prompt, req.turn, [],
+                                 _TextFormatter(echo))
 
     return app
+
+
+def _endpoint(request: Request) -> str:
+    """The `endpoint` label of a request's metrics."""
+    return ENDPOINTS.get(request.url.path, request.url.path.strip("/"))
 
 
 async def _body(request: Request) -> Any:
@@ -105,10 +117,9 @@ async def _serve_turn(service: Service, request: Request, endpoint: str, prompt:
                       tools: list[dict], formatter: _Formatter) -> Response:
     service.admit()
     try:
-        turn = await service.start_turn(prompt, params, tools, chat=endpoint == "chat")
+        turn = await service.start_turn(prompt, params, tools, chat=endpoint == ENDPOINTS[CHAT_PATH])
     except BaseException:
         service.release()
-        service.metrics.request_done(endpoint, "rejected")
         raise
     formatter.start(service.config.model_name, params.include_usage)
     if params.stream:

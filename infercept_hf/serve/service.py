@@ -134,8 +134,9 @@ class Service:
                 turn.cached_tokens = await asyncio.to_thread(self.engine.continue_request, session.request_id, prompt,
                                                              max_tokens + 1, params.sampler)
                 return turn
-            except ValueError:  # expired or evicted meanwhile: start afresh
+            except ValueError:  # expired meanwhile, or refused: that context is gone, start afresh
                 session.listener = None
+                self._end_session(session)
         session = self.store.new(params.session_key)
         turn = Turn(session, prompt, self.tokenizer, template, schemas, params.stop, self.engine.default_eos)
         session.begin(prompt, spec, turn.listener)

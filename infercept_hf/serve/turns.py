@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -21,6 +22,8 @@ from transformers.utils.chat_parsing import ResponseParser
 from ..outputs import RequestEvent
 from ..patches.transformers_serve import ToolCall, parser_items
 from .sessions import HeldSession
+
+logger = logging.getLogger(__name__)
 
 
 class TextDelta(NamedTuple):
@@ -64,14 +67,22 @@ class _Segment:
         if text.endswith("\ufffd"):  # a character split across tokens: wait for the rest
             return []
         new, self.fed = text[self.fed:], len(text)
-        if self.parser is None:
-            return [new] if new else []
-        return parser_items(self.parser.feed(new))
+        if self.parser is not None:
+            try:
+                return parser_items(self.parser.feed(new))
+            except Exception:  # noqa: BLE001 - text the template cannot read goes out as it is
+                logger.warning("the response parser failed; the rest of the turn is sent as plain text", exc_info=True)
+                self.parser = None
+        return [new] if new else []
 
     def finish(self) -> list[Any]:
         if self.parser is None:
             return []
-        _, events = self.parser.finalize()
+        try:
+            _, events = self.parser.finalize()
+        except Exception:  # noqa: BLE001 - as in feed
+            logger.warning("the response parser failed at the end of the turn", exc_info=True)
+            return []
         return parser_items(events)
 
 
