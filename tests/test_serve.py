@@ -20,8 +20,11 @@ SLOW = {"model": "m", "messages": [{"role": "user", "content": "What is the capi
 def _render(messages, tools=None) -> list[int]:
     """The transcript as the chat template renders it (calls' arguments as dicts, as templates take them)."""
     _, tok = bundled()
-    messages = [{**m, "tool_calls": [{**c, "function": {**c["function"], "arguments": json.loads(c["function"]["arguments"])}}
-                                     for c in m["tool_calls"]]} if m.get("tool_calls") else m for m in messages]
+    def as_dict(call):
+        return {**call, "function": {**call["function"], "arguments": json.loads(call["function"]["arguments"])}}
+
+    messages = [{**m, "tool_calls": [as_dict(c) for c in m["tool_calls"]]} if m.get("tool_calls") else m
+                for m in messages]
     return list(tok.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=True,
                                         return_dict=False))
 
@@ -108,7 +111,8 @@ def test_server_side_tool_runs_inside_the_server():
         message = out.choices[0].message
         assert out.choices[0].finish_reason == "stop" and message.content == "The answer is 5535."
         (done,) = message.model_extra["server_tool_calls"]
-        assert (done["name"], json.loads(done["arguments"]), done["result"]) == ("calculator", {"expression": "123*45"}, "5535")
+        assert (done["name"], json.loads(done["arguments"]), done["result"]) == \
+            ("calculator", {"expression": "123*45"}, "5535")
         chunks = list(client.chat.completions.create(model="m", messages=QUESTION, max_tokens=40, temperature=0,
                                                      stream=True))
         shown = [c.choices[0].delta.model_extra.get("server_tool_call") for c in chunks if c.choices]

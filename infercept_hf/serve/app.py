@@ -14,6 +14,7 @@ import json
 import logging
 import time
 import uuid
+from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -186,8 +187,10 @@ def _usage(turn: Turn) -> CompletionUsage:
                            prompt_tokens_details=PromptTokensDetails(cached_tokens=turn.cached_tokens))
 
 
-class _Formatter:
+class _Formatter(ABC):
     """Pieces of a turn as one endpoint's response objects."""
+
+    id_prefix = "cmpl"
 
     def start(self, model: str, include_usage: bool) -> None:
         self.id = f"{self.id_prefix}-{uuid.uuid4().hex}"
@@ -195,18 +198,28 @@ class _Formatter:
         self.model = model
         self.include_usage = include_usage
 
-    id_prefix = "cmpl"
+    @abstractmethod
+    def opening(self) -> Any:
+        """The first streamed chunk."""
 
-    def opening(self) -> Any: ...
-    def chunk(self, piece: TextDelta | ServerCall) -> Any: ...
-    def closing(self, end: TurnEnd, turn: Turn) -> list[Any]: ...
-    def whole(self, pieces: list[Any], turn: Turn) -> dict: ...
+    @abstractmethod
+    def chunk(self, piece: TextDelta | ServerCall) -> Any:
+        """A streamed chunk for one piece (None: nothing to send)."""
+
+    @abstractmethod
+    def closing(self, end: TurnEnd, turn: Turn) -> list[Any]:
+        """The last streamed chunks: calls, the finish reason, usage when asked for."""
+
+    @abstractmethod
+    def whole(self, pieces: list[Any], turn: Turn) -> dict:
+        """The non-streamed response."""
 
 
 class _ChatFormatter(_Formatter):
     id_prefix = "chatcmpl"
 
-    def _chunk(self, delta: dict | None, finish_reason: str | None = None, usage: CompletionUsage | None = None) -> ChatCompletionChunk:
+    def _chunk(self, delta: dict | None, finish_reason: str | None = None,
+               usage: CompletionUsage | None = None) -> ChatCompletionChunk:
         choices = [] if delta is None else [ChunkChoice(index=0, delta=ChoiceDelta.model_validate(delta),
                                                         finish_reason=finish_reason)]
         return ChatCompletionChunk(id=self.id, created=self.created, model=self.model, object="chat.completion.chunk",

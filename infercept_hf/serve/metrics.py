@@ -50,7 +50,8 @@ class ServerMetrics:
         with self._lock:
             self.requests[endpoint, outcome] = self.requests.get((endpoint, outcome), 0) + 1
 
-    def turn_done(self, prompt_tokens: int, cached_tokens: int, ttft: float | None, token_times: Sequence[float]) -> None:
+    def turn_done(self, prompt_tokens: int, cached_tokens: int, ttft: float | None,
+                  token_times: Sequence[float]) -> None:
         with self._lock:
             self.prompt_tokens += prompt_tokens
             self.cached_tokens += cached_tokens
@@ -63,12 +64,15 @@ class ServerMetrics:
         p = PREFIX
         lines = [f"# TYPE {p}_requests_total counter"]
         with self._lock:
-            lines += [f'{p}_requests_total{{endpoint="{e}",outcome="{o}"}} {n}' for (e, o), n in sorted(self.requests.items())]
+            lines += [f'{p}_requests_total{{endpoint="{e}",outcome="{o}"}} {n}'
+                      for (e, o), n in sorted(self.requests.items())]
             lines += [
                 f"# TYPE {p}_prompt_tokens_total counter", f"{p}_prompt_tokens_total {self.prompt_tokens}",
                 f"# TYPE {p}_cached_tokens_total counter", f"{p}_cached_tokens_total {self.cached_tokens}",
-                f"# TYPE {p}_time_to_first_token_seconds histogram", *self.ttft.lines(f"{p}_time_to_first_token_seconds"),
-                f"# TYPE {p}_inter_token_latency_seconds histogram", *self.itl.lines(f"{p}_inter_token_latency_seconds"),
+                f"# TYPE {p}_time_to_first_token_seconds histogram",
+                *self.ttft.lines(f"{p}_time_to_first_token_seconds"),
+                f"# TYPE {p}_inter_token_latency_seconds histogram",
+                *self.itl.lines(f"{p}_inter_token_latency_seconds"),
             ]
         lines += [f"# TYPE {p}_requests gauge"]
         lines += [f'{p}_requests{{state="{s}"}} {stats[s]}' for s in ("running", "paused", "waiting")]

@@ -71,11 +71,13 @@ def _validated(adapter: TypeAdapter, body: Any, iterables: tuple[str, ...]) -> d
             errors = exc.errors()
             where = f"{name}.{errors[0]['loc'][0]}"
             reasons = list(dict.fromkeys(f"{'.'.join(map(str, e['loc'][2:])) or 'value'}: {e['msg']}" for e in errors))
-            raise bad_request(f"invalid request: {where} is malformed ({'; '.join(reasons[:4])})", param=where) from None
+            message = f"invalid request: {where} is malformed ({'; '.join(reasons[:4])})"
+            raise bad_request(message, param=where) from None
     return params
 
 
-def _turn(params: dict[str, Any], body: Mapping[str, Any], headers: Mapping[str, str], generation_config: Any) -> TurnParams:
+def _turn(params: dict[str, Any], body: Mapping[str, Any], headers: Mapping[str, str],
+          generation_config: Any) -> TurnParams:
     n = params.get("n")
     if n is not None and n != 1:
         raise bad_request(f"n={n} is not supported: this server returns one choice per request (n=1)", param="n")

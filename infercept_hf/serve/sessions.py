@@ -86,7 +86,8 @@ class HeldSession:
         self._generated_before = 0  # this turn's tokens in segments before the current one
         self._segment: tuple[int, int] | None = None  # (start, length) of the current segment
 
-    def begin(self, prompt: Sequence[int], spec: TurnSpec, listener: Callable[[RequestEvent, str | None], None]) -> None:
+    def begin(self, prompt: Sequence[int], spec: TurnSpec,
+              listener: Callable[[RequestEvent, str | None], None]) -> None:
         """A new turn: set before the request is added or continued (nothing runs it meanwhile)."""
         self.tokens = list(prompt)
         self.spec = spec
