@@ -81,3 +81,16 @@ def test_a_server_tool_answer_does_not_count_against_max_tokens():
     assert session.pause([5, 1, 2, 7, 7, 7, 3], 6, False, 0.0, 0, None, None) is None  # 3 generated
     assert session.pause([5, 1, 2, 7, 7, 7, 3, 4], 6, False, 0.0, 0, None, None) is not None  # 4
     assert session.end_reason == "length"
+
+
+def test_the_command_line_loads_server_tools_and_refuses_bad_ones():
+    from infercept_hf.serve.cli import load_tools, parse_args
+
+    (tool,) = load_tools("infercept_hf.demo.tools:calculator")
+    assert tool.name == "calculator"
+    with pytest.raises(SystemExit, match="not of the form pkg.module:function"):
+        load_tools("calculator")
+    with pytest.raises(SystemExit, match="cannot load 'infercept_hf.demo.tools:nothing'"):
+        load_tools("infercept_hf.demo.tools:nothing")
+    args = parse_args(["--policy", "swap", "--max-queue", "3"])
+    assert (args.model, args.host, args.port, args.policy, args.max_queue) == (None, "127.0.0.1", 8000, "swap", 3)

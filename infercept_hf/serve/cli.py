@@ -51,24 +51,24 @@ def load_model(spec: str | None) -> tuple[Any, Any, str]:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="infercept-serve", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(prog="infercept-serve", description=__doc__.splitlines()[0])
     p.add_argument("model", nargs="?", help="a folder, a GGUF file, a hub id or 'smollm2' (default: the bundled model)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--policy", default="min-waste", choices=POLICIES)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    p.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
+    p.add_argument("--policy", default="min-waste", choices=POLICIES, help="(default: %(default)s)")
     p.add_argument("--tools", help="server-side tools, comma-separated pkg.module:function")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route but /health")
     p.add_argument("--num-blocks", type=int, help="device KV blocks (default: sized from free memory)")
     p.add_argument("--block-size", type=int, help="tokens per KV block")
     p.add_argument("--host-pool-mb", type=int, help="host memory for swapped KV, MiB")
-    p.add_argument("--max-batch-tokens", type=int, default=256)
+    p.add_argument("--max-batch-tokens", type=int, default=256, help="tokens per iteration (default: %(default)s)")
     p.add_argument("--session-ttl", type=float, default=ServeConfig.session_ttl_s,
-                   help="seconds a held context waits for its client's next turn")
-    p.add_argument("--max-sessions", type=int, default=ServeConfig.max_sessions, help="held contexts at most")
+                   help="seconds a held context waits for its client's next turn (default: %(default)s)")
+    p.add_argument("--max-sessions", type=int, default=ServeConfig.max_sessions,
+                   help="held contexts at most (default: %(default)s)")
     p.add_argument("--max-queue", type=int, default=ServeConfig.max_queue,
-                   help="requests in flight beyond which the server answers 429")
-    p.add_argument("--log-level", default="info")
+                   help="requests in flight beyond which the server answers 429 (default: %(default)s)")
+    p.add_argument("--log-level", default="info", help="(default: %(default)s)")
     return p.parse_args(argv)
 
 
