@@ -1,6 +1,7 @@
 """infercept-serve driven by the official `openai` client on loopback, with the bundled model."""
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import json
 
@@ -227,3 +228,20 @@ def test_metrics_scrape(server):
     for name in ("infercept_recomputed_tokens_total", "infercept_swapped_tokens_total",
                  'infercept_kv_blocks_in_use{pool="host"}', 'infercept_requests{state="waiting"}'):
         assert name in series
+
+
+def test_bench_client_mode_replays_sessions_and_sees_them_cached(server):
+    from infercept_hf.bench.client import replay, summarize
+    from infercept_hf.bench.workloads import generate_trace
+
+    _, srv, _ = server
+    trace = generate_trace("qa", 2, 100.0, seed=0, time_scale=0.01, context_scale=0.02)
+    sessions, wall = asyncio.run(replay(srv.base_url, trace, turns=3, turn_tokens=4, timeout_s=TIMEOUT_S))
+    summary = summarize(sessions, wall)
+    assert (summary["sessions_completed"], summary["turns"], summary["turn_errors"]) == (2, 6, 0)
+    for session in sessions:
+        for before, after in zip(session.turns, session.turns[1:]):
+            # the whole previous context but its last token (which has no KV yet) was reused
+            assert after.cached_tokens == before.prompt_tokens + before.completion_tokens - 1
+    later = [t for s in sessions for t in s.turns[1:]]
+    assert summary["cached_share_later"] == sum(t.cached_tokens for t in later) / sum(t.prompt_tokens for t in later)

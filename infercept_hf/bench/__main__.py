@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cache-key", action="store_true",
                    help="client mode: send no prompt_cache_key (for servers that refuse unknown fields)")
     p.add_argument("--request-timeout", type=float, default=300.0, help="client mode: seconds per turn at most")
+    p.add_argument("--deadline", type=float,
+                   help="client mode: stop the replay after this many seconds (unfinished sessions are reported)")
     return p
 
 
@@ -110,7 +112,7 @@ def parse_args(argv: list[str] | None = None, p: argparse.ArgumentParser | None 
         args.context_scale = 1.0 if simulated else 0.5
     _check_positive(p, args, ("num_requests", "time_scale", "context_scale", "num_blocks", "block_size",
                               "max_batch_tokens", "slo", "threads", "window", "host_pool_mb", "turns", "turn_tokens",
-                              "request_timeout"))
+                              "request_timeout", "deadline"))
     _check_positive(p, args, ("warmup",), allow_zero=True)
     try:
         args.rates = sorted({float(q) for q in args.qps.split(",")})
@@ -280,7 +282,7 @@ def run_client_mode(args: argparse.Namespace) -> None:
 
     trace = make_trace(args, args.rates[0], None)
     results = run_client(args.base_url, trace, args.turns, args.turn_tokens, args.seed, args.api_key,
-                         args.request_timeout, args.served_model, not args.no_cache_key)
+                         args.request_timeout, args.served_model, not args.no_cache_key, args.deadline)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results["setup"] = {"command": args.command, "base_url": args.base_url, "mix": args.mix, "qps": args.rates[0],

@@ -104,10 +104,10 @@ async def _turn(client: httpx.AsyncClient, model: str, messages: list[dict], max
     return "".join(text)
 
 
-async def _session(client: httpx.AsyncClient, model: str, req: TraceRequest, turns: int | None,
-                   turn_tokens: int | None, seed: int, t0: float, cache_key: bool) -> SessionRecord:
+async def _session(client: httpx.AsyncClient, model: str, req: TraceRequest, record: SessionRecord,
+                   turns: int | None, turn_tokens: int | None, seed: int, t0: float, cache_key: bool) -> None:
+    """Fills `record` as the session goes (a replay cut at its deadline keeps what was done)."""
     await asyncio.sleep(max(0.0, t0 + req.arrival_s - time.monotonic()))
-    record = SessionRecord(req.request_id, req.arrival_s)
     first, plan = session_plan(req, turns, turn_tokens, seed)
     messages = [{"role": "user", "content": first}]
     for i, (max_tokens, pause_s, answer) in enumerate(plan):
@@ -119,31 +119,38 @@ async def _session(client: httpx.AsyncClient, model: str, req: TraceRequest, tur
         except httpx.HTTPError as exc:
             turn.error = f"{type(exc).__name__}: {exc}"
         if turn.error is not None:
-            return record
+            return
         if i == len(plan) - 1:
             break
         messages += [{"role": "assistant", "content": reply}, {"role": "user", "content": answer}]
         record.client_s += pause_s
         await asyncio.sleep(pause_s)
     record.finished_s = time.monotonic() - t0
-    return record
 
 
 async def replay(base_url: str, trace: Sequence[TraceRequest], turns: int | None = None,
                  turn_tokens: int | None = None, seed: int = 0, api_key: str | None = None,
-                 timeout_s: float = 300.0, model: str | None = None,
-                 cache_key: bool = True) -> tuple[list[SessionRecord], float]:
+                 timeout_s: float = 300.0, model: str | None = None, cache_key: bool = True,
+                 deadline_s: float | None = None) -> tuple[list[SessionRecord], float]:
     """Every session of `trace` against the server at `base_url` (…/v1); returns them and the wall time.
-    `model`: the name to ask for (default: the first the server lists)."""
+    `model`: the name to ask for (default: the first the server lists). At `deadline_s` the sessions
+    still going are stopped: they count as unfinished, with the turns they completed."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     limits = httpx.Limits(max_connections=len(trace) + 4)
     async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=timeout_s, limits=limits) as client:
         if model is None:
             model = (await client.get("/models")).json()["data"][0]["id"]
         t0 = time.monotonic()
-        sessions = await asyncio.gather(*(_session(client, model, r, turns, turn_tokens, seed, t0, cache_key)
-                                          for r in trace))
-        return list(sessions), time.monotonic() - t0
+        records = [SessionRecord(r.request_id, r.arrival_s) for r in trace]
+        tasks = [asyncio.ensure_future(_session(client, model, r, rec, turns, turn_tokens, seed, t0, cache_key))
+                 for r, rec in zip(trace, records)]
+        _, unfinished = await asyncio.wait(tasks, timeout=deadline_s)
+        for task in unfinished:
+            task.cancel()
+        await asyncio.gather(*unfinished, return_exceptions=True)
+        for rec in records:  # a turn cut short by the deadline is no measurement
+            rec.turns = [t for t in rec.turns if t.latency_s > 0 or t.error is not None]
+        return records, time.monotonic() - t0
 
 
 def _median(values: Sequence[float]) -> float | None:
@@ -170,9 +177,10 @@ def summarize(sessions: Sequence[SessionRecord], wall_s: float) -> dict[str, Any
 
 
 def run_client(base_url: str, trace: Sequence[TraceRequest], turns: int | None, turn_tokens: int | None, seed: int,
-               api_key: str | None, timeout_s: float, model: str | None, cache_key: bool) -> dict[str, Any]:
+               api_key: str | None, timeout_s: float, model: str | None, cache_key: bool,
+               deadline_s: float | None) -> dict[str, Any]:
     sessions, wall = asyncio.run(replay(base_url, trace, turns, turn_tokens, seed, api_key, timeout_s, model,
-                                        cache_key))
+                                        cache_key, deadline_s))
     return {"summary": summarize(sessions, wall), "sessions": [asdict(s) for s in sessions]}
 
 
