@@ -31,7 +31,10 @@ setup(
         "bench": ["matplotlib"],
         "flash": ["flash-attn>=2.6"],
         "gguf": ["gguf>=0.10"],
-        "test": ["pytest", "hypothesis", "matplotlib", "playwright", "gradio>=6,<7", "gradio_client", "gguf>=0.10"],
+        "test": ["pytest", "hypothesis", "matplotlib", "playwright", "gradio>=6,<7", "gradio_client", "gguf>=0.10",
+                 "openai>=1.0"],
+        "serve": ["fastapi", "uvicorn", "openai>=1.0"],
     },
-    entry_points={"console_scripts": ["infercept-bench=infercept_hf.bench.__main__:main"]},
+    entry_points={"console_scripts": ["infercept-bench=infercept_hf.bench.__main__:main",
+                                      "infercept-serve=infercept_hf.serve.cli:main"]},
 )

@@ -449,6 +449,26 @@ class InterceptPagedCache(PagedCacheBase):
         self.ledger.keep_within(rid, self.device_blocks(rid) + self.host_blocks(rid))
         return n
 
+    def truncate(self, rid: str, num_tokens: int) -> int:
+        """Keep the KV of the request's first `num_tokens` tokens only (its token log goes on
+        differently from there): blocks wholly past them are freed, host tail first, and a
+        partly used last block is kept, its stale slots overwritten by the next forward. Models
+        with sliding-window layers cannot cut a ring-ordered table, so they drop everything
+        when anything is cut. Returns the cached tokens left."""
+        if num_tokens < 0:
+            raise ValueError(f"request {rid}: cannot keep {num_tokens} tokens")
+        self.pipeline.finish()
+        cut = num_tokens < self.ledger.computed(rid)
+        keep = -(-num_tokens // self.block_size) if self.supports_partial or not cut else 0
+        surplus = self.device_blocks(rid) + self.host_blocks(rid) - keep
+        from_host = min(max(surplus, 0), self.host_blocks(rid))
+        if from_host:
+            self.discard_host(rid, from_host)
+        if surplus > from_host:
+            self.discard_device(rid, surplus - from_host)
+        self.ledger.truncate(rid, num_tokens)
+        return self.ledger.computed(rid)
+
     def _room_for_host_tail(self, rid: str) -> bool:
         """Room on device for the whole host tail (transformers' admission check, allocators sharing free sectors)."""
         return pp.admits(self, {name: len(host.tables.get(rid, ())) for name, host in self.host.items()})

@@ -34,6 +34,7 @@ from .chat_tools import ChatFormat, ChatPending, ChatSession, FunctionTool, spli
 from .checks import as_token_ids, finite_time, positive_int, token_id_set
 from .estimator import DurationEstimator
 from .faults import AnswerError, RequestFault, describe
+from .held import AwaitingCaller
 from .memory import PoolSizes, default_pool_sizes
 from .model_spec import ModelSpec
 from .outputs import InterceptionRecord, RequestEvent, RequestResult
@@ -54,6 +55,12 @@ logger = logging.getLogger(__name__)
 IDLE_POLL_S = 0.05  # longest sleep of an idle loop: bounds how late an unannounced event is seen
 
 EventCallback = Callable[[RequestEvent], None]
+
+
+def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens `a` and `b` share."""
+    n = min(len(a), len(b))
+    return next((i for i in range(n) if a[i] != b[i]), n)
 
 
 class InterceptEngine:
@@ -169,6 +176,7 @@ class InterceptEngine:
         arrival_time: float | None = None,
         on_event: EventCallback | None = None,
         response_template: dict | None = None,
+        chat_session: ChatSession | None = None,
     ) -> int:
         """Queue a request; returns its id. Bad input raises here, never inside the forward.
 
@@ -176,12 +184,17 @@ class InterceptEngine:
         format: see `infercept_hf.chat_tools`; `response_template` overrides the tokenizer's call format).
         `on_event(RequestEvent)` hears of every token, tool call, tool answer and the finish, in
         order (it runs on whichever thread drove the engine: keep it quick).
+        `chat_session` (instead of function tools) is asked after every token, as a `ChatSession`
+        is, whether the turn ends there: the server's sessions pause at a turn's end this way
+        (`held.AwaitingCaller`) and go on with `continue_request`.
         """
         prompt = self._check_prompt(prompt_ids)
         max_new_tokens = positive_int(max_new_tokens, "max_new_tokens")
         if interceptions is not None and not isinstance(interceptions, Scripted):
             raise TypeError(f"interceptions must be an infercept_hf.Scripted, got {type(interceptions).__name__}")
         tools, functions = self._check_tools(tools)
+        if chat_session is not None and functions:
+            raise ValueError("pass function tools or chat_session, not both: the session decides where turns end")
         if on_event is not None and not callable(on_event):
             raise TypeError(f"on_event must be callable, got {type(on_event).__name__}")
         if sampler is not None and not isinstance(sampler, Sampler):
@@ -191,7 +204,7 @@ class InterceptEngine:
         eos = self.default_eos if eos_token_id is None else token_id_set(eos_token_id, "eos_token_id")
         matcher = TriggerMatcher(tools, self.tokenizer) if tools else None
         chat = ChatSession(ChatFormat(self.tokenizer, functions, sorted(eos), self.spec.model_type,
-                                      response_template)) if functions else None
+                                      response_template)) if functions else chat_session
         answers = self._check_scripted(interceptions)
         self._check_fits(len(prompt), max_new_tokens, answers)
         with self._lock:
@@ -273,6 +286,37 @@ class InterceptEngine:
             )
         if self.max_positions is not None and total > self.max_positions:
             raise ValueError(f"request needs up to {total} positions ({parts}) but the model supports {self.max_positions}")
+
+    def continue_request(self, request_id: int, prompt_ids: Sequence[int] | torch.Tensor, max_new_tokens: int,
+                         sampler: Sampler | None = None) -> int:
+        """Resume a request paused awaiting its caller (`held.AwaitingCaller`) with the caller's next
+        prompt, the whole transcript: KV is kept as far as the prompt agrees with the request's token
+        log (their longest common prefix) and only the rest is computed. `max_new_tokens` counts
+        from here. Returns how many of the prompt's tokens had their KV reused."""
+        prompt = self._check_prompt(prompt_ids)
+        max_new_tokens = positive_int(max_new_tokens, "max_new_tokens")
+        if sampler is not None and not isinstance(sampler, Sampler):
+            raise TypeError(f"sampler must be an infercept_hf.Sampler (None: greedy), got {type(sampler).__name__}")
+        self._check_fits(len(prompt), max_new_tokens, 0)
+        with self._lock:
+            self._check_open()
+            req = self._requests.get(request_id)
+            if req is None or not isinstance(req.pending, AwaitingCaller):
+                raise ValueError(f"request {request_id} is not paused awaiting its caller")
+            keep = min(common_prefix_len(req.tokens, prompt), len(prompt) - 1)  # one token left to forward
+            self.cache.truncate(req.rid, keep)
+            del req.tokens[keep:]
+            req.prompt_len = min(req.prompt_len, keep)
+            req.num_generated = 0
+            req.max_new_tokens = max_new_tokens
+            req.sampler = sampler or GREEDY
+            self._resume(req, Answer(prompt[keep:]), self._now())
+            if req.status is Status.FINISHED:
+                raise ValueError(f"request {request_id} could not go on: {req.error}")
+            reused = req.num_cached
+        self._wakeup.set()
+        self._dispatch_events()
+        return reused
 
     def cancel(self, request_id: int) -> bool:
         """Stop a request wherever it is; its blocks are freed at once and the next `step()` or

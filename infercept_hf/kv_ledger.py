@@ -56,6 +56,14 @@ class KVLedger:
         if record is not None:
             record.computed = min(record.computed, blocks * self.block_size)
 
+    def truncate(self, rid: str, num_tokens: int) -> None:
+        """The token log was cut back to `num_tokens` and goes on differently: KV past it is stale,
+        and tokens past it computed later are new ones, not recomputation."""
+        record = self._records.get(rid)
+        if record is not None:
+            record.computed = min(record.computed, num_tokens)
+            record.high_water = min(record.high_water, num_tokens)
+
     def add_swapped(self, rid: str, nbytes: int) -> None:
         record = self._records.get(rid)
         if record is not None:

@@ -129,6 +129,11 @@ class AsyncInterceptEngine:
 
         threading.Thread(target=cancel, name="infercept-cancel", daemon=True).start()
 
+    @property
+    def failed(self) -> bool:
+        """The driver gave up on the engine (a step kept raising): no stream can run any more."""
+        return self._failure is not None
+
     def _check_running(self) -> None:
         if self._failure is not None:
             raise RuntimeError("the engine's driver thread failed") from self._failure

@@ -2,6 +2,7 @@
 
     infercept-bench --mix mix --num-requests 40 --qps 1,2,4 --policies discard,min-waste,hf-cb --out out/
     infercept-bench --simulate gpt-j-6b/a100-80g --num-requests 600 --qps 1,2,3,4 --out out/sim
+    infercept-bench --base-url http://127.0.0.1:8000/v1 --num-requests 16 --turns 4   # client mode, any server
     torchrun --nproc_per_node 2 -m infercept_hf.bench --model PATH --policies discard,min-waste   # tensor parallel
     infercept-bench agents --sessions 16 --prefix 512 --turns 4    # prefix sharing on an agent mix (see --help)
 
@@ -81,6 +82,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "a busy machine loses a lot)")
     p.add_argument("--out", default="bench_out")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--base-url", help="client mode: replay the trace as multi-turn sessions against this "
+                                      "OpenAI-compatible server (…/v1); see bench/client.py")
+    p.add_argument("--turns", type=int, help="client mode: turns per session (default: the workload's calls + 1)")
+    p.add_argument("--turn-tokens", type=int, help="client mode: max_tokens of every turn (default: the workload's)")
+    p.add_argument("--api-key", help="client mode: the server's API key")
+    p.add_argument("--served-model", help="client mode: the model name to ask for (default: the server's first)")
+    p.add_argument("--no-cache-key", action="store_true",
+                   help="client mode: send no prompt_cache_key (for servers that refuse unknown fields)")
+    p.add_argument("--request-timeout", type=float, default=300.0, help="client mode: seconds per turn at most")
+    p.add_argument("--deadline", type=float,
+                   help="client mode: stop the replay after this many seconds (unfinished sessions are reported)")
     return p
 
 
@@ -102,7 +114,8 @@ def parse_args(argv: list[str] | None = None, p: argparse.ArgumentParser | None 
     if args.context_scale is None:
         args.context_scale = 1.0 if simulated else 0.5
     _check_positive(p, args, ("num_requests", "time_scale", "context_scale", "num_blocks", "block_size",
-                              "max_batch_tokens", "slo", "threads", "window", "host_pool_mb"))
+                              "max_batch_tokens", "slo", "threads", "window", "host_pool_mb", "turns", "turn_tokens",
+                              "request_timeout", "deadline"))
     _check_positive(p, args, ("warmup",), allow_zero=True)
     try:
         args.rates = sorted({float(q) for q in args.qps.split(",")})
@@ -279,6 +292,24 @@ def write_outputs(out: Path, runs: list[dict[str, Any]], timelines: dict[str, li
     return text
 
 
+def run_client_mode(args: argparse.Namespace) -> None:
+    """Sessions against a server: DIR/client_results.json and DIR/client_summary.md."""
+    from .client import markdown, run_client
+
+    trace = make_trace(args, args.rates[0], None)
+    results = run_client(args.base_url, trace, args.turns, args.turn_tokens, args.seed, args.api_key,
+                         args.request_timeout, args.served_model, not args.no_cache_key, args.deadline)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results["setup"] = {"command": args.command, "base_url": args.base_url, "mix": args.mix, "qps": args.rates[0],
+                        "time_scale": args.time_scale, "context_scale": args.context_scale, "turns": args.turns,
+                        "turn_tokens": args.turn_tokens}
+    (out / "client_results.json").write_text(json.dumps(results, indent=2))
+    text = markdown(results["summary"], args.base_url) + f"\n`{args.command}`\n"
+    (out / "client_summary.md").write_text(text)
+    print(text)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["agents"]:  # the agent mix: sessions sharing a prefix, sharing on and off (bench/agents.py)
@@ -290,6 +321,8 @@ def main(argv: list[str] | None = None) -> None:
     log.setLevel(logging.INFO)
     parser = build_parser()
     args = parse_args(argv, parser)
+    if args.base_url:
+        return run_client_mode(args)
     import torch
 
     torch.set_num_threads(args.threads)

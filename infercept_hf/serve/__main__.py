@@ -1,0 +1,4 @@
+"""`python -m infercept_hf.serve`: the same as `infercept-serve`."""
+from .cli import main
+
+main()
