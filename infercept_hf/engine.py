@@ -318,6 +318,12 @@ class InterceptEngine:
         self._dispatch_events()
         return reused
 
+    def reused_tokens(self, request_id: int) -> int:
+        """Context tokens whose KV the request has so far taken from shared or retained blocks
+        instead of computing them (its `RequestResult.cached_tokens` once it ends); 0 if unknown."""
+        req = self._requests.get(request_id)
+        return req.kv.reused if req is not None else 0
+
     def cancel(self, request_id: int) -> bool:
         """Stop a request wherever it is; its blocks are freed at once and the next `step()` or
         `run()` returns its result with `finish_reason="cancelled"`. False if it is unknown or

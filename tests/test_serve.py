@@ -245,3 +245,20 @@ def test_bench_client_mode_replays_sessions_and_sees_them_cached(server):
             assert after.cached_tokens == before.prompt_tokens + before.completion_tokens - 1
     later = [t for s in sessions for t in s.turns[1:]]
     assert summary["cached_share_later"] == sum(t.cached_tokens for t in later) / sum(t.prompt_tokens for t in later)
+
+
+def test_a_new_session_reports_the_prefix_another_session_computed():
+    """Nothing held to continue (no session is kept): the second prompt's shared head still comes
+    from the blocks the first one left cached, and its usage says so."""
+    head = "<user>" + "Tell me about the weather in Lima and in Quito, please. " * 3
+    _, tok = bundled()
+    with serving(max_sessions=0) as (service, _, client):
+        texts = []
+        for tail in ("Lima?<assistant>", "Quito?<assistant>"):
+            out = client.completions.create(model="infercept-demo", prompt=head + tail, max_tokens=4, temperature=0)
+            texts.append((tail, out))
+    first_ids, second_ids = (tok(head + tail).input_ids for tail, _ in texts)
+    common = next((i for i, (a, b) in enumerate(zip(first_ids, second_ids)) if a != b), len(first_ids))
+    assert texts[0][1].usage.prompt_tokens_details.cached_tokens == 0
+    assert texts[1][1].usage.prompt_tokens_details.cached_tokens == common // 8 * 8 > 0
+    assert texts[1][1].choices[0].text == _text(reference(second_ids, 4))

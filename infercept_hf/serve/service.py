@@ -139,6 +139,7 @@ class Service:
                 self._end_session(session)
         session = self.store.new(params.session_key)
         turn = Turn(session, prompt, self.tokenizer, template, schemas, params.stop, self.engine.default_eos)
+        turn.reused = lambda: self.engine.reused_tokens(session.request_id)
         session.begin(prompt, spec, turn.listener)
         try:
             session.request_id = await asyncio.to_thread(

@@ -14,7 +14,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, NamedTuple
 
 from transformers.utils.chat_parsing import ResponseParser
@@ -100,6 +100,9 @@ class Turn:
         self.context = list(prompt_ids)
         self.prompt_tokens = len(prompt_ids)
         self.cached_tokens = 0
+        # a new session's prompt may start with blocks other sessions computed (the prefix index):
+        # read at its first token, once admission has attached them
+        self.reused: Callable[[], int] | None = None
         self.completion_tokens = 0
         self.started = time.monotonic()
         self.token_times: list[float] = []
@@ -120,6 +123,8 @@ class Turn:
         while True:
             event, end_reason = await self._events.get()
             if event.kind == "token":
+                if not self.completion_tokens and self.reused is not None:
+                    self.cached_tokens = self.reused()
                 self.completion_tokens += 1
                 self.token_times.append(time.monotonic())
                 self.context.extend(event.token_ids)
