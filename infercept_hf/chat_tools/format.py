@@ -19,6 +19,7 @@ calls may come first); if not (the bundled demo model), the close of a call ends
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -138,6 +139,44 @@ class ChatFormat:
             return False
         end = _last_match_end(self.close_re, rendered)
         return end is not None and not any(t in rendered[end:] for t in self.eos_texts)
+
+    def forced_opener(self, name: str | None) -> list[int]:
+        """The token ids to append after the generation prompt so that the model writes a call: to
+        `name`, or (None) to any tool, as far as the openings of calls to every tool agree.
+
+        Raises ChatTemplateError when no opening can be read off the template, and for any tool when
+        calls to different tools share no opening token (formats with one token per tool)."""
+        if name is not None:
+            return self._call_opener(name)
+        openers = [self._call_opener(n) for n in self.functions]
+        common = os.path.commonprefix(openers)
+        if not common:
+            raise ChatTemplateError("calls to different tools share no opening token in this format, so a call to any "
+                                    "of them cannot be forced; name one function, or offer one tool")
+        return list(common)
+
+    def _call_opener(self, name: str) -> list[int]:
+        """The template's own tokens for an assistant turn holding a call to `name`, from its
+        generation prompt through the name and the character after it (a quote or delimiter)."""
+        turn = {"role": "assistant", "content": "", "tool_calls": [ParsedCall("call00000", name, {}).message()]}
+        try:
+            prompt = self.render(PLACEHOLDER_HISTORY, add_generation_prompt=True)
+            rendered = self.render([*PLACEHOLDER_HISTORY, turn], add_generation_prompt=False)
+        except Exception as exc:  # noqa: BLE001 - any template failure means no known opening
+            raise ChatTemplateError(f"the chat template cannot render a call to {name!r}: {exc}") from exc
+        at = rendered.find(name, len(prompt))
+        prompt_ids, ids = self._encode(prompt), self._encode(rendered)
+        if at < 0 or ids[:len(prompt_ids)] != prompt_ids:
+            raise ChatTemplateError("the chat template does not write a call right after its generation prompt, "
+                                    "so the opening of a call cannot be read off it")
+        end = at + len(name)
+        end += end < len(rendered) and not (rendered[end].isalnum() or rendered[end] in "_-")
+        call = ids[len(prompt_ids):]
+        k = next(k for k in range(1, len(call) + 1) if len(self.tokenizer.decode(ids[:len(prompt_ids) + k])) >= end)
+        return call[:k]
+
+    def _encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False).input_ids)
 
     # ------------------------------------------------------------------ parsing
     def closes_call(self, tail_text: str) -> bool:

@@ -7,7 +7,7 @@ clients are written against), so a wrong type names its field; fields a type doe
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from openai.types import completion_create_params
@@ -35,6 +35,9 @@ class TurnParams:
     stream: bool
     include_usage: bool
     session_key: str | None  # prompt_cache_key, X-Session-ID or user: breaks ties between held contexts
+    call_required: bool = False  # tool_choice "required" or a named function: the turn opens with a call
+    call_name: str | None = None  # tool_choice naming a function: the call is to it
+    parallel_calls: bool = True  # parallel_tool_calls=false: the turn ends at the first call's close
 
 
 @dataclass(frozen=True)
@@ -125,9 +128,16 @@ def chat_request(body: Any, headers: Mapping[str, str], generation_config: Any) 
         if tool.get("type") != "function":
             raise bad_request(f"tools[{i}]: only function tools are supported, got type {tool.get('type')!r}",
                               param=f"tools.{i}.type")
-    if params.get("tool_choice") == "none":
+    choice = params.get("tool_choice")
+    if choice == "none":
         tools = []
-    return ChatRequest(params["messages"], tools, _turn(params, body, headers, generation_config))
+    if isinstance(choice, Mapping) and choice.get("type") != "function":
+        raise bad_request(f"tool_choice of type {choice.get('type')!r} is not supported: use \"none\", \"auto\", "
+                          "\"required\" or a function by name", param="tool_choice")
+    name = choice["function"]["name"] if isinstance(choice, Mapping) else None
+    turn = replace(_turn(params, body, headers, generation_config), call_required=choice == "required" or name is not None,
+                   call_name=name, parallel_calls=params.get("parallel_tool_calls") is not False)
+    return ChatRequest(params["messages"], tools, turn)
 
 
 def completion_request(body: Any, headers: Mapping[str, str], generation_config: Any) -> CompletionRequest:

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..chat_tools import ChatFormat, FunctionTool
+from ..chat_tools import ChatFormat, ChatTemplateError, FunctionTool
 from ..engine import InterceptEngine
 from ..patches.chat_templates import fallback_response_template
 from ..patches.transformers_serve import template_messages
@@ -115,20 +115,39 @@ class Service:
         except ValueError as exc:
             raise bad_request(f"tools cannot be used with this model: {exc}", param="tools") from exc
 
+    def _opener(self, fmt: ChatFormat | None, params: TurnParams) -> list[int]:
+        """The tokens that open the call `tool_choice` forces ("required" or a named function), to
+        follow the generation prompt: the model then writes the rest of the call."""
+        if not params.call_required:
+            return []
+        if fmt is None:
+            raise bad_request("tool_choice asks for a tool call but the request offers no tools", param="tool_choice")
+        if params.call_name is not None and params.call_name not in fmt.functions:
+            raise bad_request(f"tool_choice names the function {params.call_name!r}, which is not among the tools "
+                              f"{sorted(fmt.functions)}", param="tool_choice")
+        try:
+            return fmt.forced_opener(params.call_name)
+        except ChatTemplateError as exc:
+            raise bad_request(f"tool_choice cannot force a call with this model's chat template: {exc}",
+                              param="tool_choice") from exc
+
     # ------------------------------------------------------------------ turns
     async def start_turn(self, prompt: list[int], params: TurnParams, client_tools: list[dict], chat: bool) -> Turn:
         """Continue the held session the prompt matches, or start one; the turn's events follow."""
-        max_tokens = self._budget(len(prompt), params.max_tokens)
         fmt = self._format(client_tools)
+        opener = self._opener(fmt, params)
+        prompt = [*prompt, *opener]
+        max_tokens = self._budget(len(prompt), params.max_tokens)
         server_names = frozenset(n for n in self.server_tools if n not in {t["function"]["name"] for t in client_tools})
-        spec = TurnSpec(self.tokenizer, max_tokens, params.stop, fmt, server_names, self.config.session_ttl_s)
+        spec = TurnSpec(self.tokenizer, max_tokens, params.stop, fmt, server_names, self.config.session_ttl_s,
+                        len(opener), params.parallel_calls)
         schemas = self.tool_schemas(client_tools)
         # calls are read only where tools are offered; otherwise (and for completions) the text is the model's own
         template = self.response_template if chat and schemas else None
         claimed = self.store.claim(prompt, params.session_key)
         if claimed is not None:
             session = claimed[0]
-            turn = Turn(session, prompt, self.tokenizer, template, schemas, params.stop, self.engine.default_eos)
+            turn = Turn(session, prompt, self.tokenizer, template, schemas, params.stop, self.engine.default_eos, spec)
             session.begin(prompt, spec, turn.listener)
             try:
                 turn.cached_tokens = await asyncio.to_thread(self.engine.continue_request, session.request_id, prompt,
@@ -138,7 +157,7 @@ class Service:
                 session.listener = None
                 self._end_session(session)
         session = self.store.new(params.session_key)
-        turn = Turn(session, prompt, self.tokenizer, template, schemas, params.stop, self.engine.default_eos)
+        turn = Turn(session, prompt, self.tokenizer, template, schemas, params.stop, self.engine.default_eos, spec)
         turn.reused = lambda: self.engine.reused_tokens(session.request_id)
         session.begin(prompt, spec, turn.listener)
         try:

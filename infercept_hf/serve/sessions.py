@@ -57,16 +57,19 @@ class ServerCalls(ChatSession):
 
 
 class TurnSpec:
-    """Where one HTTP turn ends: its budget, stop strings and tools."""
+    """Where one HTTP turn ends: its budget, stop strings and tools, whether it opens with a forced
+    call, and whether it may hold several calls (else the first call's close ends it)."""
 
     def __init__(self, tokenizer: Any, max_tokens: int, stop: Sequence[str], fmt: ChatFormat | None,
-                 server_names: frozenset[str], ttl_s: float) -> None:
+                 server_names: frozenset[str], ttl_s: float, opened: int = 0, parallel_calls: bool = True) -> None:
         self.tokenizer = tokenizer
         self.max_tokens = max_tokens
         self.stop = tuple(stop)
         self.format = fmt
         self.server_names = server_names
         self.ttl_s = ttl_s
+        self.opened = opened  # the prompt's last tokens open a forced call: parsed as the model's own
+        self.parallel_calls = parallel_calls
 
 
 class HeldSession:
@@ -78,6 +81,7 @@ class HeldSession:
         self.key = key
         self.request_id: int | None = None
         self.tokens: list[int] = []  # the request's token log, mirrored from its events
+        self._prompt_len = 0  # this turn's prompt
         self.held_at = 0.0
         self.spec: TurnSpec | None = None
         self.server: ServerCalls | None = None
@@ -90,6 +94,7 @@ class HeldSession:
               listener: Callable[[RequestEvent, str | None], None]) -> None:
         """A new turn: set before the request is added or continued (nothing runs it meanwhile)."""
         self.tokens = list(prompt)
+        self._prompt_len = len(prompt)
         self.spec = spec
         self.listener = listener
         self.end_reason = None
@@ -103,11 +108,13 @@ class HeldSession:
         spec = self.spec
         generated = self._count(len(context), turn_start)
         fmt, decode = spec.format, spec.tokenizer.decode
+        start = turn_start - spec.opened if turn_start == self._prompt_len else turn_start  # a forced opener
+        calls_end = fmt is not None and (fmt.calls_end_turn or not spec.parallel_calls)
         tail = ""
-        if spec.stop or (fmt is not None and fmt.calls_end_turn):
-            tail = decode(list(context[max(turn_start, len(context) - TAIL_TOKENS):]))
-        if fmt is not None and (at_eos or (fmt.calls_end_turn and fmt.closes_call(tail))):
-            turn = fmt.parse(decode(list(context[:turn_start])), decode(list(context[turn_start:])), 0)
+        if spec.stop or calls_end:
+            tail = decode(list(context[max(start, len(context) - TAIL_TOKENS):]))
+        if fmt is not None and (at_eos or (calls_end and fmt.closes_call(tail))):
+            turn = fmt.parse(decode(list(context[:start])), decode(list(context[start:])), 0)
             names = [c.name for c in turn.calls]
             if names and self.server is not None and all(c.error is None and c.name in spec.server_names
                                                          for c in turn.calls):

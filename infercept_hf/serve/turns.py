@@ -21,7 +21,7 @@ from transformers.utils.chat_parsing import ResponseParser
 
 from ..outputs import RequestEvent
 from ..patches.transformers_serve import ToolCall, parser_items
-from .sessions import HeldSession
+from .sessions import HeldSession, TurnSpec
 
 logger = logging.getLogger(__name__)
 
@@ -90,8 +90,10 @@ class Turn:
     """Listens to a session's events for one turn (any thread) and yields its pieces (event loop)."""
 
     def __init__(self, session: HeldSession, prompt_ids: Sequence[int], tokenizer: Any, template: dict | None,
-                 tools: list[dict], stop: Sequence[str], eos_ids: frozenset[int]) -> None:
+                 tools: list[dict], stop: Sequence[str], eos_ids: frozenset[int], spec: TurnSpec) -> None:
         self.session = session
+        self.opened = spec.opened
+        self.parallel_calls = spec.parallel_calls
         self.eos_ids = eos_ids
         self.tokenizer = tokenizer
         self.template = template
@@ -118,8 +120,13 @@ class Turn:
 
     async def pieces(self) -> AsyncIterator[Piece]:
         """Everything the client is to see of this turn, ending with one `TurnEnd`."""
-        segment = _Segment(self.tokenizer, self.template, self.tools, self.context, self.eos_ids)
+        # a forced call's opener is in the prompt but is the model's text to the parser
+        opens = len(self.context) - self.opened
+        segment = _Segment(self.tokenizer, self.template, self.tools, self.context[:opens], self.eos_ids)
         calls: list[ToolCall] = []
+        if self.opened:
+            for piece in self._items(segment.feed(self.context[opens:]), calls):
+                yield piece
         while True:
             event, end_reason = await self._events.get()
             if event.kind == "token":
@@ -136,12 +143,15 @@ class Turn:
                 if end_reason is not None:
                     self.ended = True
                     reason = end_reason if end_reason != "tool_calls" or calls else "stop"
+                    calls = calls if self.parallel_calls else calls[:1]
                     yield TurnEnd(reason, [_openai_call(c) for c in calls] if reason == "tool_calls" else [])
                     return
                 for call in calls:
                     yield ServerCall("", call.name, call.arguments)
                 calls = []
             elif event.kind == "tool_answer":
+                if not self.completion_tokens:  # a held session continued: the prompt's rest, already in context
+                    continue
                 self.context.extend(event.token_ids)
                 server = self.session.server
                 for call_id, name, arguments, result in (server.last_results if server else []):
