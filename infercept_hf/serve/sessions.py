@@ -110,24 +110,25 @@ class HeldSession:
         fmt, decode = spec.format, spec.tokenizer.decode
         start = turn_start - spec.opened if turn_start == self._prompt_len else turn_start  # a forced opener
         calls_end = fmt is not None and (fmt.calls_end_turn or not spec.parallel_calls)
-        tail = ""
-        if spec.stop or calls_end:
-            tail = decode(list(context[max(start, len(context) - TAIL_TOKENS):]))
-        if fmt is not None and (at_eos or (calls_end and fmt.closes_call(tail))):
+        if fmt is not None and (at_eos or (calls_end and fmt.closes_call(self._tail(context, start)))):
             turn = fmt.parse(decode(list(context[:start])), decode(list(context[start:])), 0)
             names = [c.name for c in turn.calls]
             if names and self.server is not None and all(c.error is None and c.name in spec.server_names
                                                          for c in turn.calls):
-                return self.server.pause(context, turn_start, at_eos, now, request_id, executor, wake)
+                # server calls run where the format ends the turn (parallel_tool_calls is the client's)
+                return self.server.pause(context, start, at_eos, now, request_id, executor, wake)
             if names:
                 return self._hold("tool_calls", "+".join(sorted({n or "?" for n in names})), now)
         if at_eos:
             return self._hold("stop", None, now)
-        if any(s in tail for s in spec.stop):
+        if spec.stop and any(s in self._tail(context, turn_start) for s in spec.stop):  # not in a forced opener
             return self._hold("stop", None, now)
         if generated >= spec.max_tokens:
             return self._hold("length", None, now)
         return None
+
+    def _tail(self, context: Sequence[int], start: int) -> str:
+        return self.spec.tokenizer.decode(list(context[max(start, len(context) - TAIL_TOKENS):]))
 
     def _count(self, length: int, turn_start: int) -> int:
         """Tokens generated this turn: a server tool's answer starts a new segment and is not counted."""
