@@ -114,3 +114,27 @@ def test_parallel_tool_calls_false_ends_the_turn_at_the_first_calls_close():
         [("weather", '{"city": "Rome"}'), ("weather", '{"city": "Oslo"}')]), "tool_calls")
     assert _turn_end(parallel_calls=False) == ('<tool_call>\n{"name": "weather", "arguments": {"city": "Rome"}}\n'
                                                "</tool_call>", "tool_calls")
+
+
+def test_a_forced_call_to_a_server_tool_runs_inside_the_server():
+    queries = []
+
+    def lookup(query: str) -> str:
+        """Look a fact up.
+
+        Args:
+            query: What to look up.
+        """
+        queries.append(query)
+        return "Lima"
+
+    with serving(server_tools=[lookup]) as (_, _, client):
+        out = client.chat.completions.create(model="m", messages=GREETING, max_tokens=MAX_TOKENS, temperature=0,
+                                             tool_choice={"type": "function", "function": {"name": "lookup"}})
+    _, tok = bundled()
+    prompt = list(tok.apply_chat_template(GREETING, tools=[LOOKUP_SCHEMA], add_generation_prompt=True, tokenize=True,
+                                          return_dict=False))
+    ids = reference(prompt + tok.encode("<lookup query>", add_special_tokens=False), MAX_TOKENS)
+    query = tok.decode(ids[:ids.index(tok.convert_tokens_to_ids("</lookup>"))])
+    assert queries == [query]  # parsed with its forced opening, run by the server, not returned
+    assert out.choices[0].message.tool_calls is None and out.choices[0].finish_reason != "tool_calls"
