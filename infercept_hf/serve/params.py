@@ -135,8 +135,9 @@ def chat_request(body: Any, headers: Mapping[str, str], generation_config: Any) 
         raise bad_request(f"tool_choice of type {choice.get('type')!r} is not supported: use \"none\", \"auto\", "
                           "\"required\" or a function by name", param="tool_choice")
     name = choice["function"]["name"] if isinstance(choice, Mapping) else None
-    turn = replace(_turn(params, body, headers, generation_config), call_required=choice == "required" or name is not None,
-                   call_name=name, parallel_calls=params.get("parallel_tool_calls") is not False)
+    turn = replace(_turn(params, body, headers, generation_config), call_name=name,
+                   call_required=choice == "required" or name is not None,
+                   parallel_calls=params.get("parallel_tool_calls") is not False)
     return ChatRequest(params["messages"], tools, turn)
 
 
