@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 
 from infercept_hf.held import AwaitingCaller
+from infercept_hf.outputs import RequestEvent
 from infercept_hf.serve.sessions import MIN_SHARED, REPLY, SessionStore, TurnSpec
 
 
@@ -94,3 +95,15 @@ def test_the_command_line_loads_server_tools_and_refuses_bad_ones():
         load_tools("infercept_hf.demo.tools:nothing")
     args = parse_args(["--policy", "swap", "--max-queue", "3"])
     assert (args.model, args.host, args.port, args.policy, args.max_queue) == (None, "127.0.0.1", 8000, "swap", 3)
+
+
+def test_a_continued_session_mirrors_the_token_log_once():
+    """Continuing a held session first brings the new prompt's rest as an answer event: it is
+    already in the prompt `begin` recorded, so the mirrored log must not take it twice."""
+    store, _ = _store()
+    session = store.new(None)
+    session.begin([5, 1, 2, 7, 7], TurnSpec(_Tok(), 4, (), None, frozenset(), 30.0), lambda ev, why: None)
+    session.hear(RequestEvent(0, "tool_answer", (7, 7)))  # the rest past the kept prefix [5, 1, 2]
+    session.hear(RequestEvent(0, "token", (3,)))
+    session.hear(RequestEvent(0, "tool_answer", (8, 8)))  # a server tool's answer, later in the turn
+    assert session.tokens == [5, 1, 2, 7, 7, 3, 8, 8]

@@ -144,7 +144,9 @@ class HeldSession:
 
     # ------------------------------------------------------------------ any thread, outside the engine lock
     def hear(self, event: RequestEvent) -> None:
-        if event.kind in ("token", "tool_answer"):
+        # a continued session's first answer is the new prompt's rest, already in `tokens` (`begin`)
+        continued = event.kind == "tool_answer" and len(self.tokens) == self._prompt_len
+        if event.kind == "token" or event.kind == "tool_answer" and not continued:
             self.tokens.extend(event.token_ids)
         reason = self.end_reason if event.kind == "tool_call" else None  # read now: the next turn resets it
         held = reason is not None
