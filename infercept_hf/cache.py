@@ -327,6 +327,7 @@ class InterceptPagedCache(PagedCacheBase):
     def free(self, rid: str) -> None:
         """Release every block the request holds, on device and host."""
         self.pipeline.finish()
+        self.prefix.releasing(rid)
         self.release_device(rid)
         for h in self.host.values():
             h.give_back(h.tables.pop(rid, []))
@@ -368,7 +369,7 @@ class InterceptPagedCache(PagedCacheBase):
 
             def done(a=alloc, ids=dev_ids, hids=host_ids, names=names) -> None:
                 self.prefix.note_host_copies(hids, names)
-                pp.release_refs(self, a, ids)
+                self.prefix.release(a, ids)
 
             self.pipeline.submit(Transfer(alloc, dev_ids, host_ids, True, done, host.storage))
         self._sync_device(rid)
@@ -429,7 +430,7 @@ class InterceptPagedCache(PagedCacheBase):
         for alloc in self.allocators.values():
             tables = pp.block_tables(alloc)
             table = tables.get(rid, [])
-            pp.release_refs(self, alloc, _pop_tail(table, n))
+            self.prefix.release(alloc, _pop_tail(table, n))
             if not table:
                 tables.pop(rid, None)
         self._sync_device(rid)

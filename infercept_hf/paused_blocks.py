@@ -4,14 +4,16 @@ Preserve waste is each paused request's device memory times the time it stays pa
 it over every paused request at every step made a step's cost grow with the requests standing
 still; here the sum changes only when a request pauses, resumes or has blocks moved, and each
 request's share is settled when its blocks change or it leaves the paused set. Only the blocks a
-request holds alone count: a block shared with another request costs nothing to keep. For the same
+request holds alone count: a block shared with another request costs nothing to keep. Other
+requests taking or dropping shares change that count too; the paused requests listing each
+device block are kept, so only those reading a block whose reference count changed are recounted. For the same
 reason the paused requests that still hold device blocks (the ones min-waste places each step)
 and the host blocks the paused requests hold (host room a longer pause may give up, found
 through `LongerPauses`) are kept here as the cache reports its changes, not found by a scan.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable, Iterable, Sequence
 
 from .longer_pauses import LongerPauses
 from .request import Request
@@ -22,11 +24,16 @@ class PausedBlocks:
     """Whole-model blocks of the paused requests: device blocks held alone `total` now, `holders`
     (those with any device blocks), `host_total` and `host_holders`, and per request the
     byte-seconds since it paused (`telemetry["waste_preserve"]`), over the steps `advance` records.
-    `alone(rid)` says how many of a request's device blocks no other request reads."""
+    `alone(rid)` says how many of a request's device blocks no other request reads, `blocks_of(rid)`
+    which blocks its table lists."""
 
-    def __init__(self, bytes_per_block: int, alone: Callable[[str], int]) -> None:
+    def __init__(self, bytes_per_block: int, alone: Callable[[str], int],
+                 blocks_of: Callable[[str], Sequence[int]]) -> None:
         self.bytes_per_block = bytes_per_block
         self.alone = alone
+        self.blocks_of = blocks_of
+        self._tables: dict[str, tuple[int, ...]] = {}  # paused rid -> its device blocks
+        self._readers: dict[int, set[str]] = {}  # device block -> the paused requests listing it
         self.total = 0
         self.host_total = 0
         self.elapsed = 0.0  # the recorded steps' seconds so far
@@ -40,6 +47,7 @@ class PausedBlocks:
         blocks = self.alone(req.rid) if device_blocks else 0
         self._held[req.rid] = (req, blocks, self.elapsed)
         self.total += blocks
+        self._list_blocks(req.rid)
         if device_blocks:
             self.holders[req.rid] = req
         self._set_host(req, host_blocks)
@@ -50,21 +58,37 @@ class PausedBlocks:
             self._settle(req.rid)
             self.total -= self._held.pop(req.rid)[1]
             self.holders.pop(req.rid, None)
+            self._unlist_blocks(req.rid)
             self._set_host(req, 0)
 
     def changed(self, rid: str, device_blocks: int) -> None:
         """A request's device blocks changed (the cache tells every request's; only paused ones count)."""
         if rid in self._held:
             req = self._recount(rid, self.alone(rid) if device_blocks else 0)
+            self._unlist_blocks(rid)
+            self._list_blocks(rid)
             if device_blocks:
                 self.holders[rid] = req
             else:
                 self.holders.pop(rid, None)
 
-    def shares_changed(self, rid: str) -> None:
-        """Other requests took or dropped shares of `rid`'s blocks: what it holds alone may differ."""
-        if rid in self._held:
+    def shares_changed(self, blocks: Iterable[int]) -> None:
+        """Other requests took or dropped references to these blocks: what the paused requests
+        listing them hold alone may differ."""
+        for rid in {rid for b in blocks for rid in self._readers.get(b, ())}:
             self._recount(rid, self.alone(rid))
+
+    def _list_blocks(self, rid: str) -> None:
+        self._tables[rid] = table = tuple(self.blocks_of(rid))
+        for b in table:
+            self._readers.setdefault(b, set()).add(rid)
+
+    def _unlist_blocks(self, rid: str) -> None:
+        for b in self._tables.pop(rid, ()):
+            readers = self._readers[b]
+            readers.discard(rid)
+            if not readers:
+                del self._readers[b]
 
     def _recount(self, rid: str, blocks: int) -> Request:
         req, old, _ = self._settle(rid)

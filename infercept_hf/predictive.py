@@ -40,6 +40,7 @@ class Predictor:
         cache: InterceptPagedCache,
         estimator: DurationEstimator,
         cost: CostModel,
+        call_of: Callable[[Request], Call],
         aging_s: float = DEFAULT_AGING_S,
         prefetch_quantile: float = DEFAULT_PREFETCH_QUANTILE,
         overdue_quantile: float = DEFAULT_OVERDUE_QUANTILE,
@@ -48,6 +49,7 @@ class Predictor:
         self.cache = cache
         self.estimator = estimator
         self.cost = cost
+        self.call_of = call_of  # a paused request's call, from the scheduler (which knows the oracle)
         self.aging_s = aging_s
         self.prefetch_quantile = prefetch_quantile
         self.overdue_quantile = overdue_quantile
@@ -64,12 +66,12 @@ class Predictor:
             return sum(outcomes) / len(outcomes)
         return self.estimator.remaining(call[0], elapsed_s, call[1])
 
-    def rank_by_waste(self, views: Sequence[PausedView], calls: dict[int, Call], other_tokens: int,
+    def rank_by_waste(self, views: Sequence[PausedView], calls: Sequence[Call], other_tokens: int,
                       chunk_tokens: int | None, step_s: float) -> list[tuple[PausedView, WasteFigures]]:
-        """min-waste's ranking with each request's figures weighed over its outcomes."""
+        """min-waste's ranking with each request's figures weighed over its outcomes (`calls[i]`
+        is `views[i]`'s)."""
         figures = []
-        for v in views:
-            tool, truth = calls[v.request_id]
+        for v, (tool, truth) in zip(views, calls):
             outcomes = self.estimator.remaining_distribution(tool, v.paused_for_s, truth)
             figs = (expected_figures(v, outcomes, other_tokens, self.cost, chunk_tokens, step_s) if outcomes
                     else waste_figures(v, other_tokens, self.cost, chunk_tokens))
@@ -123,7 +125,7 @@ class Predictor:
         """How long before an answer a copy of `tokens` back must start: the copy, and one iteration."""
         return self.cost.t_swap(tokens) + step_s
 
-    def prefetch(self, paused: Sequence[Request], calls: dict[int, Call], now: float, budget_tokens: int,
+    def prefetch(self, paused: Sequence[Request], now: float, budget_tokens: int,
                  spare_blocks: int, step_s: float) -> int:
         """Copy back the swapped KV of calls about to answer, soonest first, while `budget_tokens`
         (the swap budget this iteration has left; the first copy may exceed it, as its swap-in on
@@ -132,7 +134,7 @@ class Predictor:
         bs = self.cache.block_size
         for req in paused:
             if self.pinned(req):
-                tool, truth = calls[req.request_id]
+                tool, truth = self.call_of(req)
                 overdue = self.estimator.duration_quantile(tool, self.overdue_quantile, truth)
                 if overdue is not None and now - req.paused_at > overdue + step_s:
                     self._overdue.add(req.request_id)
@@ -140,7 +142,7 @@ class Predictor:
         if budget_tokens <= 0 or room <= 0:
             return 0
         due: list[tuple[float, float, int, Request, int]] = []
-        for req, host, start in self._starts(paused, calls, step_s):
+        for req, host, start in self._starts(paused, step_s):
             if start <= now and host <= room:
                 due.append((start, req.arrival_time, req.request_id, req, host))
         moved = 0
@@ -157,23 +159,22 @@ class Predictor:
                 break
         return moved
 
-    def _starts(self, paused: Sequence[Request], calls: dict[int, Call],
-                step_s: float) -> Iterator[tuple[Request, int, float]]:
+    def _starts(self, paused: Sequence[Request], step_s: float) -> Iterator[tuple[Request, int, float]]:
         """`(request, host blocks, when its prefetch must start)` for each swapped request not yet
         prefetched."""
         for req in paused:
             host = self.cache.host_blocks(req.rid)
             if not host or req.request_id in self.ledger or req.request_id in self._overdue:
                 continue
-            tool, truth = calls[req.request_id]
+            tool, truth = self.call_of(req)
             at = self.estimator.duration_quantile(tool, self.prefetch_quantile, truth)
             if at is not None:
                 yield req, host, prefetch_start(req.paused_at, at, self._lead(host * self.cache.block_size, step_s))
 
-    def next_due(self, paused: Sequence[Request], calls: dict[int, Call], now: float, step_s: float) -> float | None:
+    def next_due(self, paused: Sequence[Request], now: float, step_s: float) -> float | None:
         """The earliest moment after `now` at which a prefetch falls due (those due already wait
         for budget or room, which only a step's events can free)."""
-        return min((start for _, _, start in self._starts(paused, calls, step_s) if start > now), default=None)
+        return min((start for _, _, start in self._starts(paused, step_s) if start > now), default=None)
 
     def returned(self, req: Request, now: float) -> None:
         """`req`'s answer arrived: settle its prefetch outcome."""

@@ -52,6 +52,7 @@ class PrefixIndex:
         self._host_names: dict[int, int] = {}  # host block -> the name of the content it holds
         self._host_by_name: dict[int, int] = {}  # name -> a host block holding it
         self._indexed: dict[str, int] = {}  # rid -> leading blocks of its table known to be named
+        self._touched: set[int] = set()  # device blocks whose reference count changed since `take_touched`
 
     # ------------------------------------------------------------------ naming and reuse
     def index(self, rid: str, tokens: list[int], computed: int) -> None:
@@ -69,7 +70,10 @@ class PrefixIndex:
             h = pp.block_hash(self.alloc, table[i])
             if h is None:
                 h, _ = pp.hashed_block(self.alloc, parent, tokens[i * bs:(i + 1) * bs])
+                own = table[i]
                 pp.index_block(self.cache, self.alloc, rid, i, h)
+                if table[i] != own:  # it now reads another block of the same content
+                    self._touched.update((own, table[i]))
             parent = h
         self._indexed[rid] = max(full, 0)
 
@@ -92,6 +96,7 @@ class PrefixIndex:
             parent, block = pp.hashed_block(self.alloc, parent, tokens[i * bs:(i + 1) * bs])
             if block is not None:
                 pp.acquire(self.alloc, block)
+                self._touched.add(block)
             elif (block := self._from_host(parent)) is None:
                 break
             table.append(block)
@@ -101,6 +106,26 @@ class PrefixIndex:
         self.hit_tokens += gained
         self._indexed[rid] = len(table)
         return gained
+
+    def release(self, alloc: Any, ids: list[int]) -> None:
+        """Drop one reference to each block (see `paged_pool.release_refs`), noting the change."""
+        pp.release_refs(self.cache, alloc, ids)
+        if self.enabled:
+            self._touched.update(ids)
+
+    def releasing(self, rid: str) -> None:
+        """Every device block of the request is about to lose its reference (transformers frees them)."""
+        if self.enabled:
+            self._touched.update(self.device_table(rid))
+
+    def take_touched(self) -> set[int]:
+        """The device blocks whose reference count changed since the last call."""
+        touched, self._touched = self._touched, set()
+        return touched
+
+    def device_table(self, rid: str) -> list[int]:
+        """The request's device blocks, in order."""
+        return pp.block_tables(self.alloc).get(rid, [])
 
     def forget(self, rid: str) -> None:
         self._indexed.pop(rid, None)
@@ -130,6 +155,7 @@ class PrefixIndex:
         block = pp.named_block(self.alloc, name) if name is not None else None
         if block is not None:
             pp.acquire(self.alloc, block)
+            self._touched.add(block)
         return block
 
     def _from_host(self, name: int) -> int | None:
@@ -177,7 +203,7 @@ class PrefixIndex:
         new = pp.take_blocks(self.cache, self.alloc, 1)[0]
         pp.copy_block(self.alloc, old, new)
         table[i] = new
-        pp.release_refs(self.cache, self.alloc, [old])
+        self.release(self.alloc, [old])
         self._indexed[rid] = min(self._indexed.get(rid, 0), i)
         return True
 

@@ -93,10 +93,9 @@ class Scheduler:
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self.paused: list[Request] = []
-        self.paused_blocks = PausedBlocks(cache.block_bytes, cache.exclusive_blocks)
+        self.paused_blocks = PausedBlocks(cache.block_bytes, cache.exclusive_blocks, cache.prefix.device_table)
         cache.watch_device_blocks(self.paused_blocks.changed)
         cache.watch_host_blocks(self.paused_blocks.host_changed)
-        self._shares_seen = 0  # the cache's extra block references when paused shares were last counted
         # min-waste: budget and tokens moved, per iteration (the most recent ones: a server runs for ever)
         self.swap_log: deque[SwapIteration] = deque(maxlen=SWAP_LOG_LENGTH)
         self.preemptions = 0
@@ -105,7 +104,7 @@ class Scheduler:
         # KV (at the pause and after it), and the iterations whose prefills min-waste chunked
         self.moves: dict[str, int] = {}
         # `predictive`: durations as distributions, prefetch and the queue by predicted work
-        self.predictor = Predictor(cache, estimator, cost) if self.traits.predictive else None
+        self.predictor = Predictor(cache, estimator, cost, self._call) if self.traits.predictive else None
         self._queue_key = queue_order  # this iteration's queue order (the predictor's ranks it by work)
         self._step_s = 0.0  # the latest iteration's forward time, as the cost model predicts it
 
@@ -203,13 +202,10 @@ class Scheduler:
         return plan
 
     def _recount_paused_shares(self) -> None:
-        """Other requests took or dropped shares of blocks since the last step: what each paused
-        request holds alone (its preserve waste) may have changed without a move of its own."""
-        shares = self.cache.prefix.extra_references()
-        if shares != self._shares_seen:
-            self._shares_seen = shares
-            for rid in list(self.paused_blocks.holders):
-                self.paused_blocks.shares_changed(rid)
+        """Other requests took or dropped shares of blocks since the last step: what a paused
+        request reading them holds alone (its preserve waste) may have changed without a move of its own."""
+        if touched := self.cache.prefix.take_touched():
+            self.paused_blocks.shares_changed(touched)
 
     def _prefill_budget(self) -> int:
         """Tokens for prompt, answer and recompute chunks this iteration: `_chunk_tokens()` while
@@ -425,7 +421,7 @@ class Scheduler:
             free_device_tokens=self.cache.free_device_blocks() * bs,
         )
         views = [self._view(r, now) for r in holders]
-        ranked = self._rank_paused(views)
+        ranked = self._rank_paused(views, holders)
         for view, figs in ranked:
             self.paused_blocks.request(str(view.request_id)).waste = _as_dict(figs)
 
@@ -456,10 +452,10 @@ class Scheduler:
         only when nothing else can give way)."""
         return self.predictor is not None and self.predictor.keeps(req, self._call(req), now, self._step_s)
 
-    def _rank_paused(self, views: list[PausedView]) -> list[tuple[PausedView, WasteFigures]]:
+    def _rank_paused(self, views: list[PausedView], holders: list[Request]) -> list[tuple[PausedView, WasteFigures]]:
         if self.predictor is None:
             return rank_by_waste(views, self._others_tokens(), self.cost, self._chunk_tokens())
-        calls = {r.request_id: self._call(r) for r in self.paused}
+        calls = [self._call(r) for r in holders]
         return self.predictor.rank_by_waste(views, calls, self._others_tokens(), self._chunk_tokens(), self._step_s)
 
     def _prefetch(self, now: float, batch_tokens: int, swap_in_tokens: int) -> int:
@@ -469,8 +465,7 @@ class Scheduler:
         assert self.predictor is not None
         budget = swap_budget_tokens(max(1, batch_tokens), self.cost) - swap_in_tokens
         spare = self.cache.free_device_blocks() - self._blocks_wanted()
-        calls = {r.request_id: self._call(r) for r in self.paused}
-        moved = self.predictor.prefetch(self.paused, calls, now, budget, spare, self._step_s)
+        moved = self.predictor.prefetch(self.paused, now, budget, spare, self._step_s)
         if moved:
             for r in self.paused:
                 if r.request_id in self.predictor.ledger:
@@ -481,8 +476,7 @@ class Scheduler:
         """`predictive`: when the next prefetch falls due (after `now`), so an idle engine wakes for it."""
         if self.predictor is None:
             return None
-        calls = {r.request_id: self._call(r) for r in self.paused}
-        return self.predictor.next_due(self.paused, calls, now, self._step_s)
+        return self.predictor.next_due(self.paused, now, self._step_s)
 
     def _host_room(self) -> HostRoom:
         """The host pool and the paused requests' blocks, per allocator, for `plan_paused_moves`:

@@ -58,6 +58,9 @@ def run_staggered(arch: str, policy: str, sharing: bool, num_blocks: int = 40, h
         for r in engine.step():
             results[r.request_id] = r
         engine.cache.check_integrity()
+        engine.scheduler._recount_paused_shares()  # what the next step does first
+        held = engine.scheduler.paused_blocks  # its preserve waste counts exactly the blocks held alone
+        assert held.total == sum(engine.cache.exclusive_blocks(rid) for rid in held.holders)
         clock.advance(0.25)
         step += 1
         assert step < 2000, "requests never ended"
@@ -379,4 +382,36 @@ def test_check_integrity_catches_a_named_block_nobody_lists(llama):
     pp.acquire(alloc, pp.cached_block_ids(alloc)[0])  # taken out of the cache by a reference no table holds
     with pytest.raises(AssertionError, match="still named, listed nowhere"):
         engine.cache.check_integrity()
+    engine.close()
+
+
+def test_preserve_waste_counts_what_a_pause_holds_alone_as_others_take_and_drop_shares(llama):
+    """A request pauses holding 3 full blocks of a prefix; a second request arrives, reads them and
+    finishes while the first is still paused. The first's preserve waste counts those blocks only
+    while nobody else reads them: byte-seconds exact over a manual clock."""
+    clock = ManualClock()
+    engine = ih.InterceptEngine(llama, policy="preserve", num_blocks=32, block_size=4,
+                                cost_model=TEST_COST, clock=clock)
+    cache, paused = engine.cache, engine.scheduler.paused_blocks
+    long_pause = ih.Scripted([(1, 100.0, [7])])
+    a = engine.add_request(SHARED + TAILS[0], max_new_tokens=3, interceptions=long_pause)
+    while not engine.scheduler.paused:
+        engine.step()
+    ra = engine._requests[a]
+    held = cache.device_blocks(ra.rid)
+    assert paused.total == held  # alone: every block counts
+    engine.add_request(SHARED + TAILS[1], max_new_tokens=6)
+    engine.step()  # admits the second, which attaches the 3 shared blocks
+    engine.step()  # the recount sees the new shares
+    assert cache.prefix.shared_blocks(ra.rid) == 3 and paused.total == held - 3
+    while engine.scheduler.running or engine.scheduler.waiting:
+        engine.step()
+    engine.step()  # the second's blocks were released: the recount sees the shares dropped
+    assert paused.total == held
+    before = ra.telemetry.get("waste_preserve", 0.0)
+    clock.advance(2.0)
+    paused.advance(2.0)
+    engine.cancel(a)
+    assert ra.telemetry["waste_preserve"] - before == pytest.approx(2.0 * held * cache.block_bytes)
+    cache.check_integrity()
     engine.close()
