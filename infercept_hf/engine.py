@@ -313,6 +313,7 @@ class InterceptEngine:
             self._resume(req, Answer(prompt[keep:]), self._now())
             if req.status is Status.FINISHED:
                 raise ValueError(f"request {request_id} could not go on: {req.error}")
+            self.scheduler.expedite(req)  # its caller waits on the first token: ahead of the decodes
             reused = req.num_cached
         self._wakeup.set()
         self._dispatch_events()

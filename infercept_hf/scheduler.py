@@ -6,6 +6,10 @@ Every iteration, in this order:
 2. running requests get their next chunk (a decode is 1 token), in queue order;
 3. waiting requests (new, preempted, or resuming after a tool) are admitted in queue order
    while tokens and blocks last; strict FIFO, so nobody starves.
+A caller's next turn (`expedite`: a held conversation's follow-up, whose new messages are all
+there is to compute) instead gets an iteration of its own, ahead of the decodes and prefills:
+its first token then costs one small forward over its own context, not one over everybody's.
+At most every other iteration is such an express one, so the decodes never stall.
 When blocks run out, paused requests give theirs up first (longest expected pause first),
 then the youngest running request is preempted.
 
@@ -107,6 +111,8 @@ class Scheduler:
         self.predictor = Predictor(cache, estimator, cost, self._call) if self.traits.predictive else None
         self._queue_key = queue_order  # this iteration's queue order (the predictor's ranks it by work)
         self._step_s = 0.0  # the latest iteration's forward time, as the cost model predicts it
+        self._express: list[Request] = []  # callers' next turns, to run in an iteration of their own
+        self._express_last = False  # the previous iteration was an express one: this one is everybody's
 
     # ------------------------------------------------------------------ transitions
     def add(self, req: Request) -> None:
@@ -139,7 +145,15 @@ class Scheduler:
             req.queue_key = now
         self.waiting.append(req)
 
+    def expedite(self, req: Request) -> None:
+        """A resumed request whose caller waits on its first token: run its chunk in the next iteration
+        that may be an express one."""
+        if req.status is Status.WAITING and req not in self._express:
+            self._express.append(req)
+
     def remove(self, req: Request) -> None:
+        if req in self._express:
+            self._express.remove(req)
         for queue in (self.waiting, self.running, self.paused):
             if req in queue:
                 queue.remove(req)
@@ -158,10 +172,11 @@ class Scheduler:
         self._swapped_in_bytes = 0
         self._queue_key = self.predictor.queue_key(now) if self.predictor is not None else queue_order
         self.running.sort(key=lambda r: (r.uncached > 1, r.queue_key))  # decodes first, then prefills
+        admitted = self._admit_express(plan, now)
         budget = self.max_batch_tokens
-        prefill_budget = self._prefill_budget()
+        prefill_budget = 0 if admitted else self._prefill_budget()
         scheduled: set[int] = set()
-        for req in list(self.running):
+        for req in [] if admitted else list(self.running):
             if req.status is not Status.RUNNING:  # preempted while making room for an older one
                 continue
             prefill = req.uncached > 1  # `_reserve` never changes `req`'s own cached length
@@ -178,7 +193,6 @@ class Scheduler:
                 prefill_budget -= n
         budget = min(budget, prefill_budget)
         self.waiting.sort(key=self._queue_key)
-        admitted = []
         while self.waiting and budget > 0:
             req = self.waiting[0]
             self.cache.attach_prefix(req.rid)
@@ -200,6 +214,30 @@ class Scheduler:
                 swap_in_tokens += self._prefetch(now, plan.num_tokens, swap_in_tokens)
             self._min_waste(now, plan.num_tokens, swap_in_tokens)
         return plan
+
+    def _admit_express(self, plan: StepPlan, now: float) -> list[Request]:
+        """This iteration for the expedited requests alone, when any is waiting and the previous one was
+        not theirs (a decode waits at most one such iteration). Returns those admitted: none, and the
+        iteration is everybody's, when none is waiting or none fits."""
+        self._express = [r for r in self._express if r.status is Status.WAITING]
+        if self._express_last or not self._express:
+            self._express_last = False
+            return []
+        admitted, budget = [], self.max_batch_tokens
+        for req in list(self._express):
+            self.cache.attach_prefix(req.rid)
+            n = min(req.uncached, budget)
+            if n == 0 or not self._swap_in(req, now) or not self._reserve(req, n, now, protected=None):
+                continue
+            self._express.remove(req)
+            self.waiting.remove(req)
+            req.status = Status.RUNNING
+            self.running.append(req)
+            plan.chunks.append(Chunk(req, req.num_cached, n))
+            admitted.append(req)
+            budget -= n
+        self._express_last = bool(admitted)
+        return admitted
 
     def _recount_paused_shares(self) -> None:
         """Other requests took or dropped shares of blocks since the last step: what a paused

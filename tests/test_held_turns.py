@@ -100,3 +100,37 @@ def test_common_prefix_len():
     assert common_prefix_len([1, 2, 3], [1, 2, 4, 5]) == 2
     assert common_prefix_len([1, 2], [1, 2, 3]) == 2
     assert common_prefix_len([], [1]) == 0
+
+
+@pytest.mark.parametrize("policy", ["min-waste", "discard"])
+def test_a_continued_turn_runs_alone_in_the_next_step_ahead_of_the_decodes(llama, policy):
+    """The caller waits on its first token: the new messages run in an iteration of their own, and the
+    decodes come back in the one after (never two express iterations in a row)."""
+    prompt, other, more, fresh = prompts_for(11, [20, 24, 9, 30])
+    engine = ih.InterceptEngine(llama, policy=policy, num_blocks=64, block_size=4, host_pool_bytes=1 << 20,
+                                cost_model=TEST_COST)
+    forwarded: list[list[tuple[int, int]]] = []
+    forward = engine.runner.forward
+    engine.runner.forward = lambda chunks: (forwarded.append([(c.request.request_id, c.length) for c in chunks]),
+                                            forward(chunks))[1]
+    seen: list[str] = []
+    held = engine.add_request(prompt, max_new_tokens=6, chat_session=PauseAfter(5),
+                              on_event=lambda ev: seen.append(ev.kind))
+    busy = engine.add_request(other, max_new_tokens=40)
+    while "tool_call" not in seen:
+        engine.step()
+    follow_up = engine._requests[held].tokens + more
+    engine.continue_request(held, follow_up, max_new_tokens=6)
+    waiting = engine.add_request(fresh, max_new_tokens=4)  # arrived after: still everybody's iteration
+    forwarded.clear()
+    engine.step()
+    engine.step()
+    assert [rid for rid, _ in forwarded[0]] == [held]
+    if policy == "min-waste":  # the new messages and the last token of the previous turn
+        assert forwarded[0][0][1] == len(more) + 1
+    assert {rid for rid, _ in forwarded[1]} == {held, busy, waiting}
+    seen.clear()
+    while "tool_call" not in seen:
+        engine.step()
+    assert engine._requests[held].tokens == follow_up + greedy(llama, follow_up, 5)
+    engine.cache.check_integrity()
