@@ -9,9 +9,11 @@ import re
 
 import openai
 import pytest
+import torch
 
 from chat_formats import FORMATS, format_tokenizer
 from infercept_hf.chat_tools import ChatFormat
+from infercept_hf.serve.forced_call import forced_call
 from infercept_hf.serve.sessions import ClientTool, HeldSession, SessionStore, TurnSpec
 from serve_helpers import CALCULATOR_SCHEMA, bundled, reference, serving
 
@@ -71,11 +73,72 @@ def test_a_streamed_forced_call_comes_as_a_delta(server):
     assert not "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
 
 
+def test_required_with_tools_whose_calls_open_differently_constrains_the_first_token_as_transformers_does(server):
+    """The demo format opens each call with its own token: "required" lets the model choose the tool,
+    not whether to call one (unforced, it calls `game`, which is not offered)."""
+    _, _, client = server
+    model, tok = bundled()
+    tools = [CALCULATOR_SCHEMA, LOOKUP_SCHEMA]
+    out = client.chat.completions.create(model="m", messages=GREETING, tools=tools, tool_choice="required",
+                                         max_tokens=MAX_TOKENS, temperature=0)
+    prompt = list(tok.apply_chat_template(GREETING, tools=tools, add_generation_prompt=True, tokenize=True,
+                                          return_dict=False))
+    openers = {tok.convert_tokens_to_ids(t): name for t, name in (("<calculator expression>", "calculator"),
+                                                                   ("<lookup query>", "lookup"))}
+    ids = torch.tensor([prompt])
+    everything = list(range(model.config.vocab_size))
+    ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_TOKENS, do_sample=False,
+                         prefix_allowed_tokens_fn=lambda _, s: list(openers) if len(s) == len(prompt) else everything)
+    ref = ref[0, len(prompt):].tolist()
+    name = openers[ref[0]]
+    close = ref.index(tok.convert_tokens_to_ids(f"</{name}>"))
+    assert out.choices[0].finish_reason == "tool_calls"
+    (call,) = out.choices[0].message.tool_calls
+    argument = next(iter(json.loads(call.function.arguments).values()))
+    assert (call.function.name, argument) == (name, tok.decode(ref[1:close]))
+    assert out.usage.completion_tokens == close + 1
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_required_holds_when_sampling(server, seed):
+    _, _, client = server
+    out = client.chat.completions.create(model="m", messages=GREETING, tools=[CALCULATOR_SCHEMA, LOOKUP_SCHEMA],
+                                         tool_choice="required", max_tokens=MAX_TOKENS, temperature=1.5, seed=seed)
+    assert out.choices[0].finish_reason == "tool_calls"  # with these seeds each call closes within MAX_TOKENS
+    assert out.choices[0].message.content is None
+    assert [c.function.name for c in out.choices[0].message.tool_calls] in (["calculator"], ["lookup"])
+
+
+def test_the_opener_constraint_masks_all_but_the_openings_until_one_is_whole():
+    """Hermes: the openings share `<tool_call>` through `{"name": "`; the constraint then allows only
+    the next token of each name (`weather` is one token here, `wiki` four), and nothing once a whole
+    opening is written."""
+    tok = format_tokenizer(FORMATS["hermes"])
+    schemas = [{"type": "function", "function": {"name": n, "parameters": {"type": "object", "properties": {}}}}
+               for n in ("weather", "wiki")]
+    fmt = ChatFormat(tok, [ClientTool(s) for s in schemas], [tok.convert_tokens_to_ids("<|im_end|>")], "qwen2")
+    forced = forced_call(fmt, None)
+    assert tok.decode(forced.opener).endswith('{"name": "')
+    weather, wiki = sorted(forced.rests, key=len)
+    assert (tok.decode(list(weather)).split('"')[0], tok.decode(list(wiki)).split('"')[0]) == ("weather", "wiki")
+    prompt = [1, 2, 3, *forced.opener]
+    constraint = forced.sampler(None, len(prompt)).processors[0]
+    scores = torch.zeros(1, len(tok))
+
+    def allowed(generated: tuple[int, ...]) -> set[int]:
+        masked = constraint(torch.tensor([prompt + list(generated)]), scores.clone())[0]
+        return set(torch.nonzero(masked == 0).flatten().tolist())
+
+    assert allowed(()) == {weather[0], wiki[0]}
+    assert allowed(wiki[:2]) == {wiki[2]}
+    assert allowed(wiki) == allowed(weather) == allowed((wiki[0], weather[0])) == set(range(len(tok)))
+    assert forced_call(fmt, "wiki").rests == ()
+
+
 @pytest.mark.parametrize("tools, choice, match", [
     ([CALCULATOR_SCHEMA], {"type": "function", "function": {"name": "lookup"}},
      r"names the function 'lookup', which is not among the tools \['calculator'\]"),
     ([], "required", "offers no tools"),
-    ([CALCULATOR_SCHEMA, LOOKUP_SCHEMA], "required", "share no opening token"),
     ([CALCULATOR_SCHEMA], {"type": "allowed_tools", "allowed_tools": {"mode": "auto", "tools": []}},
      "'allowed_tools' is not supported"),
 ])

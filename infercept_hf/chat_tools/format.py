@@ -19,7 +19,6 @@ calls may come first); if not (the bundled demo model), the close of a call ends
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -140,20 +139,10 @@ class ChatFormat:
         end = _last_match_end(self.close_re, rendered)
         return end is not None and not any(t in rendered[end:] for t in self.eos_texts)
 
-    def forced_opener(self, name: str | None) -> list[int]:
-        """The token ids to append after the generation prompt so that the model writes a call: to
-        `name`, or (None) to any tool, as far as the openings of calls to every tool agree.
-
-        Raises ChatTemplateError when no opening can be read off the template, and for any tool when
-        calls to different tools share no opening token (formats with one token per tool)."""
-        if name is not None:
-            return self._call_opener(name)
-        openers = [self._call_opener(n) for n in self.functions]
-        common = os.path.commonprefix(openers)
-        if not common:
-            raise ChatTemplateError("calls to different tools share no opening token in this format, so a call to any "
-                                    "of them cannot be forced; name one function, or offer one tool")
-        return list(common)
+    def forced_opener(self, name: str) -> list[int]:
+        """The token ids to append after the generation prompt so that the model writes a call to
+        `name`. Raises ChatTemplateError when no opening can be read off the template."""
+        return self._call_opener(name)
 
     def _call_opener(self, name: str) -> list[int]:
         """The template's own tokens for an assistant turn holding a call to `name`, from its

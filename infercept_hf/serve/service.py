@@ -15,6 +15,7 @@ from ..patches.chat_templates import fallback_response_template
 from ..patches.transformers_serve import template_messages
 from ..serving import AsyncInterceptEngine
 from .errors import APIError, bad_request
+from .forced_call import ForcedCall, forced_call
 from .metrics import ServerMetrics
 from .params import DEFAULT_MAX_TOKENS, TurnParams
 from .sessions import ClientTool, HeldSession, SessionStore, TurnSpec
@@ -115,18 +116,18 @@ class Service:
         except ValueError as exc:
             raise bad_request(f"tools cannot be used with this model: {exc}", param="tools") from exc
 
-    def _opener(self, fmt: ChatFormat | None, params: TurnParams) -> list[int]:
-        """The tokens that open the call `tool_choice` forces ("required" or a named function), to
-        follow the generation prompt: the model then writes the rest of the call."""
+    def _forced(self, fmt: ChatFormat | None, params: TurnParams) -> ForcedCall:
+        """The call `tool_choice` forces ("required" or a named function): the tokens that open it,
+        to follow the generation prompt, and what constrains the model's first tokens after them."""
         if not params.call_required:
-            return []
+            return ForcedCall([], ())
         if fmt is None:
             raise bad_request("tool_choice asks for a tool call but the request offers no tools", param="tool_choice")
         if params.call_name is not None and params.call_name not in fmt.functions:
             raise bad_request(f"tool_choice names the function {params.call_name!r}, which is not among the tools "
                               f"{sorted(fmt.functions)}", param="tool_choice")
         try:
-            return fmt.forced_opener(params.call_name)
+            return forced_call(fmt, params.call_name)
         except ChatTemplateError as exc:
             raise bad_request(f"tool_choice cannot force a call with this model's chat template: {exc}",
                               param="tool_choice") from exc
@@ -135,8 +136,10 @@ class Service:
     async def start_turn(self, prompt: list[int], params: TurnParams, client_tools: list[dict], chat: bool) -> Turn:
         """Continue the held session the prompt matches, or start one; the turn's events follow."""
         fmt = self._format(client_tools)
-        opener = self._opener(fmt, params)
+        forced = self._forced(fmt, params)
+        opener = forced.opener
         prompt = [*prompt, *opener]
+        sampler = forced.sampler(params.sampler, len(prompt))
         max_tokens = self._budget(len(prompt), params.max_tokens)
         server_names = frozenset(n for n in self.server_tools if n not in {t["function"]["name"] for t in client_tools})
         spec = TurnSpec(self.tokenizer, max_tokens, params.stop, fmt, server_names, self.config.session_ttl_s,
@@ -151,7 +154,7 @@ class Service:
             session.begin(prompt, spec, turn.listener)
             try:
                 turn.cached_tokens = await asyncio.to_thread(self.engine.continue_request, session.request_id, prompt,
-                                                             max_tokens + 1, params.sampler)
+                                                             max_tokens + 1, sampler)
                 return turn
             except ValueError:  # expired meanwhile, or refused: that context is gone, start afresh
                 session.listener = None
@@ -162,7 +165,7 @@ class Service:
         session.begin(prompt, spec, turn.listener)
         try:
             session.request_id = await asyncio.to_thread(
-                self.engine.add_request, prompt, max_new_tokens=max_tokens + 1, sampler=params.sampler,
+                self.engine.add_request, prompt, max_new_tokens=max_tokens + 1, sampler=sampler,
                 on_event=session.hear, chat_session=session)
         except ValueError as exc:
             raise bad_request(str(exc)) from exc
