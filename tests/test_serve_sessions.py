@@ -107,3 +107,20 @@ def test_a_continued_session_mirrors_the_token_log_once():
     session.hear(RequestEvent(0, "token", (3,)))
     session.hear(RequestEvent(0, "tool_answer", (8, 8)))  # a server tool's answer, later in the turn
     assert session.tokens == [5, 1, 2, 7, 7, 3, 8, 8]
+
+
+def test_a_discarded_context_read_back_from_the_prefix_index_counts_as_cached():
+    """Under `discard` the held context's KV is dropped at the turn's end, but its full blocks stay
+    named in the prefix index: the follow-up reads them back, and `cached_tokens` says so."""
+    from serve_helpers import serving
+
+    messages = [{"role": "user", "content": "What is 12 * 12? Think about it step by step, please."}]
+    with serving(policy="discard") as (service, _, client):
+        first = client.chat.completions.create(model="m", messages=messages, max_tokens=8, temperature=0)
+        messages += [first.choices[0].message.model_dump(exclude_none=True), {"role": "user", "content": "and 13?"}]
+        second = client.chat.completions.create(model="m", messages=messages, max_tokens=4, temperature=0)
+        recomputed = service.engine.stats()["recomputed_tokens"]
+    block = service.engine.cache.block_size
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert cached >= first.usage.prompt_tokens // block * block > 0
+    assert cached % block == 0 and recomputed < block  # whole blocks read back; only a partial one computed again

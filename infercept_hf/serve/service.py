@@ -152,9 +152,13 @@ class Service:
             session = claimed[0]
             turn = Turn(session, prompt, self.tokenizer, template, schemas, params.stop, self.engine.default_eos, spec)
             session.begin(prompt, spec, turn.listener)
+            rid = session.request_id
+            shared_before = self.engine.reused_tokens(rid)  # paused: nothing attaches blocks to it meanwhile
             try:
-                turn.cached_tokens = await asyncio.to_thread(self.engine.continue_request, session.request_id, prompt,
-                                                             max_tokens + 1, sampler)
+                kept = await asyncio.to_thread(self.engine.continue_request, rid, prompt, max_tokens + 1, sampler)
+                # and what its admission takes from the prefix index (a context the policy discarded)
+                turn.cached_tokens = kept
+                turn.reused = lambda: kept + self.engine.reused_tokens(rid) - shared_before
                 return turn
             except ValueError:  # expired meanwhile, or refused: that context is gone, start afresh
                 session.listener = None
