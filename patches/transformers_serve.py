@@ -8,16 +8,11 @@ module imports them and gives them stable names.
   parts joined into text, `tool_calls[].function.arguments` parsed from JSON strings);
 - `parser_items`: a `ResponseParser`'s events -> content deltas (`str`), reasoning deltas
   (`ReasoningText`) and completed calls (`ToolCall`, arguments as a JSON string);
-- `sse`: a pydantic chunk (or a string) as one server-sent-events `data:` line;
-- `sdpa_reads_kv_heads_once`: transformers' SDPA attention, on a CPU, hands grouped KV heads to
-  torch as they are instead of copying each once per query head.
+- `sse`: a pydantic chunk (or a string) as one server-sent-events `data:` line.
 """
 from __future__ import annotations
 
-import os
 from typing import Any
-
-import torch
 
 from transformers.cli.serving.utils import (
     BaseHandler,
@@ -27,9 +22,7 @@ from transformers.cli.serving.utils import (
     response_events_to_chunks,
 )
 
-__all__ = ["ReasoningText", "ToolCall", "parser_items", "sdpa_reads_kv_heads_once", "sse", "template_messages"]
-
-SDPA_GQA_SWITCH = "TRANSFORMERS_SDPA_FORCE_GQA"  # read by transformers.integrations.sdpa_attention at each call
+__all__ = ["ReasoningText", "ToolCall", "parser_items", "sse", "template_messages"]
 
 
 def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -43,13 +36,3 @@ def parser_items(events: list[dict[str, Any]]) -> list[str | ReasoningText | Too
 
 def sse(chunk: Any) -> str:
     return BaseHandler.chunk_to_sse(chunk)
-
-
-def sdpa_reads_kv_heads_once(device: torch.device) -> None:
-    """With a mask (the packed batch's), transformers' SDPA path expands the gathered keys and values
-    to every query head (`repeat_kv`) because CUDA's fast kernels take grouped heads only without a
-    mask; torch's CPU kernels take them with one (`enable_gqa`), the same attention without the
-    copies, which cost as much as the attention itself at a server's context lengths. Process-wide,
-    CPU only, and only where the environment does not decide otherwise."""
-    if device.type == "cpu":
-        os.environ.setdefault(SDPA_GQA_SWITCH, "1")

@@ -17,7 +17,6 @@ import uvicorn
 from ..chat_tools import FunctionTool
 from ..engine import InterceptEngine
 from ..loading import load_causal_lm
-from ..patches.transformers_serve import sdpa_reads_kv_heads_once
 from ..scheduler import POLICIES
 from .app import build_app
 from .service import ServeConfig, Service
@@ -75,7 +74,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def build_service(args: argparse.Namespace) -> Service:
     model, tokenizer, name = load_model(args.model)
-    sdpa_reads_kv_heads_once(model.device)
     engine = InterceptEngine(model, tokenizer=tokenizer, policy=args.policy, num_blocks=args.num_blocks,
                              block_size=args.block_size,
                              host_pool_bytes=None if args.host_pool_mb is None else args.host_pool_mb << 20,
