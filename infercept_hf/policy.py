@@ -38,7 +38,9 @@ class PolicyTraits:
     never the policy's name."""
 
     name: str
-    at_pause: Literal["keep", "discard", "swap"]  # the first decision ("swap": discard when the host is full)
+    # the first decision ("swap": discard when the host is full; "budget": min-waste's per-iteration
+    # placement at once, within what is left of the iteration's swap budget)
+    at_pause: Literal["keep", "discard", "swap", "budget"]
     resume_at_back: bool  # a resumed request re-queues at the end (a new vLLM request); else at its arrival place
     evict_to_host: bool  # device KV of paused or queued requests, pushed out for room, goes to host when it fits
     preempt_to_host: bool  # a preempted running request's KV goes to host when it fits; else it is recomputed
@@ -58,11 +60,11 @@ POLICY_TRAITS: dict[str, PolicyTraits] = {
     "preserve": PolicyTraits("preserve", "keep", resume_at_back=False, **_PLAIN),
     "swap": PolicyTraits("swap", "swap", resume_at_back=False, evict_to_host=True, preempt_to_host=True,
                          revisit_each_step=False, chunked_recompute=False, host_room_by_pause=False),
-    # INFERCEPT: keep at the pause, then every iteration swap within the budget or preserve / discard by least waste
-    "min-waste": PolicyTraits("min-waste", "keep", resume_at_back=False, evict_to_host=True, preempt_to_host=False,
+    # INFERCEPT: at the pause and then every iteration, swap within the budget or preserve / discard by least waste
+    "min-waste": PolicyTraits("min-waste", "budget", resume_at_back=False, evict_to_host=True, preempt_to_host=False,
                               revisit_each_step=True, chunked_recompute=True, host_room_by_pause=True),
     # min-waste over predicted duration distributions, swapped KV back before the answer, queue by predicted work
-    "predictive": PolicyTraits("predictive", "keep", resume_at_back=False, evict_to_host=True, preempt_to_host=False,
+    "predictive": PolicyTraits("predictive", "budget", resume_at_back=False, evict_to_host=True, preempt_to_host=False,
                                revisit_each_step=True, chunked_recompute=True, host_room_by_pause=True,
                                predictive=True),
 }

@@ -107,6 +107,9 @@ class Scheduler:
         self.predictor = Predictor(cache, estimator, cost, self._call) if self.traits.predictive else None
         self._queue_key = queue_order  # this iteration's queue order (the predictor's ranks it by work)
         self._step_s = 0.0  # the latest iteration's forward time, as the cost model predicts it
+        # min-waste: tokens swapped out at pauses since the latest iteration was scheduled (their copies
+        # run behind the next forward, so they come out of its swap budget)
+        self._paused_out = 0
 
     # ------------------------------------------------------------------ transitions
     def add(self, req: Request) -> None:
@@ -126,6 +129,8 @@ class Scheduler:
         elif self.traits.at_pause == "swap":
             if not self._swap_out(req, None, wait=False):
                 self._discard(req)
+        elif self.traits.at_pause == "budget" and self.cache.device_blocks(req.rid) and not self._kept_for_return(req, now):
+            self._place_at_pause(req, now)
         req.strategy = self._placement(req)
 
     def resume(self, req: Request, now: float) -> None:
@@ -396,6 +401,8 @@ class Scheduler:
         """Spend what is left of this iteration's swap budget, after the swap-ins of returning
         requests, on the most wasteful paused requests; under memory pressure, preserve or discard
         the rest, whichever wastes less; `swap_log` notes the budget and what moved.
+        Requests that paused since the latest iteration were placed at their pause
+        (`_place_at_pause`), out of this iteration's budget.
 
         The budget is the KV that moves over the host link in the time of this iteration's
         forward (`T_swap(N) = T_fwd(B)`): copies that fit hide under compute, so they are spent
@@ -404,10 +411,23 @@ class Scheduler:
         """
         budget = swap_budget_tokens(max(1, batch_tokens), self.cost)
         holders = [r for r in self.paused_blocks.holders.values() if r.num_cached and not self._kept_for_return(r, now)]
-        moved = self._place_paused(holders, budget, swap_in_tokens, now) if holders else 0
-        self.swap_log.append(SwapIteration(budget, swap_in_tokens, moved))
+        early, self._paused_out = self._paused_out, 0
+        moved = self._place_paused(holders, budget - early, swap_in_tokens, now) if holders else 0
+        self.swap_log.append(SwapIteration(budget, swap_in_tokens, early + moved))
 
-    def _place_paused(self, holders: list[Request], budget: int, swap_in_tokens: int, now: float) -> int:
+    def _place_at_pause(self, req: Request, now: float) -> None:
+        """min-waste at a pause: swap what the next iteration's swap budget covers (the smallest a
+        forward can have, less the pauses before this one), keep the rest until `_min_waste`
+        revisits it. A context swapped now leaves whole and its device blocks come free, still
+        readable by a quick return, before the next admissions need room. Kept instead, it would be
+        pulled out in pieces by `_evict_paused` just as the room is wanted, so its blocks would be
+        overwritten at once and every return would copy its whole context back."""
+        left = swap_budget_tokens(1, self.cost) - self._paused_out
+        if left > 0:
+            self._paused_out += self._place_paused([req], left, 0, now, pressure=False)
+
+    def _place_paused(self, holders: list[Request], budget: int, swap_in_tokens: int, now: float,
+                      pressure: bool = True) -> int:
         """`_min_waste` for paused requests that hold device KV: swap out, preserve or discard each.
         Returns the tokens swapped out. Only the holders are viewed and ranked; the requests whose
         host KV may give way are viewed only when the host runs short (`plan_paused_moves`)."""
@@ -433,7 +453,7 @@ class Scheduler:
             return heapq.merge(ranked_ones, self._host_outlasting(seconds, now, skip_holders=True), key=victim_key)
 
         plan = plan_paused_moves(ranked, longer_than, self._host_room(), out_budget, bs,
-                                 self.cache.supports_partial, self._memory_pressure())
+                                 self.cache.supports_partial, pressure and self._memory_pressure())
         moved = 0
         for planned in plan:
             req, move = self.paused_blocks.request(str(planned.request_id)), planned.move

@@ -25,8 +25,10 @@ def _step_until(engine, done, clock=None, limit=600) -> dict:
 
 
 def _crowd(engine, short_blocks: int = 2) -> int:
-    """Add a request whose prompt needs `short_blocks` blocks more than are free: memory pressure."""
-    length = (engine.cache.free_device_blocks() + short_blocks) * engine.cache.block_size
+    """Add a request whose prompt needs `short_blocks` blocks more than are free (memory pressure), or,
+    where paused KV has already left the device, as much of the pool as it can take."""
+    blocks = min(engine.cache.free_device_blocks() + short_blocks, engine.cache.num_blocks - 1)
+    length = blocks * engine.cache.block_size
     return engine.add_request(prompts_for(77, [length])[0], max_new_tokens=2)
 
 
@@ -144,3 +146,51 @@ def test_min_waste_chunks_a_prefill_only_where_a_chunk_shortens_the_decodes_step
                      saturation_tokens=32)  # every batch costs the same: a chunk saves the decodes nothing
     chunks, chunked = _prefill_next_to_decodes(llama, flat)
     assert chunks == [100] and chunked == 0
+
+
+def _pause_two(model, cost: CostModel) -> tuple[ih.InterceptEngine, list[int], list[list[int]], ih.Scripted]:
+    """Two 40-token prompts that pause together after 3 tokens (43 tokens of context, 11 blocks of 4
+    each), stepped until the step in which they paused has ended: what min-waste did at the pause."""
+    clock = ManualClock()
+    engine = ih.InterceptEngine(model, policy="min-waste", num_blocks=64, block_size=4, cost_model=cost, clock=clock)
+    engine.estimator.seed("scripted", 5.0)
+    prompts = prompts_for(41, [40, 40])
+    trace = ih.Scripted([(3, 0.5, [5, 6])])
+    ids = [engine.add_request(p, max_new_tokens=6, interceptions=trace) for p in prompts]
+    _step_until(engine, lambda: len(engine.scheduler.paused) == 2)
+    return engine, ids, prompts, trace
+
+
+def _finish(engine, ids, prompts, trace) -> None:
+    results = _step_until(engine, lambda: not engine.has_unfinished(), engine.clock)
+    for rid, p in zip(ids, prompts):
+        assert results[rid].token_ids == reference_scripted(engine.model, p, trace, 6)
+
+
+def test_a_context_the_budget_covers_leaves_whole_at_its_pause(llama):
+    # budget of the smallest forward: T_fwd(1) * bw / M = 1.1e-3 s * 1e12 / M tokens: both contexts fit
+    fast = CostModel(fwd_per_token_s=1e-4, fwd_fixed_s=1e-3, swap_bytes_per_s=1e12, kv_bytes_per_token=M,
+                     saturation_tokens=64)
+    engine, ids, prompts, trace = _pause_two(llama, fast)
+    for req in engine.scheduler.paused:
+        assert engine.cache.device_blocks(req.rid) == 0 and engine.cache.host_blocks(req.rid) == 11
+        assert req.strategy == "swap"
+    assert engine.scheduler.moves["swap_out_paused"] == 2
+    _finish(engine, ids, prompts, trace)
+
+
+def test_pauses_share_the_next_iterations_budget(llama):
+    # T_fwd(1) * bw / M = 1.1e-3 s * 8000 tokens/s = 8.8: 8 tokens, 2 blocks of 4, for every pause of
+    # one step together: the first to pause takes them, the second keeps its KV for `_min_waste`
+    tight = CostModel(fwd_per_token_s=1e-4, fwd_fixed_s=1e-3, swap_bytes_per_s=M * 8000, kv_bytes_per_token=M,
+                      saturation_tokens=64)
+    engine, ids, prompts, trace = _pause_two(llama, tight)
+    first, second = engine.scheduler.paused
+    assert (engine.cache.device_blocks(first.rid), engine.cache.host_blocks(first.rid)) == (9, 2)
+    assert first.strategy == "partial-swap"
+    assert (engine.cache.device_blocks(second.rid), engine.cache.host_blocks(second.rid)) == (11, 0)
+    assert second.strategy == "preserve"
+    engine.step()  # the next iteration's log counts the pause's 8 tokens against its own budget
+    it = engine.scheduler.swap_log[-1]
+    assert it.swapped_out + it.swapped_in <= it.budget and it.swapped_out >= 8
+    _finish(engine, ids, prompts, trace)
