@@ -416,12 +416,16 @@ class Scheduler:
         self.swap_log.append(SwapIteration(budget, swap_in_tokens, early + moved))
 
     def _place_at_pause(self, req: Request, now: float) -> None:
-        """min-waste at a pause: swap what the next iteration's swap budget covers (the smallest a
-        forward can have, less the pauses before this one), keep the rest until `_min_waste`
-        revisits it. A context swapped now leaves whole and its device blocks come free, still
-        readable by a quick return, before the next admissions need room. Kept instead, it would be
-        pulled out in pieces by `_evict_paused` just as the room is wanted, so its blocks would be
-        overwritten at once and every return would copy its whole context back."""
+        """min-waste at a pause while memory is short (`_memory_pressure`): swap what the next
+        iteration's swap budget covers (the smallest a forward can have, less the pauses before
+        this one), keep the rest until `_min_waste` revisits it. A context swapped now leaves whole
+        and its device blocks come free, still readable by a quick return, before the next
+        admissions need room. Kept instead, it would be pulled out in pieces by `_evict_paused` just
+        as the room is wanted, so its blocks would be overwritten at once and every return would
+        copy its whole context back. With room to spare it stays: a pause that ends before anyone
+        needs the blocks costs no copy at all."""
+        if not self._memory_pressure():
+            return
         left = swap_budget_tokens(1, self.cost) - self._paused_out
         if left > 0:
             self._paused_out += self._place_paused([req], left, 0, now, pressure=False)

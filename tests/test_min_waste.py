@@ -148,16 +148,23 @@ def test_min_waste_chunks_a_prefill_only_where_a_chunk_shortens_the_decodes_step
     assert chunks == [100] and chunked == 0
 
 
-def _pause_two(model, cost: CostModel) -> tuple[ih.InterceptEngine, list[int], list[list[int]], ih.Scripted]:
+def _pause_two(model, cost: CostModel, crowded: bool) -> tuple[ih.InterceptEngine, list[int], list[list[int]], ih.Scripted]:
     """Two 40-token prompts that pause together after 3 tokens (43 tokens of context, 11 blocks of 4
-    each), stepped until the step in which they paused has ended: what min-waste did at the pause."""
+    each), stepped until the step in which they paused has ended: what min-waste did at the pause.
+    `crowded`: a 30-block pool and a 60-token prompt waiting behind them that cannot fit beside
+    their 22 blocks, so memory is short when they pause; else 64 blocks and nobody waiting."""
     clock = ManualClock()
-    engine = ih.InterceptEngine(model, policy="min-waste", num_blocks=64, block_size=4, cost_model=cost, clock=clock)
+    engine = ih.InterceptEngine(model, policy="min-waste", num_blocks=30 if crowded else 64, block_size=4,
+                                cost_model=cost, clock=clock)
     engine.estimator.seed("scripted", 5.0)
     prompts = prompts_for(41, [40, 40])
     trace = ih.Scripted([(3, 0.5, [5, 6])])
     ids = [engine.add_request(p, max_new_tokens=6, interceptions=trace) for p in prompts]
+    if crowded:
+        crowd = engine.add_request(prompts_for(42, [60])[0], max_new_tokens=2)
     _step_until(engine, lambda: len(engine.scheduler.paused) == 2)
+    if crowded:
+        assert engine._requests[crowd].num_cached == 0  # still waiting: memory was short at the pause
     return engine, ids, prompts, trace
 
 
@@ -167,15 +174,30 @@ def _finish(engine, ids, prompts, trace) -> None:
         assert results[rid].token_ids == reference_scripted(engine.model, p, trace, 6)
 
 
-def test_a_context_the_budget_covers_leaves_whole_at_its_pause(llama):
-    # budget of the smallest forward: T_fwd(1) * bw / M = 1.1e-3 s * 1e12 / M tokens: both contexts fit
-    fast = CostModel(fwd_per_token_s=1e-4, fwd_fixed_s=1e-3, swap_bytes_per_s=1e12, kv_bytes_per_token=M,
-                     saturation_tokens=64)
-    engine, ids, prompts, trace = _pause_two(llama, fast)
+FAST = CostModel(fwd_per_token_s=1e-4, fwd_fixed_s=1e-3, swap_bytes_per_s=1e12, kv_bytes_per_token=M,
+                 saturation_tokens=128)  # the smallest forward's swap budget, 1.1e-3 s * 1e12 / M tokens, holds both
+
+
+def test_a_paused_context_leaves_whole_at_its_pause_when_memory_is_short(llama):
+    # the first to pause leaves whole: 8 + 11 blocks free then hold the waiting prompt's 15, so the
+    # second finds memory spare and stays
+    engine, ids, prompts, trace = _pause_two(llama, FAST, crowded=True)
+    first, second = engine.scheduler.paused
+    assert (engine.cache.device_blocks(first.rid), engine.cache.host_blocks(first.rid)) == (0, 11)
+    assert first.strategy == "swap"
+    assert (engine.cache.device_blocks(second.rid), engine.cache.host_blocks(second.rid)) == (11, 0)
+    assert second.strategy == "preserve"
+    assert engine.scheduler.moves["swap_out_paused"] == 1
+    _finish(engine, ids, prompts, trace)
+
+
+def test_a_paused_context_stays_at_its_pause_while_memory_is_spare(llama):
+    # nobody needs the blocks before the next iteration: a pause that ends by then costs no copy
+    engine, ids, prompts, trace = _pause_two(llama, FAST, crowded=False)
     for req in engine.scheduler.paused:
-        assert engine.cache.device_blocks(req.rid) == 0 and engine.cache.host_blocks(req.rid) == 11
-        assert req.strategy == "swap"
-    assert engine.scheduler.moves["swap_out_paused"] == 2
+        assert engine.cache.device_blocks(req.rid) == 11 and engine.cache.host_blocks(req.rid) == 0
+        assert req.strategy == "preserve"
+    assert "swap_out_paused" not in engine.scheduler.moves
     _finish(engine, ids, prompts, trace)
 
 
@@ -183,8 +205,8 @@ def test_pauses_share_the_next_iterations_budget(llama):
     # T_fwd(1) * bw / M = 1.1e-3 s * 8000 tokens/s = 8.8: 8 tokens, 2 blocks of 4, for every pause of
     # one step together: the first to pause takes them, the second keeps its KV for `_min_waste`
     tight = CostModel(fwd_per_token_s=1e-4, fwd_fixed_s=1e-3, swap_bytes_per_s=M * 8000, kv_bytes_per_token=M,
-                      saturation_tokens=64)
-    engine, ids, prompts, trace = _pause_two(llama, tight)
+                      saturation_tokens=128)
+    engine, ids, prompts, trace = _pause_two(llama, tight, crowded=True)
     first, second = engine.scheduler.paused
     assert (engine.cache.device_blocks(first.rid), engine.cache.host_blocks(first.rid)) == (9, 2)
     assert first.strategy == "partial-swap"
