@@ -63,8 +63,9 @@ POLICY_TRAITS: dict[str, PolicyTraits] = {
     # INFERCEPT: at the pause and then every iteration, swap within the budget or preserve / discard by least waste
     "min-waste": PolicyTraits("min-waste", "budget", resume_at_back=False, evict_to_host=True, preempt_to_host=False,
                               revisit_each_step=True, chunked_recompute=True, host_room_by_pause=True),
-    # min-waste over predicted duration distributions, swapped KV back before the answer, queue by predicted work
-    "predictive": PolicyTraits("predictive", "budget", resume_at_back=False, evict_to_host=True, preempt_to_host=False,
+    # min-waste over predicted duration distributions, swapped KV back before the answer, queue by predicted work;
+    # it keeps a context at its pause and places it from the next iteration on
+    "predictive": PolicyTraits("predictive", "keep", resume_at_back=False, evict_to_host=True, preempt_to_host=False,
                                revisit_each_step=True, chunked_recompute=True, host_room_by_pause=True,
                                predictive=True),
 }
@@ -162,6 +163,20 @@ def swap_waste(context_tokens: int, batch_tokens: int, cost: CostModel, budget_t
 def swap_budget_tokens(batch_tokens: int, cost: CostModel) -> int:
     """`N` with `T_swap(N) = T_fwd(B)`: the KV tokens that cross the link behind one forward."""
     return math.floor(cost.t_fwd(batch_tokens) * cost.swap_bytes_per_s / cost.kv_bytes_per_token)
+
+
+def swap_at_pause(memory_pressure: bool, evicted_share: float) -> bool:
+    """min-waste's first decision for a context that just paused: swap it within the swap budget
+    now, or keep it (revisited every iteration from the next one on).
+
+    Kept, a context costs nothing if its tool answers before anyone needs its blocks; but when
+    memory is short and most contexts kept at their pause lately were evicted before they
+    resumed (`evicted_share`, of `pause_outcomes.PauseOutcomes`, above one half), it would be
+    pulled out in pieces just as the room is wanted, its blocks overwritten at once: a copy now
+    leaves it whole, and its device blocks stay readable, for a quick return, until reused.
+    """
+    _check_non_negative(evicted_share=evicted_share)
+    return memory_pressure and evicted_share > 0.5
 
 
 def split_swap_budget(

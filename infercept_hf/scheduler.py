@@ -35,6 +35,7 @@ from .policy import (
     plan_paused_moves,
     rank_by_waste,
     split_swap_budget,
+    swap_at_pause,
     swap_budget_tokens,
     take_host_victims,
     victim_key,
@@ -42,6 +43,7 @@ from .policy import (
 )
 from .longer_pauses import pending_tool
 from .paused_blocks import PausedBlocks
+from .pause_outcomes import PauseOutcomes
 from .predictive import Call, Predictor
 from .request import Chunk, Request, Status
 
@@ -110,6 +112,7 @@ class Scheduler:
         # min-waste: tokens swapped out at pauses since the latest iteration was scheduled (their copies
         # run behind the next forward, so they come out of its swap budget)
         self._paused_out = 0
+        self.pause_outcomes = PauseOutcomes()  # min-waste: what became of the contexts it kept at their pause
 
     # ------------------------------------------------------------------ transitions
     def add(self, req: Request) -> None:
@@ -129,7 +132,7 @@ class Scheduler:
         elif self.traits.at_pause == "swap":
             if not self._swap_out(req, None, wait=False):
                 self._discard(req)
-        elif self.traits.at_pause == "budget" and self.cache.device_blocks(req.rid) and not self._kept_for_return(req, now):
+        elif self.traits.at_pause == "budget" and self.cache.device_blocks(req.rid):
             self._place_at_pause(req, now)
         req.strategy = self._placement(req)
 
@@ -137,6 +140,7 @@ class Scheduler:
         """The answer is in the token log: queue the request to continue."""
         if self.predictor is not None:
             self.predictor.returned(req, now)
+        self.pause_outcomes.resumed(req.rid)
         self.paused.remove(req)
         self.paused_blocks.leave(req)
         req.status = Status.WAITING
@@ -149,6 +153,7 @@ class Scheduler:
             if req in queue:
                 queue.remove(req)
         self.paused_blocks.leave(req)
+        self.pause_outcomes.forget(req.rid)
         if self.predictor is not None:
             self.predictor.forget(req)
         self.cache.free(req.rid)
@@ -285,6 +290,8 @@ class Scheduler:
             if not have:
                 continue
             take = min(have, blocks - freed) if self.cache.supports_partial else have
+            if self.pause_outcomes.evicted(r.rid):
+                self._note("kept_at_pause_evicted")
             if self.traits.host_room_by_pause:
                 self._make_host_room(take, self._view(r, now), now)
             moved = self._swap_out(r, take) if self.traits.evict_to_host else 0
@@ -416,15 +423,11 @@ class Scheduler:
         self.swap_log.append(SwapIteration(budget, swap_in_tokens, early + moved))
 
     def _place_at_pause(self, req: Request, now: float) -> None:
-        """min-waste at a pause while memory is short (`_memory_pressure`): swap what the next
-        iteration's swap budget covers (the smallest a forward can have, less the pauses before
-        this one), keep the rest until `_min_waste` revisits it. A context swapped now leaves whole
-        and its device blocks come free, still readable by a quick return, before the next
-        admissions need room. Kept instead, it would be pulled out in pieces by `_evict_paused` just
-        as the room is wanted, so its blocks would be overwritten at once and every return would
-        copy its whole context back. With room to spare it stays: a pause that ends before anyone
-        needs the blocks costs no copy at all."""
-        if not self._memory_pressure():
+        """min-waste at a pause (`policy.swap_at_pause`): swap what the next iteration's swap budget
+        covers (the smallest a forward can have, less the pauses before this one) and keep the rest
+        until `_min_waste` revisits it; or keep it all, and note what becomes of it."""
+        if not swap_at_pause(self._memory_pressure(), self.pause_outcomes.evicted_share):
+            self.pause_outcomes.kept(req.rid)
             return
         left = swap_budget_tokens(1, self.cost) - self._paused_out
         if left > 0:

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 
+import pytest
+
 import infercept_hf as ih
 from infercept_hf.policy import CostModel
 from conftest import prompts_for, reference_scripted
@@ -148,15 +150,19 @@ def test_min_waste_chunks_a_prefill_only_where_a_chunk_shortens_the_decodes_step
     assert chunks == [100] and chunked == 0
 
 
-def _pause_two(model, cost: CostModel, crowded: bool) -> tuple[ih.InterceptEngine, list[int], list[list[int]], ih.Scripted]:
+def _pause_two(model, cost: CostModel, crowded: bool, evicted_share: float = 1.0
+               ) -> tuple[ih.InterceptEngine, list[int], list[list[int]], ih.Scripted]:
     """Two 40-token prompts that pause together after 3 tokens (43 tokens of context, 11 blocks of 4
     each), stepped until the step in which they paused has ended: what min-waste did at the pause.
     `crowded`: a 30-block pool and a 60-token prompt waiting behind them that cannot fit beside
-    their 22 blocks, so memory is short when they pause; else 64 blocks and nobody waiting."""
+    their 22 blocks, so memory is short when they pause; else 64 blocks and nobody waiting.
+    `evicted_share`: the share of contexts kept at their pause that were evicted before they
+    resumed, as if learnt from earlier pauses (above one half: swap at the pause when memory is short)."""
     clock = ManualClock()
     engine = ih.InterceptEngine(model, policy="min-waste", num_blocks=30 if crowded else 64, block_size=4,
                                 cost_model=cost, clock=clock)
     engine.estimator.seed("scripted", 5.0)
+    engine.scheduler.pause_outcomes.evicted_share = evicted_share
     prompts = prompts_for(41, [40, 40])
     trace = ih.Scripted([(3, 0.5, [5, 6])])
     ids = [engine.add_request(p, max_new_tokens=6, interceptions=trace) for p in prompts]
@@ -198,6 +204,22 @@ def test_a_paused_context_stays_at_its_pause_while_memory_is_spare(llama):
         assert engine.cache.device_blocks(req.rid) == 11 and engine.cache.host_blocks(req.rid) == 0
         assert req.strategy == "preserve"
     assert "swap_out_paused" not in engine.scheduler.moves
+    _finish(engine, ids, prompts, trace)
+
+
+def test_a_paused_context_stays_until_kept_ones_are_seen_evicted(llama):
+    # no evidence yet that kept contexts get evicted: both stay, though memory is short; at the next
+    # admission the waiting prompt takes 15 - 8 = 7 blocks from the first (to host), which counts:
+    # share 0 + 0.25 * (1 - 0); the rest of both leaves within that iteration's swap budget
+    engine, ids, prompts, trace = _pause_two(llama, FAST, crowded=True, evicted_share=0.0)
+    first, second = engine.scheduler.paused
+    for req in (first, second):
+        assert engine.cache.device_blocks(req.rid) == 11 and req.strategy == "preserve"
+    engine.step()
+    engine.cache.check_integrity()
+    assert engine.cache.host_blocks(first.rid) == 11
+    assert engine.scheduler.moves["kept_at_pause_evicted"] == 1
+    assert engine.scheduler.pause_outcomes.evicted_share == pytest.approx(0.25)
     _finish(engine, ids, prompts, trace)
 
 
