@@ -180,6 +180,11 @@ def _finish(engine, ids, prompts, trace) -> None:
         assert results[rid].token_ids == reference_scripted(engine.model, p, trace, 6)
 
 
+def _placed(engine, req) -> tuple[int, int, str]:
+    """Where a paused request's KV lies: device blocks, host blocks, and its placement."""
+    return engine.cache.device_blocks(req.rid), engine.cache.host_blocks(req.rid), req.strategy
+
+
 FAST = CostModel(fwd_per_token_s=1e-4, fwd_fixed_s=1e-3, swap_bytes_per_s=1e12, kv_bytes_per_token=M,
                  saturation_tokens=128)  # the smallest forward's swap budget, 1.1e-3 s * 1e12 / M tokens, holds both
 
@@ -189,10 +194,7 @@ def test_a_paused_context_leaves_whole_at_its_pause_when_memory_is_short(llama):
     # second finds memory spare and stays
     engine, ids, prompts, trace = _pause_two(llama, FAST, crowded=True)
     first, second = engine.scheduler.paused
-    assert (engine.cache.device_blocks(first.rid), engine.cache.host_blocks(first.rid)) == (0, 11)
-    assert first.strategy == "swap"
-    assert (engine.cache.device_blocks(second.rid), engine.cache.host_blocks(second.rid)) == (11, 0)
-    assert second.strategy == "preserve"
+    assert _placed(engine, first) == (0, 11, "swap") and _placed(engine, second) == (11, 0, "preserve")
     assert engine.scheduler.moves["swap_out_paused"] == 1
     _finish(engine, ids, prompts, trace)
 
@@ -200,9 +202,7 @@ def test_a_paused_context_leaves_whole_at_its_pause_when_memory_is_short(llama):
 def test_a_paused_context_stays_at_its_pause_while_memory_is_spare(llama):
     # nobody needs the blocks before the next iteration: a pause that ends by then costs no copy
     engine, ids, prompts, trace = _pause_two(llama, FAST, crowded=False)
-    for req in engine.scheduler.paused:
-        assert engine.cache.device_blocks(req.rid) == 11 and engine.cache.host_blocks(req.rid) == 0
-        assert req.strategy == "preserve"
+    assert all(_placed(engine, req) == (11, 0, "preserve") for req in engine.scheduler.paused)
     assert "swap_out_paused" not in engine.scheduler.moves
     _finish(engine, ids, prompts, trace)
 
@@ -213,8 +213,7 @@ def test_a_paused_context_stays_until_kept_ones_are_seen_evicted(llama):
     # share 0 + 0.25 * (1 - 0); the rest of both leaves within that iteration's swap budget
     engine, ids, prompts, trace = _pause_two(llama, FAST, crowded=True, evicted_share=0.0)
     first, second = engine.scheduler.paused
-    for req in (first, second):
-        assert engine.cache.device_blocks(req.rid) == 11 and req.strategy == "preserve"
+    assert _placed(engine, first) == _placed(engine, second) == (11, 0, "preserve")
     engine.step()
     engine.cache.check_integrity()
     assert engine.cache.host_blocks(first.rid) == 11
@@ -230,10 +229,7 @@ def test_pauses_share_the_next_iterations_budget(llama):
                       saturation_tokens=128)
     engine, ids, prompts, trace = _pause_two(llama, tight, crowded=True)
     first, second = engine.scheduler.paused
-    assert (engine.cache.device_blocks(first.rid), engine.cache.host_blocks(first.rid)) == (9, 2)
-    assert first.strategy == "partial-swap"
-    assert (engine.cache.device_blocks(second.rid), engine.cache.host_blocks(second.rid)) == (11, 0)
-    assert second.strategy == "preserve"
+    assert _placed(engine, first) == (9, 2, "partial-swap") and _placed(engine, second) == (11, 0, "preserve")
     engine.step()  # the next iteration's log counts the pause's 8 tokens against its own budget
     it = engine.scheduler.swap_log[-1]
     assert it.swapped_out + it.swapped_in <= it.budget and it.swapped_out >= 8
