@@ -38,8 +38,8 @@ class PolicyTraits:
     never the policy's name."""
 
     name: str
-    # the first decision ("swap": discard when the host is full; "budget": min-waste's per-iteration
-    # placement at once, within what is left of the iteration's swap budget)
+    # the first decision ("swap": discard when the host is full; "budget": `swap_at_pause` decides between
+    # a swap within the next iteration's swap budget and keeping)
     at_pause: Literal["keep", "discard", "swap", "budget"]
     resume_at_back: bool  # a resumed request re-queues at the end (a new vLLM request); else at its arrival place
     evict_to_host: bool  # device KV of paused or queued requests, pushed out for room, goes to host when it fits

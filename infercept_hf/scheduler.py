@@ -437,7 +437,8 @@ class Scheduler:
                       pressure: bool = True) -> int:
         """`_min_waste` for paused requests that hold device KV: swap out, preserve or discard each.
         Returns the tokens swapped out. Only the holders are viewed and ranked; the requests whose
-        host KV may give way are viewed only when the host runs short (`plan_paused_moves`)."""
+        host KV may give way are viewed only when the host runs short (`plan_paused_moves`).
+        `pressure=False` (at a pause) swaps within the budget and keeps the rest, discarding nothing."""
         bs = self.cache.block_size
         out_budget, _ = split_swap_budget(
             budget,
