@@ -117,11 +117,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--mix", default=MIX, choices=MIXES)
     p.add_argument("--users", type=int, default=LoadTest.users)
+    p.add_argument("--policies", default=",".join(DEFAULT_POLICIES),
+                   help="comma list, run in this order within each repeat (interleaved across repeats)")
     args = p.parse_args(argv)
+    test = LoadTest(users=args.users, mix=args.mix, policies=tuple(n for n in args.policies.split(",") if n))
+    try:
+        test.check()
+    except ValueError as e:
+        p.error(str(e))
     torch.set_num_threads(1)
     model = load_model(BUNDLED).model
     cost = load_or_profile(model, ModelSpec.of(model))
-    test = LoadTest(users=args.users, mix=args.mix)
     for repeat in range(args.repeats):
         for row in run(test, model, cost):
             print(json.dumps({"repeat": repeat, **row}), flush=True)

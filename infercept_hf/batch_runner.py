@@ -9,11 +9,11 @@ never see each other.
 from __future__ import annotations
 
 import inspect
-from contextlib import nullcontext as _nothing
 
 import torch
 
 from .patches.paged_pool import extend_indices, page_table, seqlen_k
+from .patches.sdpa_gqa import grouped_query_attention
 from .patches.transformers_cb import (
     SLIDING_ATTENTION,
     PagedKVView,
@@ -116,7 +116,7 @@ class ModelRunner:
             extra["logits_to_keep"] = torch.tensor(keep, dtype=torch.long, device=dev)
         if kernels:
             extra.update(self._kernel_kwargs(chunks, cu_q, paged_kwargs["write_index"]))
-        with attention_implementation(self.model, self.kernel_name) if kernels else _nothing():
+        with attention_implementation(self.model, self.kernel_name) if kernels else grouped_query_attention():
             out = self.model(
                 input_ids=torch.tensor([ids], dtype=torch.long, device=dev),
                 position_ids=torch.tensor([pos], dtype=torch.long, device=dev),

@@ -38,7 +38,9 @@ class PolicyTraits:
     never the policy's name."""
 
     name: str
-    at_pause: Literal["keep", "discard", "swap"]  # the first decision ("swap": discard when the host is full)
+    # the first decision ("swap": discard when the host is full; "budget": `swap_at_pause` decides between
+    # a swap within the next iteration's swap budget and keeping)
+    at_pause: Literal["keep", "discard", "swap", "budget"]
     resume_at_back: bool  # a resumed request re-queues at the end (a new vLLM request); else at its arrival place
     evict_to_host: bool  # device KV of paused or queued requests, pushed out for room, goes to host when it fits
     preempt_to_host: bool  # a preempted running request's KV goes to host when it fits; else it is recomputed
@@ -58,10 +60,11 @@ POLICY_TRAITS: dict[str, PolicyTraits] = {
     "preserve": PolicyTraits("preserve", "keep", resume_at_back=False, **_PLAIN),
     "swap": PolicyTraits("swap", "swap", resume_at_back=False, evict_to_host=True, preempt_to_host=True,
                          revisit_each_step=False, chunked_recompute=False, host_room_by_pause=False),
-    # INFERCEPT: keep at the pause, then every iteration swap within the budget or preserve / discard by least waste
-    "min-waste": PolicyTraits("min-waste", "keep", resume_at_back=False, evict_to_host=True, preempt_to_host=False,
+    # INFERCEPT: at the pause and then every iteration, swap within the budget or preserve / discard by least waste
+    "min-waste": PolicyTraits("min-waste", "budget", resume_at_back=False, evict_to_host=True, preempt_to_host=False,
                               revisit_each_step=True, chunked_recompute=True, host_room_by_pause=True),
-    # min-waste over predicted duration distributions, swapped KV back before the answer, queue by predicted work
+    # min-waste over predicted duration distributions, swapped KV back before the answer, queue by predicted work;
+    # it keeps a context at its pause and places it from the next iteration on
     "predictive": PolicyTraits("predictive", "keep", resume_at_back=False, evict_to_host=True, preempt_to_host=False,
                                revisit_each_step=True, chunked_recompute=True, host_room_by_pause=True,
                                predictive=True),
@@ -160,6 +163,20 @@ def swap_waste(context_tokens: int, batch_tokens: int, cost: CostModel, budget_t
 def swap_budget_tokens(batch_tokens: int, cost: CostModel) -> int:
     """`N` with `T_swap(N) = T_fwd(B)`: the KV tokens that cross the link behind one forward."""
     return math.floor(cost.t_fwd(batch_tokens) * cost.swap_bytes_per_s / cost.kv_bytes_per_token)
+
+
+def swap_at_pause(memory_pressure: bool, evicted_share: float) -> bool:
+    """min-waste's first decision for a context that just paused: swap it within the swap budget
+    now, or keep it (revisited every iteration from the next one on).
+
+    Kept, a context costs nothing if its tool answers before anyone needs its blocks; but when
+    memory is short and most contexts kept at their pause lately were evicted before they
+    resumed (`evicted_share`, of `pause_outcomes.PauseOutcomes`, above one half), it would be
+    pulled out in pieces just as the room is wanted, its blocks overwritten at once: a copy now
+    leaves it whole, and its device blocks stay readable, for a quick return, until reused.
+    """
+    _check_non_negative(evicted_share=evicted_share)
+    return memory_pressure and evicted_share > 0.5
 
 
 def split_swap_budget(

@@ -39,6 +39,7 @@ from .policy import (
     plan_paused_moves,
     rank_by_waste,
     split_swap_budget,
+    swap_at_pause,
     swap_budget_tokens,
     take_host_victims,
     victim_key,
@@ -46,6 +47,7 @@ from .policy import (
 )
 from .longer_pauses import pending_tool
 from .paused_blocks import PausedBlocks
+from .pause_outcomes import PauseOutcomes
 from .predictive import Call, Predictor
 from .request import Chunk, Request, Status
 
@@ -111,6 +113,10 @@ class Scheduler:
         self.predictor = Predictor(cache, estimator, cost, self._call) if self.traits.predictive else None
         self._queue_key = queue_order  # this iteration's queue order (the predictor's ranks it by work)
         self._step_s = 0.0  # the latest iteration's forward time, as the cost model predicts it
+        # min-waste: tokens swapped out at pauses since the latest iteration was scheduled (their copies
+        # run behind the next forward, so they come out of its swap budget)
+        self._paused_out = 0
+        self.pause_outcomes = PauseOutcomes()  # min-waste: what became of the contexts it kept at their pause
         self._express: list[Request] = []  # callers' next turns, to run in an iteration of their own
         self._express_last = False  # the previous iteration was an express one: this one is everybody's
 
@@ -132,12 +138,15 @@ class Scheduler:
         elif self.traits.at_pause == "swap":
             if not self._swap_out(req, None, wait=False):
                 self._discard(req)
+        elif self.traits.at_pause == "budget" and self.cache.device_blocks(req.rid):
+            self._place_at_pause(req, now)
         req.strategy = self._placement(req)
 
     def resume(self, req: Request, now: float) -> None:
         """The answer is in the token log: queue the request to continue."""
         if self.predictor is not None:
             self.predictor.returned(req, now)
+        self.pause_outcomes.resumed(req.rid)
         self.paused.remove(req)
         self.paused_blocks.leave(req)
         req.status = Status.WAITING
@@ -158,6 +167,7 @@ class Scheduler:
             if req in queue:
                 queue.remove(req)
         self.paused_blocks.leave(req)
+        self.pause_outcomes.forget(req.rid)
         if self.predictor is not None:
             self.predictor.forget(req)
         self.cache.free(req.rid)
@@ -318,6 +328,8 @@ class Scheduler:
             if not have:
                 continue
             take = min(have, blocks - freed) if self.cache.supports_partial else have
+            if self.pause_outcomes.evicted(r.rid):
+                self._note("kept_at_pause_evicted")
             if self.traits.host_room_by_pause:
                 self._make_host_room(take, self._view(r, now), now)
             moved = self._swap_out(r, take) if self.traits.evict_to_host else 0
@@ -434,6 +446,8 @@ class Scheduler:
         """Spend what is left of this iteration's swap budget, after the swap-ins of returning
         requests, on the most wasteful paused requests; under memory pressure, preserve or discard
         the rest, whichever wastes less; `swap_log` notes the budget and what moved.
+        Requests that paused since the latest iteration were placed at their pause
+        (`_place_at_pause`), out of this iteration's budget.
 
         The budget is the KV that moves over the host link in the time of this iteration's
         forward (`T_swap(N) = T_fwd(B)`): copies that fit hide under compute, so they are spent
@@ -442,13 +456,27 @@ class Scheduler:
         """
         budget = swap_budget_tokens(max(1, batch_tokens), self.cost)
         holders = [r for r in self.paused_blocks.holders.values() if r.num_cached and not self._kept_for_return(r, now)]
-        moved = self._place_paused(holders, budget, swap_in_tokens, now) if holders else 0
-        self.swap_log.append(SwapIteration(budget, swap_in_tokens, moved))
+        early, self._paused_out = self._paused_out, 0
+        moved = self._place_paused(holders, budget - early, swap_in_tokens, now) if holders else 0
+        self.swap_log.append(SwapIteration(budget, swap_in_tokens, early + moved))
 
-    def _place_paused(self, holders: list[Request], budget: int, swap_in_tokens: int, now: float) -> int:
+    def _place_at_pause(self, req: Request, now: float) -> None:
+        """min-waste at a pause (`policy.swap_at_pause`): swap what the next iteration's swap budget
+        covers (the smallest a forward can have, less the pauses before this one) and keep the rest
+        until `_min_waste` revisits it; or keep it all, and note what becomes of it."""
+        if not swap_at_pause(self._memory_pressure(), self.pause_outcomes.evicted_share):
+            self.pause_outcomes.kept(req.rid)
+            return
+        left = swap_budget_tokens(1, self.cost) - self._paused_out
+        if left > 0:
+            self._paused_out += self._place_paused([req], left, 0, now, pressure=False)
+
+    def _place_paused(self, holders: list[Request], budget: int, swap_in_tokens: int, now: float,
+                      pressure: bool = True) -> int:
         """`_min_waste` for paused requests that hold device KV: swap out, preserve or discard each.
         Returns the tokens swapped out. Only the holders are viewed and ranked; the requests whose
-        host KV may give way are viewed only when the host runs short (`plan_paused_moves`)."""
+        host KV may give way are viewed only when the host runs short (`plan_paused_moves`).
+        `pressure=False` (at a pause) swaps within the budget and keeps the rest, discarding nothing."""
         bs = self.cache.block_size
         out_budget, _ = split_swap_budget(
             budget,
@@ -471,7 +499,7 @@ class Scheduler:
             return heapq.merge(ranked_ones, self._host_outlasting(seconds, now, skip_holders=True), key=victim_key)
 
         plan = plan_paused_moves(ranked, longer_than, self._host_room(), out_budget, bs,
-                                 self.cache.supports_partial, self._memory_pressure())
+                                 self.cache.supports_partial, pressure and self._memory_pressure())
         moved = 0
         for planned in plan:
             req, move = self.paused_blocks.request(str(planned.request_id)), planned.move

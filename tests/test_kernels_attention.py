@@ -168,9 +168,9 @@ def test_torch_backend_matches_float64_reference(dtype):
     g = seeded("torch-backend", dtype)
     lens, q_lens = [11, 6], [4, 6]
     k_pages, v_pages, table = paged_cache(lens, 4, 1, 64, dtype, "interleaved", g)
-    cu = torch.tensor([0, 4, 10], dtype=torch.int32, device=DEVICE)
+    cu = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
     seq_lens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
-    q = queries(10, 2, 64, dtype, g)
+    q = queries(sum(q_lens), 2, 64, dtype, g)
     out = paged_prefill_attention(q, k_pages, v_pages, table, cu, seq_lens, 0.125, backend="torch")
     ref = prefill_attention_ref(*as_f64(q, k_pages, v_pages), table, cu, seq_lens, 0.125)
     assert out.dtype == dtype

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 
+import pytest
+
 import infercept_hf as ih
 from infercept_hf.policy import CostModel
 from conftest import prompts_for, reference_scripted
@@ -25,8 +27,10 @@ def _step_until(engine, done, clock=None, limit=600) -> dict:
 
 
 def _crowd(engine, short_blocks: int = 2) -> int:
-    """Add a request whose prompt needs `short_blocks` blocks more than are free: memory pressure."""
-    length = (engine.cache.free_device_blocks() + short_blocks) * engine.cache.block_size
+    """Add a request whose prompt needs `short_blocks` blocks more than are free (memory pressure), or,
+    where paused KV has already left the device, as much of the pool as it can take."""
+    blocks = min(engine.cache.free_device_blocks() + short_blocks, engine.cache.num_blocks - 1)
+    length = blocks * engine.cache.block_size
     return engine.add_request(prompts_for(77, [length])[0], max_new_tokens=2)
 
 
@@ -144,3 +148,89 @@ def test_min_waste_chunks_a_prefill_only_where_a_chunk_shortens_the_decodes_step
                      saturation_tokens=32)  # every batch costs the same: a chunk saves the decodes nothing
     chunks, chunked = _prefill_next_to_decodes(llama, flat)
     assert chunks == [100] and chunked == 0
+
+
+def _pause_two(model, cost: CostModel, crowded: bool, evicted_share: float = 1.0
+               ) -> tuple[ih.InterceptEngine, list[int], list[list[int]], ih.Scripted]:
+    """Two 40-token prompts that pause together after 3 tokens (43 tokens of context, 11 blocks of 4
+    each), stepped until the step in which they paused has ended: what min-waste did at the pause.
+    `crowded`: a 30-block pool and a 60-token prompt waiting behind them that cannot fit beside
+    their 22 blocks, so memory is short when they pause; else 64 blocks and nobody waiting.
+    `evicted_share`: the share of contexts kept at their pause that were evicted before they
+    resumed, as if learnt from earlier pauses (above one half: swap at the pause when memory is short)."""
+    clock = ManualClock()
+    engine = ih.InterceptEngine(model, policy="min-waste", num_blocks=30 if crowded else 64, block_size=4,
+                                cost_model=cost, clock=clock)
+    engine.estimator.seed("scripted", 5.0)
+    engine.scheduler.pause_outcomes.evicted_share = evicted_share
+    prompts = prompts_for(41, [40, 40])
+    trace = ih.Scripted([(3, 0.5, [5, 6])])
+    ids = [engine.add_request(p, max_new_tokens=6, interceptions=trace) for p in prompts]
+    if crowded:
+        crowd = engine.add_request(prompts_for(42, [60])[0], max_new_tokens=2)
+    _step_until(engine, lambda: len(engine.scheduler.paused) == 2)
+    if crowded:
+        assert engine._requests[crowd].num_cached == 0  # still waiting: memory was short at the pause
+    return engine, ids, prompts, trace
+
+
+def _finish(engine, ids, prompts, trace) -> None:
+    results = _step_until(engine, lambda: not engine.has_unfinished(), engine.clock)
+    for rid, p in zip(ids, prompts):
+        assert results[rid].token_ids == reference_scripted(engine.model, p, trace, 6)
+
+
+def _placed(engine, req) -> tuple[int, int, str]:
+    """Where a paused request's KV lies: device blocks, host blocks, and its placement."""
+    return engine.cache.device_blocks(req.rid), engine.cache.host_blocks(req.rid), req.strategy
+
+
+FAST = CostModel(fwd_per_token_s=1e-4, fwd_fixed_s=1e-3, swap_bytes_per_s=1e12, kv_bytes_per_token=M,
+                 saturation_tokens=128)  # the smallest forward's swap budget, 1.1e-3 s * 1e12 / M tokens, holds both
+
+
+def test_a_paused_context_leaves_whole_at_its_pause_when_memory_is_short(llama):
+    # the first to pause leaves whole: 8 + 11 blocks free then hold the waiting prompt's 15, so the
+    # second finds memory spare and stays
+    engine, ids, prompts, trace = _pause_two(llama, FAST, crowded=True)
+    first, second = engine.scheduler.paused
+    assert _placed(engine, first) == (0, 11, "swap") and _placed(engine, second) == (11, 0, "preserve")
+    assert engine.scheduler.moves["swap_out_paused"] == 1
+    _finish(engine, ids, prompts, trace)
+
+
+def test_a_paused_context_stays_at_its_pause_while_memory_is_spare(llama):
+    # nobody needs the blocks before the next iteration: a pause that ends by then costs no copy
+    engine, ids, prompts, trace = _pause_two(llama, FAST, crowded=False)
+    assert all(_placed(engine, req) == (11, 0, "preserve") for req in engine.scheduler.paused)
+    assert "swap_out_paused" not in engine.scheduler.moves
+    _finish(engine, ids, prompts, trace)
+
+
+def test_a_paused_context_stays_until_kept_ones_are_seen_evicted(llama):
+    # no evidence yet that kept contexts get evicted: both stay, though memory is short; at the next
+    # admission the waiting prompt takes 15 - 8 = 7 blocks from the first (to host), which counts:
+    # share 0 + 0.25 * (1 - 0); the rest of both leaves within that iteration's swap budget
+    engine, ids, prompts, trace = _pause_two(llama, FAST, crowded=True, evicted_share=0.0)
+    first, second = engine.scheduler.paused
+    assert _placed(engine, first) == _placed(engine, second) == (11, 0, "preserve")
+    engine.step()
+    engine.cache.check_integrity()
+    assert engine.cache.host_blocks(first.rid) == 11
+    assert engine.scheduler.moves["kept_at_pause_evicted"] == 1
+    assert engine.scheduler.pause_outcomes.evicted_share == pytest.approx(0.25)
+    _finish(engine, ids, prompts, trace)
+
+
+def test_pauses_share_the_next_iterations_budget(llama):
+    # T_fwd(1) * bw / M = 1.1e-3 s * 8000 tokens/s = 8.8: 8 tokens, 2 blocks of 4, for every pause of
+    # one step together: the first to pause takes them, the second keeps its KV for `_min_waste`
+    tight = CostModel(fwd_per_token_s=1e-4, fwd_fixed_s=1e-3, swap_bytes_per_s=M * 8000, kv_bytes_per_token=M,
+                      saturation_tokens=128)
+    engine, ids, prompts, trace = _pause_two(llama, tight, crowded=True)
+    first, second = engine.scheduler.paused
+    assert _placed(engine, first) == (9, 2, "partial-swap") and _placed(engine, second) == (11, 0, "preserve")
+    engine.step()  # the next iteration's log counts the pause's 8 tokens against its own budget
+    it = engine.scheduler.swap_log[-1]
+    assert it.swapped_out + it.swapped_in <= it.budget and it.swapped_out >= 8
+    _finish(engine, ids, prompts, trace)

@@ -299,7 +299,8 @@ def test_discard_head_is_discard_that_keeps_its_queue_place():
 
 def test_only_min_waste_and_predictive_revisit_placements():
     assert [p for p in POLICIES if POLICY_TRAITS[p].revisit_each_step] == ["min-waste", "predictive"]
-    assert dataclasses.replace(POLICY_TRAITS["min-waste"], name="predictive", predictive=True) == POLICY_TRAITS["predictive"]
+    predictive = dataclasses.replace(POLICY_TRAITS["min-waste"], name="predictive", predictive=True, at_pause="keep")
+    assert predictive == POLICY_TRAITS["predictive"]
 
 
 def test_unknown_policy_is_refused():
