@@ -12,7 +12,7 @@ same answers on the same clock, decide alike.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 from .cache import InterceptPagedCache
 from .estimator import DurationEstimator
@@ -25,11 +25,17 @@ from .prefetch import (
     PrefetchLedger,
     prefetch_start,
 )
+from .prefetch_due import ORACLE_GROUP, PrefetchDue
 from .ranking import DEFAULT_AGING_S, predicted_work, rank_key
 from .request import Request
 
 Call = tuple[str, "float | None"]  # a paused request's tool name and, for the oracle, its true duration
 QueueKey = Callable[[Request], tuple[float, float, int]]
+
+
+def _slack(*values: float) -> float:
+    """Room for rounding when a sum is compared in another order than `prefetch_start` computes it."""
+    return 1e-9 * max(1.0, *(abs(v) for v in values))
 
 
 class Predictor:
@@ -55,6 +61,7 @@ class Predictor:
         self.overdue_quantile = overdue_quantile
         self.max_held_blocks = int(max_held_fraction * cache.num_blocks)
         self.ledger = PrefetchLedger()
+        self.due = PrefetchDue()  # swapped calls not yet prefetched, by when their prefetch falls due
         self._overdue: set[int] = set()  # prefetched, then outlived the overdue quantile: not pinned, not again
         self.ranking = {"reordered_iterations": 0, "overtakes": 0}
 
@@ -105,6 +112,10 @@ class Predictor:
             self.ranking["overtakes"] += ahead
 
     # ------------------------------------------------------------------ prefetch
+    def may_prefetch(self, req: Request) -> bool:
+        """False once a prefetched call outlived its tool's overdue quantile: it is not brought back again."""
+        return req.request_id not in self._overdue
+
     def pinned(self, req: Request) -> bool:
         """A prefetched request min-waste must leave on the device until its answer."""
         return req.request_id in self.ledger and req.request_id not in self._overdue
@@ -125,15 +136,14 @@ class Predictor:
         """How long before an answer a copy of `tokens` back must start: the copy, and one iteration."""
         return self.cost.t_swap(tokens) + step_s
 
-    def prefetch(self, paused: Sequence[Request], now: float, budget_tokens: int,
-                 spare_blocks: int, step_s: float) -> int:
+    def prefetch(self, now: float, budget_tokens: int, spare_blocks: int, step_s: float) -> int:
         """Copy back the swapped KV of calls about to answer, soonest first, while `budget_tokens`
         (the swap budget this iteration has left; the first copy may exceed it, as its swap-in on
         return would) and `spare_blocks` (free device blocks nobody queued wants) last. Unpins
         prefetched calls that outlived the overdue quantile. Returns the tokens copied."""
         bs = self.cache.block_size
-        for req in paused:
-            if self.pinned(req):
+        for req in list(self.ledger.requests()):
+            if req.request_id not in self._overdue:
                 tool, truth = self.call_of(req)
                 overdue = self.estimator.duration_quantile(tool, self.overdue_quantile, truth)
                 if overdue is not None and now - req.paused_at > overdue + step_s:
@@ -141,10 +151,8 @@ class Predictor:
         room = min(spare_blocks, self.max_held_blocks - self.ledger.held_blocks)
         if budget_tokens <= 0 or room <= 0:
             return 0
-        due: list[tuple[float, float, int, Request, int]] = []
-        for req, host, start in self._starts(paused, step_s):
-            if start <= now and host <= room:
-                due.append((start, req.arrival_time, req.request_id, req, host))
+        due = [(start, req.arrival_time, req.request_id, req, host)
+               for start, req, host in self.due_now(now, step_s) if host <= room]
         moved = 0
         for *_, req, host in sorted(due, key=lambda d: d[:3]):
             if host > room or moved and moved + host * bs > budget_tokens:
@@ -152,42 +160,100 @@ class Predictor:
             nbytes = self.cache.swap_in(req.rid)
             if not nbytes:
                 continue
-            self.ledger.start(req.request_id, now, nbytes, host)
+            self.ledger.start(req, now, nbytes, host)
+            self.due.remove(req.request_id)
             room -= host
             moved += host * bs
             if moved >= budget_tokens:
                 break
         return moved
 
-    def _starts(self, paused: Sequence[Request], step_s: float) -> Iterator[tuple[Request, int, float]]:
-        """`(request, host blocks, when its prefetch must start)` for each swapped request not yet
-        prefetched."""
-        for req in paused:
-            host = self.cache.host_blocks(req.rid)
-            if not host or req.request_id in self.ledger or req.request_id in self._overdue:
-                continue
-            tool, truth = self.call_of(req)
-            at = self.estimator.duration_quantile(tool, self.prefetch_quantile, truth)
-            if at is not None:
-                yield req, host, prefetch_start(req.paused_at, at, self._lead(host * self.cache.block_size, step_s))
+    def _start(self, req: Request, host: int, step_s: float) -> float | None:
+        """When `req`'s prefetch of `host` blocks must start (None: its tool has no durations yet)."""
+        tool, truth = self.call_of(req)
+        at = self.estimator.duration_quantile(tool, self.prefetch_quantile, truth)
+        return None if at is None else prefetch_start(req.paused_at, at, self._lead(host * self.cache.block_size, step_s))
 
-    def next_due(self, paused: Sequence[Request], now: float, step_s: float) -> float | None:
+    def _group_quantile(self, group: str | None) -> float | None:
+        """What a `due` group's keys lack of their starts (before the lead's iteration): the tool's
+        quantile; nothing in oracle mode, whose keys hold each call's own duration."""
+        if self.estimator.oracle:
+            return 0.0
+        assert group is not ORACLE_GROUP
+        return self.estimator.duration_quantile(group, self.prefetch_quantile)
+
+    def _file(self, req: Request) -> None:
+        """(Re)file `req` in `due` by its host KV now, or take it out: no host KV, already
+        prefetched, or overdue (never again)."""
+        host = self.cache.host_blocks(req.rid)
+        if not host or req.request_id in self.ledger or req.request_id in self._overdue:
+            self.due.remove(req.request_id)
+            return
+        tool, truth = self.call_of(req)
+        swap_s = self.cost.t_swap(host * self.cache.block_size)
+        if self.estimator.oracle:
+            at = self.estimator.duration_quantile(tool, self.prefetch_quantile, truth)
+            self.due.put(req, ORACLE_GROUP, req.paused_at + at - swap_s)
+        else:
+            self.due.put(req, tool, req.paused_at - swap_s)
+
+    def due_now(self, now: float, step_s: float) -> list[tuple[float, Request, int]]:
+        """`(start, request, host blocks)` of the swapped calls whose prefetch is due at `now`.
+        Reads each group's prefix that may be due; a candidate that is not (its key was stale)
+        is filed again."""
+        due, stale = [], []
+        for group in self.due.groups():
+            q = self._group_quantile(group)
+            if q is None:
+                continue
+            limit = now + step_s - q
+            limit += _slack(limit, q)
+            for key, req in self.due.members(group):
+                if key > limit:
+                    break
+                host = self.cache.host_blocks(req.rid)
+                start = self._start(req, host, step_s) if host else None
+                if start is not None and start <= now:
+                    due.append((start, req, host))
+                else:
+                    stale.append(req)
+        for req in stale:
+            self._file(req)
+        return due
+
+    def next_due(self, now: float, step_s: float) -> float | None:
         """The earliest moment after `now` at which a prefetch falls due (those due already wait
         for budget or room, which only a step's events can free)."""
-        return min((start for _, _, start in self._starts(paused, step_s) if start > now), default=None)
+        best: float | None = None
+        for group in self.due.groups():
+            q = self._group_quantile(group)
+            if q is None:
+                continue
+            for key, req in self.due.members(group):
+                if best is not None and key + q - step_s > best + _slack(best, q):
+                    break  # every start from here on is later (a stale key is only ever smaller)
+                host = self.cache.host_blocks(req.rid)
+                start = self._start(req, host, step_s) if host else None
+                if start is not None and start > now and (best is None or start < best):
+                    best = start
+        return best
 
     def returned(self, req: Request, now: float) -> None:
         """`req`'s answer arrived: settle its prefetch outcome."""
         self._overdue.discard(req.request_id)
+        self.due.remove(req.request_id)
         self.ledger.returned(req.request_id, now, self.cache.host_blocks(req.rid))
 
     def moved_out(self, req: Request) -> None:
-        """`req`'s KV leaves the device before its answer (evicted or swapped out)."""
+        """`req`'s KV leaves the device before its answer (evicted or swapped out; told after a swap
+        out, before a discard, so its key may count host blocks a discard then drops)."""
         self.ledger.undone(req.request_id)
+        self._file(req)
 
     def forget(self, req: Request) -> None:
         """`req` ended (finished, failed, cancelled)."""
         self._overdue.discard(req.request_id)
+        self.due.remove(req.request_id)
         self.ledger.undone(req.request_id)
 
     def snapshot(self) -> dict[str, dict[str, float]]:

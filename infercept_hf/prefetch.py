@@ -18,7 +18,10 @@ Outcomes, per return of a request whose KV had been in the host pool:
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
+
+from .request import Request
 
 DEFAULT_PREFETCH_QUANTILE = 0.05
 DEFAULT_OVERDUE_QUANTILE = 1.0
@@ -34,6 +37,7 @@ def prefetch_start(paused_at: float, quantile_s: float, lead_s: float) -> float:
 
 @dataclass
 class _Held:
+    request: Request
     started_at: float
     nbytes: int
     blocks: int
@@ -45,6 +49,7 @@ class PrefetchLedger:
     def __init__(self, early_after_s: float = DEFAULT_EARLY_AFTER_S) -> None:
         self.early_after_s = early_after_s
         self._held: dict[int, _Held] = {}
+        self.held_blocks = 0  # device blocks the held requests' prefetches brought back, all together
         self.counts = {"started": 0, "on_time": 0, "late": 0, "wasted": 0, "early": 0}
         self.bytes_early = 0  # KV bytes copied back before their answer
         self.held_early_s = 0.0  # seconds prefetched KV waited on the device for its answer, all together
@@ -52,18 +57,19 @@ class PrefetchLedger:
     def __contains__(self, request_id: int) -> bool:
         return request_id in self._held
 
-    @property
-    def held_blocks(self) -> int:
-        return sum(h.blocks for h in self._held.values())
+    def requests(self) -> Iterator[Request]:
+        """The prefetched requests still waiting for their answer."""
+        return (h.request for h in self._held.values())
 
-    def start(self, request_id: int, now: float, nbytes: int, blocks: int) -> None:
-        self._held[request_id] = _Held(now, nbytes, blocks)
+    def start(self, req: Request, now: float, nbytes: int, blocks: int) -> None:
+        self._held[req.request_id] = _Held(req, now, nbytes, blocks)
+        self.held_blocks += blocks
         self.counts["started"] += 1
         self.bytes_early += nbytes
 
     def returned(self, request_id: int, now: float, host_blocks: int) -> None:
         """The answer arrived; `host_blocks`: the request's KV still in the host pool."""
-        held = self._held.pop(request_id, None)
+        held = self._pop(request_id)
         if host_blocks:
             self.counts["late"] += 1
         elif held is not None:
@@ -74,8 +80,14 @@ class PrefetchLedger:
 
     def undone(self, request_id: int) -> None:
         """A prefetched KV leaves the device before its answer (evicted, unpinned, or its request ended)."""
-        if self._held.pop(request_id, None) is not None:
+        if self._pop(request_id) is not None:
             self.counts["wasted"] += 1
+
+    def _pop(self, request_id: int) -> _Held | None:
+        held = self._held.pop(request_id, None)
+        if held is not None:
+            self.held_blocks -= held.blocks
+        return held
 
     def snapshot(self) -> dict[str, float]:
         done = self.counts["on_time"] + self.counts["late"]
