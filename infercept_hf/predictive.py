@@ -12,6 +12,7 @@ same answers on the same clock, decide alike.
 """
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Sequence
 
 from .cache import InterceptPagedCache
@@ -30,6 +31,7 @@ from .ranking import DEFAULT_AGING_S, predicted_work, rank_key
 from .request import Request
 
 Call = tuple[str, "float | None"]  # a paused request's tool name and, for the oracle, its true duration
+PERIOD_SAMPLES = 8  # iterations whose spacing `step_period` reads
 QueueKey = Callable[[Request], tuple[float, float, int]]
 
 
@@ -64,6 +66,8 @@ class Predictor:
         self.due = PrefetchDue()  # swapped calls not yet prefetched, by when their prefetch falls due
         self._overdue: set[int] = set()  # prefetched, then outlived the overdue quantile: not pinned, not again
         self.ranking = {"reordered_iterations": 0, "overtakes": 0}
+        self._busy_since: float | None = None  # when the latest iteration began, if it ran a forward
+        self._periods: deque[float] = deque(maxlen=PERIOD_SAMPLES)  # seconds between such iterations
 
     # ------------------------------------------------------------------ durations
     def remaining(self, call: Call, elapsed_s: float) -> float:
@@ -120,6 +124,13 @@ class Predictor:
         """A prefetched request min-waste must leave on the device until its answer."""
         return req.request_id in self.ledger and req.request_id not in self._overdue
 
+    def step_period(self, step_s: float) -> float:
+        """How far apart iterations are: the longest of the last few measured between iterations
+        that ran a forward, and at least `step_s`, the cost model's forward time of this one (an
+        iteration also samples, schedules and copies; a prefetch timed by the forward alone lands
+        after the answer whenever the next iteration starts later than predicted)."""
+        return max(step_s, max(self._periods, default=0.0))
+
     def keeps(self, req: Request, call: Call, now: float, step_s: float) -> bool:
         """Whether min-waste must leave `req`'s device KV alone: it is pinned, or its answer is so
         near that a copy out would have to come straight back (its prefetch would be due before
@@ -129,18 +140,24 @@ class Predictor:
         if req.request_id in self._overdue:
             return False
         at = self.estimator.duration_quantile(call[0], self.prefetch_quantile, call[1])
-        out_and_back = self._lead(2 * self.cache.device_tokens(req.rid), step_s)
+        out_and_back = self._lead(2 * self.cache.device_tokens(req.rid), self.step_period(step_s))
         return at is not None and prefetch_start(req.paused_at, at, out_and_back) <= now
 
     def _lead(self, tokens: int, step_s: float) -> float:
-        """How long before an answer a copy of `tokens` back must start: the copy, and one iteration."""
+        """How long before an answer a copy of `tokens` back must start: the copy, and one iteration
+        (`step_s`, a `step_period`)."""
         return self.cost.t_swap(tokens) + step_s
 
-    def prefetch(self, now: float, budget_tokens: int, spare_blocks: int, step_s: float) -> int:
-        """Copy back the swapped KV of calls about to answer, soonest first, while `budget_tokens`
-        (the swap budget this iteration has left; the first copy may exceed it, as its swap-in on
-        return would) and `spare_blocks` (free device blocks nobody queued wants) last. Unpins
-        prefetched calls that outlived the overdue quantile. Returns the tokens copied."""
+    def prefetch(self, now: float, budget_tokens: int, spare_blocks: int, step_s: float, busy: bool) -> int:
+        """Once per iteration (`busy`: it runs a forward; `step_s` its forward time): copy back the
+        swapped KV of calls about to answer, soonest first, while `budget_tokens` (the swap budget
+        this iteration has left; the first copy may exceed it, as its swap-in on return would) and
+        `spare_blocks` (free device blocks nobody queued wants) last. Unpins prefetched calls that
+        outlived the overdue quantile. Returns the tokens copied."""
+        if self._busy_since is not None:
+            self._periods.append(now - self._busy_since)
+        self._busy_since = now if busy else None
+        step_s = self.step_period(step_s)
         bs = self.cache.block_size
         for req in list(self.ledger.requests()):
             if req.request_id not in self._overdue:
@@ -223,7 +240,7 @@ class Predictor:
 
     def next_due(self, now: float, step_s: float) -> float | None:
         """The earliest moment after `now` at which a prefetch falls due (those due already wait
-        for budget or room, which only a step's events can free)."""
+        for budget or room, which only a step's events can free); `step_s` a `step_period`."""
         best: float | None = None
         for group in self.due.groups():
             q = self._group_quantile(group)

@@ -465,7 +465,7 @@ class Scheduler:
         assert self.predictor is not None
         budget = swap_budget_tokens(max(1, batch_tokens), self.cost) - swap_in_tokens
         spare = self.cache.free_device_blocks() - self._blocks_wanted()
-        moved = self.predictor.prefetch(now, budget, spare, self._step_s)
+        moved = self.predictor.prefetch(now, budget, spare, self._step_s, busy=batch_tokens > 0)
         if moved:
             for r in self.predictor.ledger.requests():
                 r.strategy = self._placement(r)
@@ -475,7 +475,7 @@ class Scheduler:
         """`predictive`: when the next prefetch falls due (after `now`), so an idle engine wakes for it."""
         if self.predictor is None:
             return None
-        return self.predictor.next_due(now, self._step_s)
+        return self.predictor.next_due(now, self.predictor.step_period(self._step_s))
 
     def _host_room(self) -> HostRoom:
         """The host pool and the paused requests' blocks, per allocator, for `plan_paused_moves`:

@@ -42,7 +42,7 @@ def _brute_force(engine, now: float) -> tuple[dict[int, float], float | None]:
         tool, truth = scheduler._call(req)
         at = engine.estimator.duration_quantile(tool, predictor.prefetch_quantile, truth)
         if at is not None:
-            lead = scheduler.cost.t_swap(host * engine.cache.block_size) + scheduler._step_s
+            lead = scheduler.cost.t_swap(host * engine.cache.block_size) + predictor.step_period(scheduler._step_s)
             starts[req.request_id] = prefetch_start(req.paused_at, at, lead)
     later = [s for s in starts.values() if s > now]
     return {rid: s for rid, s in starts.items() if s <= now}, min(later, default=None)
@@ -72,7 +72,7 @@ def test_the_index_matches_viewing_every_paused_request(llama, oracle, overdue_q
         engine.cache.check_integrity()
         clock.advance(STEP_S)
         want_due, want_next = _brute_force(engine, clock.now)
-        step_s = engine.scheduler._step_s
+        step_s = predictor.step_period(engine.scheduler._step_s)
         assert predictor.next_due(clock.now, step_s) == want_next
         assert {r.request_id: s for s, r, _ in predictor.due_now(clock.now, step_s)} == want_due
         seen_due += bool(want_due)
