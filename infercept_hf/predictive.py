@@ -105,8 +105,12 @@ class Predictor:
 
         return key
 
-    def note_admissions(self, admitted: Sequence[Request], still_waiting: Sequence[Request]) -> None:
-        """Telemetry: requests admitted while an earlier arrival still waits (the ranking's decisions)."""
+    def note_admissions(self, admitted: Sequence[Request], still_waiting: Sequence[Request],
+                        swap_ins_hidden: bool) -> None:
+        """Telemetry: requests admitted while an earlier arrival still waits (the ranking's decisions),
+        and which late returns resumed at once behind the forward (`swap_ins_hidden`: this
+        iteration's swap-ins fit its swap budget; `PrefetchLedger.admitted`)."""
+        self.ledger.admitted((r.request_id for r in admitted), swap_ins_hidden)
         if not admitted or not still_waiting:
             return
         first = min((r.queue_key, r.request_id) for r in still_waiting)

@@ -12,13 +12,18 @@ outlives the `overdue_quantile` of its tool gives its pin up (min-waste may move
 Outcomes, per return of a request whose KV had been in the host pool:
 - on_time: every block was back on the device when the answer arrived;
 - late: some still lay in the host pool (no prefetch yet, or it had been undone);
+- late_hidden: of the late ones, those that resumed in the very iteration that collected the
+  answer, with that iteration's swap-ins inside its swap budget: the copy back ran layer by
+  layer behind the forward (`offload.py`), so the request ran no later than had its KV been
+  on the device (a late return not admitted at once, or whose iteration's copies outlasted its
+  forward, is not hidden);
 - wasted: a prefetched KV left the device again before the answer (evicted or unpinned
   and swapped out), or its request ended without one: the copy bought nothing;
 - early: an on-time prefetch whose KV waited on the device longer than `early_after_s`.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from .request import Request
@@ -50,7 +55,8 @@ class PrefetchLedger:
         self.early_after_s = early_after_s
         self._held: dict[int, _Held] = {}
         self.held_blocks = 0  # device blocks the held requests' prefetches brought back, all together
-        self.counts = {"started": 0, "on_time": 0, "late": 0, "wasted": 0, "early": 0}
+        self.counts = {"started": 0, "on_time": 0, "late": 0, "late_hidden": 0, "wasted": 0, "early": 0}
+        self._late_now: set[int] = set()  # late returns of this iteration, not yet admitted
         self.bytes_early = 0  # KV bytes copied back before their answer
         self.held_early_s = 0.0  # seconds prefetched KV waited on the device for its answer, all together
 
@@ -72,11 +78,20 @@ class PrefetchLedger:
         held = self._pop(request_id)
         if host_blocks:
             self.counts["late"] += 1
+            self._late_now.add(request_id)
         elif held is not None:
             self.counts["on_time"] += 1
             self.held_early_s += now - held.started_at
             if now - held.started_at > self.early_after_s:
                 self.counts["early"] += 1
+
+    def admitted(self, request_ids: Iterable[int], swap_ins_hidden: bool) -> None:
+        """The iteration that collected this iteration's answers admitted `request_ids`; its swap-ins
+        fitted its swap budget when `swap_ins_hidden`. Late returns not among them waited."""
+        if self._late_now:
+            if swap_ins_hidden:
+                self.counts["late_hidden"] += sum(1 for rid in request_ids if rid in self._late_now)
+            self._late_now.clear()
 
     def undone(self, request_id: int) -> None:
         """A prefetched KV leaves the device before its answer (evicted, unpinned, or its request ended)."""
@@ -97,4 +112,5 @@ class PrefetchLedger:
             "bytes_early": self.bytes_early,
             "held_early_s": self.held_early_s,
             "no_wait_share": self.counts["on_time"] / done if done else 0.0,
+            "no_wait_or_hidden_share": (self.counts["on_time"] + self.counts["late_hidden"]) / done if done else 0.0,
         }

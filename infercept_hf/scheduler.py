@@ -196,7 +196,8 @@ class Scheduler:
             swap_in_tokens = self._swapped_in_bytes // self.cache.spec.rank_kv_bytes_per_token
             self._step_s = self.cost.t_fwd(max(1, plan.num_tokens))
             if self.predictor is not None:
-                self.predictor.note_admissions(admitted, self.waiting)
+                hidden = swap_in_tokens <= swap_budget_tokens(max(1, plan.num_tokens), self.cost)
+                self.predictor.note_admissions(admitted, self.waiting, hidden)
                 swap_in_tokens += self._prefetch(now, plan.num_tokens, swap_in_tokens)
             self._min_waste(now, plan.num_tokens, swap_in_tokens)
         return plan

@@ -19,13 +19,14 @@ TOKENS = 12
 PAUSE = ih.Scripted([(3, 1.0, [5, 6])])  # decode 3 tokens, pause 1 s, answer 2 tokens
 
 
-def _start(model, history: list[float], seed: int, pause: ih.Scripted = PAUSE, pipeline: str = "sync"):
+def _start(model, history: list[float], seed: int, pause: ih.Scripted = PAUSE, pipeline: str = "sync",
+           cost: CostModel = FAST_LINK):
     """A predictive engine whose estimator has seen `history`, with one 40-token request that pauses.
     `pipeline="lazy"` defers every copy to the last moment the swap pipeline allows. Prefix sharing
     is off so that a swap-in copies every block back (none is found still named on the device)."""
     clock = ManualClock()
     engine = ih.InterceptEngine(model, policy="predictive", num_blocks=64, block_size=4, host_pool_bytes=1 << 20,
-                                cost_model=FAST_LINK, clock=clock, prefix_sharing=False)
+                                cost_model=cost, clock=clock, prefix_sharing=False)
     engine.cache.pipeline = SwapPipeline(pipeline)
     for seconds in history:
         engine.estimator.observe("scripted", seconds)
@@ -77,16 +78,22 @@ def test_prefetch_brings_the_kv_back_before_the_answer(llama, pipeline):
     block_bytes = engine.cache.block_bytes
     assert stats["swapped_out_bytes"] == stats["swapped_in_bytes"] == blocks * block_bytes
     assert _prefetch_stats(engine) == {
-        "started": 1, "on_time": 1, "late": 0, "wasted": 0, "early": 0, "held": 0,
+        "started": 1, "on_time": 1, "late": 0, "late_hidden": 0, "wasted": 0, "early": 0, "held": 0,
         "bytes_early": blocks * block_bytes, "held_early_s": pytest.approx(answer_at - started_at, abs=1e-9),
-        "no_wait_share": 1.0,
+        "no_wait_share": 1.0, "no_wait_or_hidden_share": 1.0,
     }
     assert engine.cache.is_empty()
 
 
-def test_an_answer_before_the_prediction_is_late(llama):
+# a link that moves 4 + 0.4 * B tokens of KV behind a forward of B tokens
+SLOW_LINK = CostModel(fwd_per_token_s=1e-4, fwd_fixed_s=1e-3, swap_bytes_per_s=10 * M / 2.5e-3,
+                      kv_bytes_per_token=M, saturation_tokens=512)
+
+
+@pytest.mark.parametrize("cost,hidden", [(FAST_LINK, 1), (SLOW_LINK, 0)])
+def test_an_answer_before_the_prediction_is_late(llama, cost, hidden):
     pause = ih.Scripted([(3, 0.3, [5, 6])])
-    engine, clock, prompt, rid = _start(llama, [5.0] * 20, seed=6, pause=pause)  # usually 5 s; this call 0.3 s
+    engine, clock, prompt, rid = _start(llama, [5.0] * 20, seed=6, pause=pause, cost=cost)  # usually 5 s; this call 0.3 s
     results: dict = {}
     _step(engine, clock, lambda: not engine.has_unfinished(), results)
     assert results[rid].token_ids == reference_scripted(llama, prompt, pause, TOKENS)
@@ -94,6 +101,9 @@ def test_an_answer_before_the_prediction_is_late(llama):
     assert (stats["started"], stats["on_time"], stats["late"], stats["wasted"]) == (0, 0, 1, 0)
     assert stats["no_wait_share"] == 0.0
     assert engine.stats()["swapped_in_bytes"] > 0  # the copy back waited for the answer
+    # it resumed in the iteration that collected the answer: behind that iteration's forward the fast link
+    # copies the whole 43-token context back; the slow one, with a batch of a few tokens, copies far less
+    assert stats["late_hidden"] == hidden and stats["no_wait_or_hidden_share"] == hidden
 
 
 def test_a_prefetch_evicted_for_a_newcomer_is_wasted(llama):
