@@ -143,7 +143,7 @@ class Predictor:
             return True
         if req.request_id in self._overdue:
             return False
-        at = self.estimator.duration_quantile(call[0], self.prefetch_quantile, call[1])
+        at = self.back_by(*call)
         out_and_back = self._lead(2 * self.cache.device_tokens(req.rid), self.step_period(step_s))
         return at is not None and prefetch_start(req.paused_at, at, out_and_back) <= now
 
@@ -189,10 +189,14 @@ class Predictor:
                 break
         return moved
 
+    def back_by(self, tool: str, truth: float | None) -> float | None:
+        """How long into a call of `tool` its KV should be back on the device: the `prefetch_quantile`
+        of the tool's durations (None: none yet; oracle mode: the call's true duration)."""
+        return self.estimator.duration_quantile(tool, self.prefetch_quantile, truth)
+
     def _start(self, req: Request, host: int, step_s: float) -> float | None:
         """When `req`'s prefetch of `host` blocks must start (None: its tool has no durations yet)."""
-        tool, truth = self.call_of(req)
-        at = self.estimator.duration_quantile(tool, self.prefetch_quantile, truth)
+        at = self.back_by(*self.call_of(req))
         return None if at is None else prefetch_start(req.paused_at, at, self._lead(host * self.cache.block_size, step_s))
 
     def _group_quantile(self, group: str | None) -> float | None:
@@ -201,7 +205,7 @@ class Predictor:
         if self.estimator.oracle:
             return 0.0
         assert group is not ORACLE_GROUP
-        return self.estimator.duration_quantile(group, self.prefetch_quantile)
+        return self.back_by(group, None)
 
     def _file(self, req: Request) -> None:
         """(Re)file `req` in `due` by its host KV now, or take it out: no host KV, already
@@ -213,7 +217,7 @@ class Predictor:
         tool, truth = self.call_of(req)
         swap_s = self.cost.t_swap(host * self.cache.block_size)
         if self.estimator.oracle:
-            at = self.estimator.duration_quantile(tool, self.prefetch_quantile, truth)
+            at = self.back_by(tool, truth)
             self.due.put(req, ORACLE_GROUP, req.paused_at + at - swap_s)
         else:
             self.due.put(req, tool, req.paused_at - swap_s)

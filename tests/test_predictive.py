@@ -6,6 +6,7 @@ import pytest
 import infercept_hf as ih
 from infercept_hf.offload import SwapPipeline
 from infercept_hf.policy import CostModel
+from infercept_hf.prefetch import DEFAULT_MAX_HELD_FRACTION
 from infercept_hf.ranking import predicted_work, rank_key, starvation_bound_s
 from infercept_hf.request import Request
 from conftest import prompts_for, reference_scripted
@@ -28,6 +29,7 @@ def _start(model, history: list[float], seed: int, pause: ih.Scripted = PAUSE, p
     engine = ih.InterceptEngine(model, policy="predictive", num_blocks=64, block_size=4, host_pool_bytes=1 << 20,
                                 cost_model=cost, clock=clock, prefix_sharing=False)
     engine.cache.pipeline = SwapPipeline(pipeline)
+    engine.scheduler.predictor.max_held_blocks = 32  # the default reserve (10%: 6 blocks) holds no 11-block context
     for seconds in history:
         engine.estimator.observe("scripted", seconds)
     prompt = prompts_for(seed, [40])[0]
@@ -173,3 +175,15 @@ def test_ranking_admits_the_least_work_first(llama):
     assert engine.stats()["predictive"]["ranking"] == {"reordered_iterations": 1, "overtakes": 1}
     assert results[short].token_ids == reference_scripted(llama, short_prompt, None, 4)
     assert results[long].token_ids == reference_scripted(llama, long_prompt, None, 20)
+
+
+def test_a_prefetch_stays_within_the_reserve(llama):
+    engine, clock, prompt, rid = _start(llama, HISTORY, seed=5)
+    predictor = engine.scheduler.predictor
+    predictor.max_held_blocks = int(DEFAULT_MAX_HELD_FRACTION * engine.cache.num_blocks)  # the default reserve
+    assert predictor.max_held_blocks == 6
+    results: dict = {}
+    _step(engine, clock, lambda: not engine.has_unfinished(), results)
+    assert results[rid].token_ids == reference_scripted(llama, prompt, PAUSE, TOKENS)
+    stats = _prefetch_stats(engine)  # the 11-block context never fitted: it came back on its answer
+    assert (stats["started"], stats["on_time"], stats["late"]) == (0, 0, 1)

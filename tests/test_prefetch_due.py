@@ -59,6 +59,7 @@ def test_the_index_matches_viewing_every_paused_request(llama, oracle, overdue_q
                                 cost_model=SLOW_LINK, clock=clock, estimator=estimator)
     predictor = engine.scheduler.predictor
     predictor.overdue_quantile = overdue_quantile
+    predictor.max_held_blocks = 24  # half the pool: most calls can be prefetched, not only the smallest
     requests = _requests()
     ids = {engine.add_request(prompt, max_new_tokens=TOKENS, interceptions=calls): (prompt, calls)
            for prompt, calls in requests}
