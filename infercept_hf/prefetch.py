@@ -3,12 +3,16 @@
 When a call's answer arrives and its KV lies in the host pool, the request waits for the copy
 back (and a copy larger than a forward pass stalls the batch). `predictive` starts that copy
 ahead of the predicted return instead: once the call has run for as long as the
-`prefetch_quantile` of its tool's durations, less the copy's own time and one iteration, so
-that in about `1 - prefetch_quantile` of returns the KV is back in time.
+`prefetch_quantile` of its tool's durations, less the copy's own time and one iteration (as
+far apart as recent iterations were: an iteration lasts longer than its forward), so that in
+about `1 - prefetch_quantile` of returns the KV is back in time.
 
 A prefetch is bounded three ways: it only takes device blocks nobody queued wants (it never
 evicts), prefetched KV holds at most `max_held_fraction` of the device pool, and a call that
 outlives the `overdue_quantile` of its tool gives its pin up (min-waste may move it again).
+The reserve is small: a tool whose durations spread wide has its KV back long before most
+answers, and in steady state those blocks are soon wanted by arrivals, so a larger reserve
+pushes other paused KV out and costs more latency than the copies save (docs/BENCHMARK.md).
 Outcomes, per return of a request whose KV had been in the host pool:
 - on_time: every block was back on the device when the answer arrived;
 - late: some still lay in the host pool (no prefetch yet, or it had been undone);
