@@ -6,7 +6,7 @@
 - Prefetch: swapped KV comes back ahead of the predicted answer (`prefetch.py`), within the swap
   budget and into blocks nobody queued wants.
 - Ranking: the waiting queue (new, resumed and preempted requests) in order of predicted
-  remaining work, aged so that nobody starves (`ranking.py`).
+  remaining work, aged so that nobody starves, requests resuming after a tool first (`ranking.py`).
 Every decision reads the estimator and the cache only, so tensor-parallel replicas, fed the
 same answers on the same clock, decide alike.
 """
@@ -32,7 +32,7 @@ from .request import Request
 
 Call = tuple[str, "float | None"]  # a paused request's tool name and, for the oracle, its true duration
 PERIOD_SAMPLES = 8  # iterations whose spacing `step_period` reads
-QueueKey = Callable[[Request], tuple[float, float, int]]
+QueueKey = Callable[[Request], tuple[int, float, float, int]]
 
 
 def _slack(*values: float) -> float:
@@ -91,16 +91,19 @@ class Predictor:
 
     # ------------------------------------------------------------------ ranking
     def queue_key(self, now: float) -> QueueKey:
-        """This iteration's queue order: aged predicted work, ties by the arrival order (memoised:
-        the scheduler compares many times per iteration)."""
-        memo: dict[int, tuple[float, float, int]] = {}
+        """This iteration's queue order: requests resuming after a tool first, then aged predicted
+        work, ties by the arrival order (`ranking.py`; memoised: the scheduler compares many
+        times per iteration)."""
+        memo: dict[int, tuple[int, float, float, int]] = {}
 
-        def key(req: Request) -> tuple[float, float, int]:
+        def key(req: Request) -> tuple[int, float, float, int]:
             k = memo.get(req.request_id)
             if k is None:
-                since = req.resume_pending_since if req.resume_pending_since is not None else req.arrival_time
+                resuming = req.resume_pending_since is not None
+                since = req.resume_pending_since if resuming else req.arrival_time
                 work = predicted_work(len(req.tokens), req.max_new_tokens - req.num_generated)
-                k = memo[req.request_id] = (rank_key(work, now - since, self.aging_s), req.queue_key, req.request_id)
+                k = memo[req.request_id] = (not resuming, rank_key(work, now - since, self.aging_s),
+                                            req.queue_key, req.request_id)
             return k
 
         return key

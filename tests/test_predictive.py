@@ -187,3 +187,16 @@ def test_a_prefetch_stays_within_the_reserve(llama):
     assert results[rid].token_ids == reference_scripted(llama, prompt, PAUSE, TOKENS)
     stats = _prefetch_stats(engine)  # the 11-block context never fitted: it came back on its answer
     assert (stats["started"], stats["on_time"], stats["late"]) == (0, 0, 1)
+
+
+def test_a_request_resuming_after_a_tool_goes_first(llama):
+    predictor = ih.InterceptEngine(llama, policy="predictive", num_blocks=16, block_size=4,
+                                   cost_model=FAST_LINK).scheduler.predictor
+    resumed = Request(request_id=0, tokens=[1] * 100, prompt_len=90, max_new_tokens=100, arrival_time=0.0)
+    resumed.num_generated = 10
+    resumed.resume_pending_since = 5.0  # its answer came in at 5 s: work (100 + 45) * 90 = 13050
+    short = Request(request_id=1, tokens=[1] * 10, prompt_len=10, max_new_tokens=10, arrival_time=4.0)  # work 150
+    key = predictor.queue_key(5.0)
+    assert sorted([short, resumed], key=key) == [resumed, short]
+    resumed.resume_pending_since = None  # the same request, not resuming (preempted): least work first
+    assert sorted([short, resumed], key=predictor.queue_key(5.0)) == [short, resumed]
