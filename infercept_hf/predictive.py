@@ -200,7 +200,9 @@ class Predictor:
     def _start(self, req: Request, host: int, step_s: float) -> float | None:
         """When `req`'s prefetch of `host` blocks must start (None: its tool has no durations yet)."""
         at = self.back_by(*self.call_of(req))
-        return None if at is None else prefetch_start(req.paused_at, at, self._lead(host * self.cache.block_size, step_s))
+        if at is None:
+            return None
+        return prefetch_start(req.paused_at, at, self._lead(host * self.cache.block_size, step_s))
 
     def _group_quantile(self, group: str | None) -> float | None:
         """What a `due` group's keys lack of their starts (before the lead's iteration): the tool's

@@ -95,7 +95,8 @@ SLOW_LINK = CostModel(fwd_per_token_s=1e-4, fwd_fixed_s=1e-3, swap_bytes_per_s=1
 @pytest.mark.parametrize("cost,hidden", [(FAST_LINK, 1), (SLOW_LINK, 0)])
 def test_an_answer_before_the_prediction_is_late(llama, cost, hidden):
     pause = ih.Scripted([(3, 0.3, [5, 6])])
-    engine, clock, prompt, rid = _start(llama, [5.0] * 20, seed=6, pause=pause, cost=cost)  # usually 5 s; this call 0.3 s
+    # the tool usually takes 5 s; this call 0.3 s
+    engine, clock, prompt, rid = _start(llama, [5.0] * 20, seed=6, pause=pause, cost=cost)
     results: dict = {}
     _step(engine, clock, lambda: not engine.has_unfinished(), results)
     assert results[rid].token_ids == reference_scripted(llama, prompt, pause, TOKENS)
