@@ -10,6 +10,12 @@ Shortest first alone starves long requests under a steady stream of short ones, 
 request's key shrinks with its wait: `work / (1 + waited / aging_s)`. A newcomer's key is at
 least its own work (>= 1), so a request that has waited `aging_s * (work - 1)` seconds is ahead
 of every later arrival: nobody waits for ever.
+
+A request resuming after a tool goes ahead of every other, whatever its work: it mostly still
+holds its KV (kept on the device or swapped to host) while it waits, memory nobody else can
+use, where a new request holds none; shortest first among all would leave long resumed requests
+holding pools full while short arrivals pass, until host copies are dropped and recomputed
+(INFERCEPT keeps a resumed request's place in the queue for the same reason).
 """
 from __future__ import annotations
 

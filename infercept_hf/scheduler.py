@@ -220,7 +220,8 @@ class Scheduler:
             swap_in_tokens = self._swapped_in_bytes // self.cache.spec.rank_kv_bytes_per_token
             self._step_s = self.cost.t_fwd(max(1, plan.num_tokens))
             if self.predictor is not None:
-                self.predictor.note_admissions(admitted, self.waiting)
+                hidden = swap_in_tokens <= swap_budget_tokens(max(1, plan.num_tokens), self.cost)
+                self.predictor.note_admissions(admitted, self.waiting, hidden)
                 swap_in_tokens += self._prefetch(now, plan.num_tokens, swap_in_tokens)
             self._min_waste(now, plan.num_tokens, swap_in_tokens)
         return plan
@@ -531,18 +532,17 @@ class Scheduler:
         assert self.predictor is not None
         budget = swap_budget_tokens(max(1, batch_tokens), self.cost) - swap_in_tokens
         spare = self.cache.free_device_blocks() - self._blocks_wanted()
-        moved = self.predictor.prefetch(self.paused, now, budget, spare, self._step_s)
+        moved = self.predictor.prefetch(now, budget, spare, self._step_s, busy=batch_tokens > 0)
         if moved:
-            for r in self.paused:
-                if r.request_id in self.predictor.ledger:
-                    r.strategy = self._placement(r)
+            for r in self.predictor.ledger.requests():
+                r.strategy = self._placement(r)
         return moved
 
     def next_prefetch(self, now: float) -> float | None:
         """`predictive`: when the next prefetch falls due (after `now`), so an idle engine wakes for it."""
         if self.predictor is None:
             return None
-        return self.predictor.next_due(self.paused, now, self._step_s)
+        return self.predictor.next_due(now, self.predictor.step_period(self._step_s))
 
     def _host_room(self) -> HostRoom:
         """The host pool and the paused requests' blocks, per allocator, for `plan_paused_moves`:

@@ -6,6 +6,7 @@ import pytest
 import infercept_hf as ih
 from infercept_hf.offload import SwapPipeline
 from infercept_hf.policy import CostModel
+from infercept_hf.prefetch import DEFAULT_MAX_HELD_FRACTION
 from infercept_hf.ranking import predicted_work, rank_key, starvation_bound_s
 from infercept_hf.request import Request
 from conftest import prompts_for, reference_scripted
@@ -19,14 +20,16 @@ TOKENS = 12
 PAUSE = ih.Scripted([(3, 1.0, [5, 6])])  # decode 3 tokens, pause 1 s, answer 2 tokens
 
 
-def _start(model, history: list[float], seed: int, pause: ih.Scripted = PAUSE, pipeline: str = "sync"):
+def _start(model, history: list[float], seed: int, pause: ih.Scripted = PAUSE, pipeline: str = "sync",
+           cost: CostModel = FAST_LINK):
     """A predictive engine whose estimator has seen `history`, with one 40-token request that pauses.
     `pipeline="lazy"` defers every copy to the last moment the swap pipeline allows. Prefix sharing
     is off so that a swap-in copies every block back (none is found still named on the device)."""
     clock = ManualClock()
     engine = ih.InterceptEngine(model, policy="predictive", num_blocks=64, block_size=4, host_pool_bytes=1 << 20,
-                                cost_model=FAST_LINK, clock=clock, prefix_sharing=False)
+                                cost_model=cost, clock=clock, prefix_sharing=False)
     engine.cache.pipeline = SwapPipeline(pipeline)
+    engine.scheduler.predictor.max_held_blocks = 32  # the default reserve (10%: 6 blocks) holds no 11-block context
     for seconds in history:
         engine.estimator.observe("scripted", seconds)
     prompt = prompts_for(seed, [40])[0]
@@ -77,16 +80,23 @@ def test_prefetch_brings_the_kv_back_before_the_answer(llama, pipeline):
     block_bytes = engine.cache.block_bytes
     assert stats["swapped_out_bytes"] == stats["swapped_in_bytes"] == blocks * block_bytes
     assert _prefetch_stats(engine) == {
-        "started": 1, "on_time": 1, "late": 0, "wasted": 0, "early": 0, "held": 0,
+        "started": 1, "on_time": 1, "late": 0, "late_hidden": 0, "wasted": 0, "early": 0, "held": 0,
         "bytes_early": blocks * block_bytes, "held_early_s": pytest.approx(answer_at - started_at, abs=1e-9),
-        "no_wait_share": 1.0,
+        "no_wait_share": 1.0, "no_wait_or_hidden_share": 1.0,
     }
     assert engine.cache.is_empty()
 
 
-def test_an_answer_before_the_prediction_is_late(llama):
+# a link that moves 4 + 0.4 * B tokens of KV behind a forward of B tokens
+SLOW_LINK = CostModel(fwd_per_token_s=1e-4, fwd_fixed_s=1e-3, swap_bytes_per_s=10 * M / 2.5e-3,
+                      kv_bytes_per_token=M, saturation_tokens=512)
+
+
+@pytest.mark.parametrize("cost,hidden", [(FAST_LINK, 1), (SLOW_LINK, 0)])
+def test_an_answer_before_the_prediction_is_late(llama, cost, hidden):
     pause = ih.Scripted([(3, 0.3, [5, 6])])
-    engine, clock, prompt, rid = _start(llama, [5.0] * 20, seed=6, pause=pause)  # usually 5 s; this call 0.3 s
+    # the tool usually takes 5 s; this call 0.3 s
+    engine, clock, prompt, rid = _start(llama, [5.0] * 20, seed=6, pause=pause, cost=cost)
     results: dict = {}
     _step(engine, clock, lambda: not engine.has_unfinished(), results)
     assert results[rid].token_ids == reference_scripted(llama, prompt, pause, TOKENS)
@@ -94,6 +104,9 @@ def test_an_answer_before_the_prediction_is_late(llama):
     assert (stats["started"], stats["on_time"], stats["late"], stats["wasted"]) == (0, 0, 1, 0)
     assert stats["no_wait_share"] == 0.0
     assert engine.stats()["swapped_in_bytes"] > 0  # the copy back waited for the answer
+    # it resumed in the iteration that collected the answer: behind that iteration's forward the fast link
+    # copies the whole 43-token context back; the slow one, with a batch of a few tokens, copies far less
+    assert stats["late_hidden"] == hidden and stats["no_wait_or_hidden_share"] == hidden
 
 
 def test_a_prefetch_evicted_for_a_newcomer_is_wasted(llama):
@@ -163,3 +176,28 @@ def test_ranking_admits_the_least_work_first(llama):
     assert engine.stats()["predictive"]["ranking"] == {"reordered_iterations": 1, "overtakes": 1}
     assert results[short].token_ids == reference_scripted(llama, short_prompt, None, 4)
     assert results[long].token_ids == reference_scripted(llama, long_prompt, None, 20)
+
+
+def test_a_prefetch_stays_within_the_reserve(llama):
+    engine, clock, prompt, rid = _start(llama, HISTORY, seed=5)
+    predictor = engine.scheduler.predictor
+    predictor.max_held_blocks = int(DEFAULT_MAX_HELD_FRACTION * engine.cache.num_blocks)  # the default reserve
+    assert predictor.max_held_blocks == 6
+    results: dict = {}
+    _step(engine, clock, lambda: not engine.has_unfinished(), results)
+    assert results[rid].token_ids == reference_scripted(llama, prompt, PAUSE, TOKENS)
+    stats = _prefetch_stats(engine)  # the 11-block context never fitted: it came back on its answer
+    assert (stats["started"], stats["on_time"], stats["late"]) == (0, 0, 1)
+
+
+def test_a_request_resuming_after_a_tool_goes_first(llama):
+    predictor = ih.InterceptEngine(llama, policy="predictive", num_blocks=16, block_size=4,
+                                   cost_model=FAST_LINK).scheduler.predictor
+    resumed = Request(request_id=0, tokens=[1] * 100, prompt_len=90, max_new_tokens=100, arrival_time=0.0)
+    resumed.num_generated = 10
+    resumed.resume_pending_since = 5.0  # its answer came in at 5 s: work (100 + 45) * 90 = 13050
+    short = Request(request_id=1, tokens=[1] * 10, prompt_len=10, max_new_tokens=10, arrival_time=4.0)  # work 150
+    key = predictor.queue_key(5.0)
+    assert sorted([short, resumed], key=key) == [resumed, short]
+    resumed.resume_pending_since = None  # the same request, not resuming (preempted): least work first
+    assert sorted([short, resumed], key=predictor.queue_key(5.0)) == [short, resumed]
