@@ -115,3 +115,14 @@ def test_cli_refines_the_grid_near_the_crossing(tmp_path):
     assert rates == [0.05, 64.0, 32.025, 16.0375]  # two more, each halving the bracket it found
     assert data["runs"][0]["backlog_mean"] > 0
     assert "backlog growth / arrivals" in (out / "summary.md").read_text()
+
+
+def test_an_unstable_runs_latency_does_not_make_the_curve_non_monotonic():
+    grow = {"backlog_growth": 500, "backlog_mean": 400}
+    runs = [
+        {"policy": "a", "qps": 1.0, "normalized_latency_mean_s": 0.05, "backlog_growth_share": 0.0},
+        {"policy": "a", "qps": 2.0, "normalized_latency_mean_s": 2.6, "backlog_growth_share": 0.3, **grow},
+        # a shorter window at a higher rate reads a lower latency: it says how long the window ran
+        {"policy": "a", "qps": 3.0, "normalized_latency_mean_s": 2.4, "backlog_growth_share": 0.4, **grow},
+    ]
+    assert policy_runs.sustainable_rates(runs, 0.1)["a"] == policy_runs.Sustainable(1.0, "unstable above")

@@ -173,8 +173,8 @@ class Sustainable:
     first failing rate's backlog grows, so its latency depends on how long the window ran and
     says nothing about where the SLO is crossed: the last passing rate is given as measured),
     "not broken" (every rate measured passes: the rate is at least the highest), "non-monotonic"
-    (latency falls somewhere as the rate rises: noise or a burst; the last passing rate before
-    the first failure is given), "transient" (every run's window was shorter than its warm-up:
+    (latency falls somewhere among the stable runs as the rate rises: noise or a burst; the last
+    passing rate before the first failure is given), "transient" (every run's window was shorter than its warm-up:
     the trace is too short to tell) or "" (no passing rate).
     Runs marked `transient` are left out. A run passes when the SLO holds over its window and
     over the window's second half (a latency still climbing at the end is not sustained) and
@@ -205,7 +205,8 @@ def sustainable_rates(runs: Sequence[Mapping[str, Any]], slo_s: float,
         if not points:
             out[policy] = Sustainable(None, "transient")
             continue
-        values = [math.inf if v is None else v for _, v, _, _ in points]
+        # judged among stable runs: an unstable run's latency only says how long its window ran
+        values = [math.inf if v is None else v for _, v, stable, _ in points if stable]
         monotonic = all(a <= b for a, b in zip(values, values[1:]))
         best: float | None = None
         last: tuple[float, float] | None = None
