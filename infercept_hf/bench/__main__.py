@@ -1,13 +1,15 @@
 """`python -m infercept_hf.bench` / `infercept-bench`: replay one trace under every policy, side by side.
 
     infercept-bench --mix mix --num-requests 40 --qps 1,2,4 --policies discard,min-waste,hf-cb --out out/
-    infercept-bench --simulate gpt-j-6b/a100-80g --num-requests 600 --qps 1,2,3,4 --out out/sim
+    infercept-bench --simulate gpt-j-6b/a100-80g --num-requests 9600 --qps 4,5,6 --refine 2 --out out/sim
     infercept-bench --base-url http://127.0.0.1:8000/v1 --num-requests 16 --turns 4   # client mode, any server
     torchrun --nproc_per_node 2 -m infercept_hf.bench --model PATH --policies discard,min-waste   # tensor parallel
     infercept-bench agents --sessions 16 --prefix 512 --turns 4    # prefix sharing on an agent mix (see --help)
 
-Results come from a measurement window after a warm-up (default: from 10% of the arrival span
-to the last arrival); requests still in flight at its end count with what they had by then.
+Results come from a measurement window after a warm-up (default: the trace's 99th-percentile
+tool time per request, at least 10% of the arrival span, up to the last arrival); requests still
+in flight at its end count with what they had by then. A rate is sustained when the latency SLO
+holds and the number of requests in the system does not grow over the window.
 Writes DIR/results.json, DIR/summary.md, DIR/latency_vs_rate.png and DIR/memory_<policy>.png
 (docs/BENCHMARK.md has every flag, figure and the numbers measured here).
 """
@@ -76,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host-pool-mb", type=float, help="host swap pool (real runs; default: the engine's own sizing)")
     p.add_argument("--slo", type=float, default=DEFAULT_SLO_S,
                    help="normalized latency SLO in s/token for the sustainable rate")
+    p.add_argument("--refine", type=int, default=0,
+                   help="after the sweep, this many more runs per policy, each halfway between its last "
+                        "passing and first failing rate (a finer grid near the sustainable rate)")
     p.add_argument("--simulate", choices=list(PRESETS), help="simulate a paper-scale model and GPU instead of running")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: small models gain nothing from more, "
@@ -123,6 +128,10 @@ def parse_args(argv: list[str] | None = None, p: argparse.ArgumentParser | None 
         p.error(f"--qps takes comma-separated numbers, got {args.qps!r}")
     if not all(0 < q < float("inf") for q in args.rates):
         p.error(f"--qps rates must be > 0, got {args.qps!r}")
+    if args.refine < 0:
+        p.error(f"--refine must be >= 0, got {args.refine}")
+    if args.refine and args.trace is not None and args.trace.endswith(".jsonl"):
+        p.error("--refine needs rates to choose: a .jsonl trace carries its own arrivals")
     if args.trace is not None and not os.path.isfile(args.trace):
         p.error(f"--trace {args.trace}: no such file")
     torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1  # distributed.is_torchrun, without importing torch
@@ -229,14 +238,17 @@ def run_all(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, l
         limits = [n for n in (spec.max_positions, sizes.num_blocks * sizes.block_size) if n]
         max_context = min(limits) if limits else None
     vocab = model.config.get_text_config().vocab_size
-    for qps in args.rates:
+    timeline_rate: dict[str, float] = {}
+
+    def measure(qps: float, policies: list[str]) -> int:
+        """Every policy of `policies` at `qps`; returns the trace's number of requests."""
         trace = make_trace(args, qps, max_context)
         start, end, transient = measurement_window(trace, args)
         window = (start, end)
         jobs = make_jobs(trace, vocab, args.seed)
         rate = trace_rate(trace, qps, args)
         windows[rate] = window
-        for policy in args.policies:
+        for policy in policies:
             with tqdm(total=len(jobs), desc=f"{policy} @ {rate:g} req/s", unit="req", disable=not is_rank_0()) as bar:
                 if args.simulate:
                     run = policy_runs.run_simulated(preset, model, policy, jobs, bar, until_s=window[1])
@@ -247,10 +259,23 @@ def run_all(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, l
             runs.append(policy_runs.summarize_run(policy, rate, run, window=window, model=label, transient=transient,
                                              simulated=bool(args.simulate), time_scale=args.time_scale,
                                              context_scale=args.context_scale))
-            if run.timeline:
-                timelines[policy] = run.timeline
+            if run.timeline and rate >= timeline_rate.get(policy, rate):  # the policy's highest-rate run
+                timelines[policy], timeline_rate[policy] = run.timeline, rate
+        return len(jobs)
+
+    num_requests = 0
+    for qps in args.rates:
+        num_requests = measure(qps, args.policies)
+    for _ in range(args.refine):  # halve each policy's bracket around its crossing
+        todo: dict[float, list[str]] = {}
+        for policy in args.policies:
+            q = policy_runs.refine_rate(runs, policy, args.slo)
+            if q is not None and all(r["qps"] != q for r in runs if r["policy"] == policy):
+                todo.setdefault(q, []).append(policy)
+        for q, policies in sorted(todo.items()):
+            measure(q, policies)
     setup = {"command": args.command, "model": label, "trace": args.trace or args.mix,
-             "num_requests": len(jobs), "time_scale": args.time_scale, "context_scale": args.context_scale,
+             "num_requests": num_requests, "time_scale": args.time_scale, "context_scale": args.context_scale,
              "seed": args.seed, "slo_normalized_latency_s": args.slo,
              "window_s": {f"{q:g}": [round(a, 3), round(b, 3)] for q, (a, b) in windows.items()}}
     if settings is not None:

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from ..outputs import RequestResult
+from .backlog import backlog
 
 COMPLETED = ("length", "stop")
 IN_FLIGHT = "in-flight"  # the finish reason of a request clipped at the end of the window
@@ -175,6 +176,8 @@ def summarize(
         "interceptions": len(records),
         "tool_s_total": sum(rec.tool_seconds for rec in records),
     }
+    if window is not None:  # whether the window's load was sustained (bench/backlog.py)
+        out.update(backlog(everything, start, end))
     out.update(_spread("ttft_ms", ttfts))
     out.update(_spread("tpot_ms", tpots))
     out.update(_spread("tpot_excl_tool_ms", tpots_excl))

@@ -22,6 +22,7 @@ from ..estimator import DurationEstimator
 from ..outputs import RequestResult
 from . import hf_peer
 from .jobs import ORACLES, PEERS, EngineSettings, Job, Run
+from .backlog import is_stable
 from .metrics import merge_engine_stats, summarize
 from .presets import Preset
 from .simulator import VirtualClock, preset_engine
@@ -167,40 +168,56 @@ def _worst(value: float | None, late: float | None) -> float | None:
 
 @dataclass(frozen=True)
 class Sustainable:
-    """A policy's sustainable rate: `rate` (None: even the lowest rate breaks the SLO) and a note:
-    "interpolated" (between the last passing and the first failing rate), "not broken" (every
-    rate measured passes: the rate is at least the highest), "non-monotonic" (the SLO breaks,
-    and latency falls somewhere as the rate rises: noise or a burst; the last passing rate
-    before the first failure is given, not interpolated), "transient" (every run's window was
-    shorter than its warm-up: the trace is too short to tell) or "" (no crossing to interpolate).
-    Runs marked `transient` are left out; a run passes when the SLO holds over its window and
-    over the window's second half (a latency still climbing at the end is not sustained)."""
+    """A policy's sustainable rate: `rate` (None: even the lowest rate fails) and a note:
+    "interpolated" (between the last passing and the first failing rate), "unstable above" (the
+    first failing rate's backlog grows, so its latency depends on how long the window ran and
+    says nothing about where the SLO is crossed: the last passing rate is given as measured),
+    "not broken" (every rate measured passes: the rate is at least the highest), "non-monotonic"
+    (latency falls somewhere among the stable runs as the rate rises: noise or a burst; the last
+    passing rate before the first failure is given), "transient" (every run's window was shorter than its warm-up:
+    the trace is too short to tell) or "" (no passing rate).
+    Runs marked `transient` are left out. A run passes when the SLO holds over its window and
+    over the window's second half (a latency still climbing at the end is not sustained) and
+    its count of requests in the system does not grow (`backlog.is_stable`)."""
 
     rate: float | None
     note: str
 
 
+def _points(runs: Sequence[Mapping[str, Any]], policy: str, slo_s: float,
+            metric: str) -> list[tuple[float, float | None, bool, bool]]:
+    """(rate, worst latency of window and second half, stable, passes) of the policy's steady runs, by rate."""
+    points = []
+    for r in runs:
+        if str(r["policy"]) == policy and not r.get("transient"):
+            value, stable = _worst(r.get(metric), r.get(LATE.get(metric, ""))), is_stable(r)
+            points.append((r["qps"], value, stable, stable and value is not None and value <= slo_s))
+    return sorted(points)
+
+
 def sustainable_rates(runs: Sequence[Mapping[str, Any]], slo_s: float,
                       metric: str = "normalized_latency_mean_s") -> dict[str, Sustainable]:
-    """Per policy, the highest request rate whose `metric` stays within `slo_s` (see `Sustainable`)."""
+    """Per policy, the highest request rate whose `metric` stays within `slo_s` at a stable
+    backlog (see `Sustainable`)."""
     out: dict[str, Sustainable] = {}
     for policy in dict.fromkeys(str(r["policy"]) for r in runs):
-        steady = [r for r in runs if str(r["policy"]) == policy and not r.get("transient")]
-        if not steady:
+        points = _points(runs, policy, slo_s, metric)
+        if not points:
             out[policy] = Sustainable(None, "transient")
             continue
-        points = sorted((r["qps"], _worst(r.get(metric), r.get(LATE.get(metric, "")))) for r in steady)
-        values = [math.inf if v is None else v for _, v in points]
+        # judged among stable runs: an unstable run's latency only says how long its window ran
+        values = [math.inf if v is None else v for _, v, stable, _ in points if stable]
         monotonic = all(a <= b for a, b in zip(values, values[1:]))
         best: float | None = None
         last: tuple[float, float] | None = None
         note = "not broken"
-        for qps, value in points:
-            if value is not None and value <= slo_s:
+        for qps, value, stable, passed in points:
+            if passed:
                 best, last = qps, (qps, value)
                 continue
-            note = "" if last is None else "non-monotonic"
-            if monotonic and last is not None and value is not None:
+            note = ("non-monotonic" if last is not None and not monotonic
+                    else "unstable above" if last is not None and not stable else "")
+            if monotonic and last is not None and value is not None and stable:
                 (q0, v0), (q1, v1) = last, (qps, value)
                 best, note = q0 + (q1 - q0) * (slo_s - v0) / (v1 - v0), "interpolated"
             break
@@ -208,3 +225,16 @@ def sustainable_rates(runs: Sequence[Mapping[str, Any]], slo_s: float,
             note = "non-monotonic"
         out[policy] = Sustainable(best, note)
     return out
+
+
+def refine_rate(runs: Sequence[Mapping[str, Any]], policy: str, slo_s: float,
+                metric: str = "normalized_latency_mean_s") -> float | None:
+    """The rate halfway between the policy's last passing rate and the first failing one above
+    it (the next point of a finer grid near the crossing), or None when there is no such pair."""
+    points = _points(runs, policy, slo_s, metric)
+    for (q0, _, _, passed0), (q1, _, _, passed1) in zip(points, points[1:]):
+        if passed0 and not passed1:
+            return round((q0 + q1) / 2, 4)
+        if not passed0:
+            return None
+    return None

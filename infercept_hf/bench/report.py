@@ -16,6 +16,8 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("ITL p99 (ms)", "p99_itl_ms", "{:.1f}"),
     ("resume mean (ms)", "mean_resume_latency_ms", "{:.1f}"),
     ("in flight at window end", "in_flight", "{:d}"),
+    ("in system (mean)", "backlog_mean", "{:.0f}"),
+    ("backlog growth / arrivals", "backlog_growth_share", "{:+.1%}"),
     ("recompute share (tokens)", "recompute_share", "{:.1%}"),
     ("recompute share (forward time)", "recompute_time_share", "{:.1%}"),
 )
