@@ -205,16 +205,10 @@ class Scheduler:
         self.waiting.sort(key=self._queue_key)
         while self.waiting and budget > 0:
             req = self.waiting[0]
-            self.cache.attach_prefix(req.rid)
-            if not self._swap_in(req, now):
+            n = self._admit(req, budget, plan, now)
+            if not n:
                 break
-            n = min(req.uncached, budget)
-            if not self._reserve(req, n, now, protected=None):
-                break
-            admitted.append(self.waiting.pop(0))
-            req.status = Status.RUNNING
-            self.running.append(req)
-            plan.chunks.append(Chunk(req, req.num_cached, n))
+            admitted.append(req)
             budget -= n
         if self.traits.revisit_each_step:
             swap_in_tokens = self._swapped_in_bytes // self.cache.spec.rank_kv_bytes_per_token
@@ -236,19 +230,27 @@ class Scheduler:
             return []
         admitted, budget = [], self.max_batch_tokens
         for req in list(self._express):
-            self.cache.attach_prefix(req.rid)
-            n = min(req.uncached, budget)
-            if n == 0 or not self._swap_in(req, now) or not self._reserve(req, n, now, protected=None):
-                continue
-            self._express.remove(req)
-            self.waiting.remove(req)
-            req.status = Status.RUNNING
-            self.running.append(req)
-            plan.chunks.append(Chunk(req, req.num_cached, n))
-            admitted.append(req)
-            budget -= n
+            n = self._admit(req, budget, plan, now)
+            if n:
+                self._express.remove(req)
+                admitted.append(req)
+                budget -= n
         self._express_last = bool(admitted)
         return admitted
+
+    def _admit(self, req: Request, budget: int, plan: StepPlan, now: float) -> int:
+        """Move a waiting request to running with its next chunk, at most `budget` tokens, reusing
+        what the prefix index holds. Returns the chunk's tokens: 0 when none fit, its KV cannot
+        come back from host, or its blocks cannot be had."""
+        self.cache.attach_prefix(req.rid)
+        n = min(req.uncached, budget)
+        if n == 0 or not self._swap_in(req, now) or not self._reserve(req, n, now, protected=None):
+            return 0
+        self.waiting.remove(req)
+        req.status = Status.RUNNING
+        self.running.append(req)
+        plan.chunks.append(Chunk(req, req.num_cached, n))
+        return n
 
     def _recount_paused_shares(self) -> None:
         """Other requests took or dropped shares of blocks since the last step: what a paused

@@ -141,12 +141,9 @@ class ChatFormat:
 
     def forced_opener(self, name: str) -> list[int]:
         """The token ids to append after the generation prompt so that the model writes a call to
-        `name`. Raises ChatTemplateError when no opening can be read off the template."""
-        return self._call_opener(name)
-
-    def _call_opener(self, name: str) -> list[int]:
-        """The template's own tokens for an assistant turn holding a call to `name`, from its
-        generation prompt through the name and the character after it (a quote or delimiter)."""
+        `name`: the template's own tokens for an assistant turn holding that call, from its
+        generation prompt through the name and the character after it (a quote or delimiter).
+        Raises ChatTemplateError when no opening can be read off the template."""
         turn = {"role": "assistant", "content": "", "tool_calls": [ParsedCall("call00000", name, {}).message()]}
         try:
             prompt = self.render(PLACEHOLDER_HISTORY, add_generation_prompt=True)

@@ -1,7 +1,7 @@
 """`tool_choice` forcing a call: the opening the prompt is followed by, and, where the tools' calls
 open differently, a constraint on the first generated tokens.
 
-The chat template writes each tool's call with its own opening (`_call_opener`: from the
+The chat template writes each tool's call with its own opening (`ChatFormat.forced_opener`: from the
 generation prompt through the name). A named function's opening, and the part all tools'
 openings share, are appended to the prompt: the model writes the rest of the call. Where the
 openings then still differ (a format with one token per tool, `<calculator expression>`, or
