@@ -57,7 +57,7 @@ from .memory import PoolSizes
 from .model_spec import ModelSpec
 from .outputs import RequestResult
 from .policy import CostModel
-from .profiler import fit_linear, load_or_profile, measure_forward, saturation_point
+from .profiler import forward_figures, load_or_profile, measure_forward
 from .request import Chunk
 from .tp_replica import ReplicatedClock, ReplicatedInputs, ReplicaToolPool, VerifiedRunner, driver_only
 from .tp_sizing import rank_pool_sizes
@@ -248,8 +248,7 @@ class TensorParallelEngine(InterceptEngine):
         points = measure_forward(model, spec=spec)
         if not self.group.is_driver:
             return None
-        a, b = fit_linear(points)
-        return load_or_profile(model, spec, fwd_per_token_s=a, fwd_fixed_s=b, saturation_tokens=saturation_point(points))
+        return load_or_profile(model, spec, **forward_figures(points))
 
     @property
     def is_driver(self) -> bool:

@@ -87,17 +87,41 @@ class CostModel:
     swap_bytes_per_s: float  # host link bandwidth, one direction
     kv_bytes_per_token: int  # M: KV bytes per token over all layers
     saturation_tokens: int  # S: batch tokens at which the device saturates (chunk budget)
+    # the measured `(n, seconds)` forwards behind a and b, by n: their shape below S (flat on a GPU, a
+    # line on a CPU) decides whether a chunk rides free beside decodes; empty: the line a*n + b
+    fwd_points: tuple[tuple[int, float], ...] = ()
+    # copies run behind the forward (a CUDA device's swap stream), so those within the swap budget cost
+    # no wall time; on a CPU every copy holds up the step
+    copies_overlap: bool = True
 
     def __post_init__(self) -> None:
         _check_non_negative(fwd_per_token_s=self.fwd_per_token_s, fwd_fixed_s=self.fwd_fixed_s)
         for name in ("swap_bytes_per_s", "kv_bytes_per_token", "saturation_tokens"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        points = tuple((int(n), float(t)) for n, t in self.fwd_points)
+        if any(n < 1 or not t >= 0 for n, t in points) or any(a[0] >= b[0] for a, b in zip(points, points[1:])):
+            raise ValueError(f"fwd_points must be (n >= 1, seconds >= 0) pairs by increasing n, got {self.fwd_points!r}")
+        object.__setattr__(self, "fwd_points", points)
 
     def t_fwd(self, n_tokens: int) -> float:
         """Forward time for a batch of `n_tokens`; an empty batch runs no forward at all."""
         _check_non_negative(n_tokens=n_tokens)
         return self.fwd_per_token_s * n_tokens + self.fwd_fixed_s if n_tokens else 0.0
+
+    def t_fwd_measured(self, n_tokens: int) -> float:
+        """Forward time for `n_tokens` read off the measured points (linear between them, the end
+        segments extended, never below zero); the fitted line when
+        fewer than two were measured. The line prices waste; this shape prices chunking."""
+        _check_non_negative(n_tokens=n_tokens)
+        pts = self.fwd_points
+        if len(pts) < 2:
+            return self.t_fwd(n_tokens)
+        if not n_tokens:
+            return 0.0
+        i = next((k for k in range(1, len(pts) - 1) if n_tokens <= pts[k][0]), len(pts) - 1)
+        (n0, t0), (n1, t1) = pts[i - 1], pts[i]
+        return max(t0 + (t1 - t0) * (n_tokens - n0) / (n1 - n0), 0.0)
 
     def t_swap(self, n_tokens: int) -> float:
         """Time to copy `n_tokens` of KV over the host link in one direction."""
@@ -160,23 +184,49 @@ def swap_waste(context_tokens: int, batch_tokens: int, cost: CostModel, budget_t
     return 2 * cost.t_swap(stalled) * batch_tokens * cost.kv_bytes_per_token
 
 
+def chunk_pays(decodes: int, prefill: int, chunk: int, cost: CostModel) -> bool:
+    """Whether prefilling `prefill` tokens in chunks of `chunk` beside `decodes` running decodes
+    delays the requests less, summed, than one iteration that takes them whole.
+
+    Whole: each decode waits `T(D+P) - T(D)` longer for its token and the prefilled request
+    gets its token after `T(D+P)`. Chunked: each chunk iteration delays each decode by
+    `T(D+c) - T(D)`, and the prefilled request waits for every chunk. Where the forward is flat
+    below the saturation point (a GPU, memory bound at small batches) chunks ride free and
+    chunking wins; where it is a line from the start (a CPU), the decodes' delays sum to the
+    same either way and the chunked request's extra iterations make chunking lose. `T` is the
+    measured forward (`CostModel.t_fwd_measured`).
+    """
+    _check_non_negative(decodes=decodes, prefill=prefill)
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk!r}")
+    if prefill <= chunk:
+        return False
+    t = cost.t_fwd_measured
+    sizes = [chunk] * (prefill // chunk) + ([prefill % chunk] if prefill % chunk else [])
+    base = t(decodes) if decodes else 0.0
+    whole = decodes * (t(decodes + prefill) - base) + t(decodes + prefill)
+    chunked = sum(decodes * (t(decodes + c) - base) + t(decodes + c) for c in sizes)
+    return chunked < whole
+
+
 def swap_budget_tokens(batch_tokens: int, cost: CostModel) -> int:
     """`N` with `T_swap(N) = T_fwd(B)`: the KV tokens that cross the link behind one forward."""
     return math.floor(cost.t_fwd(batch_tokens) * cost.swap_bytes_per_s / cost.kv_bytes_per_token)
 
 
-def swap_at_pause(memory_pressure: bool, evicted_share: float) -> bool:
+def swap_at_pause(evicted_share: float) -> bool:
     """min-waste's first decision for a context that just paused: swap it within the swap budget
     now, or keep it (revisited every iteration from the next one on).
 
     Kept, a context costs nothing if its tool answers before anyone needs its blocks; but when
-    memory is short and most contexts kept at their pause lately were evicted before they
-    resumed (`evicted_share`, of `pause_outcomes.PauseOutcomes`, above one half), it would be
-    pulled out in pieces just as the room is wanted, its blocks overwritten at once: a copy now
-    leaves it whole, and its device blocks stay readable, for a quick return, until reused.
+    most contexts kept at their pause lately were evicted before they resumed (`evicted_share`,
+    of `pause_outcomes.PauseOutcomes`, above one half), it would be pulled out in pieces just as
+    the room is wanted, its blocks overwritten at once: a copy now leaves it whole, and its device
+    blocks stay readable, for a quick return, until reused. Whether memory is short at the pause
+    itself says little: the evictions come with the admissions of the next iterations.
     """
     _check_non_negative(evicted_share=evicted_share)
-    return memory_pressure and evicted_share > 0.5
+    return evicted_share > 0.5
 
 
 def split_swap_budget(

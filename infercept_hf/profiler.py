@@ -12,6 +12,7 @@ import json
 import math
 import os
 import time
+from typing import Any
 from collections.abc import Sequence
 from pathlib import Path
 import torch
@@ -25,9 +26,9 @@ CUDA_TOKEN_COUNTS = (64, 128, 256, 512, 1024, 2048)
 # compute bound from a few dozen tokens on.
 SATURATION_FALLBACK = {"cuda": 384, "cpu": 64}
 SATURATION_TOLERANCE = 0.1  # per-token time must still drop by more than this to count as "falling"
-FORWARD_FIELDS = ("fwd_per_token_s", "fwd_fixed_s")
-MEASURED_FIELDS = (*FORWARD_FIELDS, "swap_bytes_per_s", "saturation_tokens")
-CACHE_VERSION = 1
+FORWARD_FIELDS = ("fwd_per_token_s", "fwd_fixed_s")  # known (cached or given), the forward is not measured
+MEASURED_FIELDS = (*FORWARD_FIELDS, "fwd_points", "swap_bytes_per_s", "saturation_tokens")
+CACHE_VERSION = 2
 
 
 def _sync(device: torch.device) -> None:
@@ -108,6 +109,13 @@ def saturation_point(points: Sequence[tuple[int, float]]) -> int:
     )
 
 
+def forward_figures(points: Sequence[tuple[int, float]]) -> dict:
+    """The `CostModel` fields a forward measurement gives: the line, its points, the saturation point."""
+    a, b = fit_linear(points)
+    return {"fwd_per_token_s": a, "fwd_fixed_s": b, "fwd_points": tuple(sorted(points)),
+            "saturation_tokens": saturation_point(points)}
+
+
 def profile_forward(
     model: torch.nn.Module, token_counts: Sequence[int] | None = None, repeats: int = 3
 ) -> tuple[float, float]:
@@ -170,7 +178,11 @@ def _read_cache(path: Path) -> dict[str, float]:
     if not isinstance(data, dict) or data.get("version") != CACHE_VERSION:
         return {}
     measured = data.get("measured", {})
-    return {k: v for k, v in measured.items() if k in MEASURED_FIELDS and isinstance(v, (int, float))}
+    figures = {k: v for k, v in measured.items() if k in MEASURED_FIELDS and isinstance(v, (int, float))}
+    points = measured.get("fwd_points")
+    if isinstance(points, list) and all(isinstance(p, list) and len(p) == 2 for p in points):
+        figures["fwd_points"] = tuple((int(n), float(t)) for n, t in points)
+    return figures
 
 
 def _write_cache(path: Path, measured: dict[str, float], dtype: torch.dtype, device: torch.device) -> None:
@@ -187,7 +199,7 @@ def load_or_profile(
     model: torch.nn.Module,
     spec: ModelSpec | None = None,
     cache_dir: str | Path | None = None,
-    **overrides: float,
+    **overrides: Any,
 ) -> CostModel:
     """The `CostModel` for `model` (with its `spec`, the engine's if it has one): overrides
     first, then the on-disk cache, then measurement.
@@ -209,8 +221,7 @@ def load_or_profile(
     measured: dict[str, float] = {}
     if any(f not in known for f in FORWARD_FIELDS):
         points = measure_forward(model, spec=spec)
-        measured["fwd_per_token_s"], measured["fwd_fixed_s"] = fit_linear(points)
-        measured["saturation_tokens"] = saturation_point(points)
+        measured.update(forward_figures(points))
     if "swap_bytes_per_s" not in known:
         measured["swap_bytes_per_s"] = profile_link(device)
     if measured:
@@ -218,4 +229,5 @@ def load_or_profile(
     figures = {**measured, **known}
     figures.setdefault("saturation_tokens", SATURATION_FALLBACK["cuda" if device.type == "cuda" else "cpu"])
     figures.setdefault("kv_bytes_per_token", spec.rank_kv_bytes_per_token)  # what this process's pool moves
+    figures.setdefault("copies_overlap", device.type == "cuda")  # the swap pipeline's stream; CPU copies block
     return CostModel(**figures)

@@ -22,6 +22,7 @@ does is data, `policy.PolicyTraits`; this file applies it.
 from __future__ import annotations
 
 import heapq
+import itertools
 from collections import deque
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ from .policy import (
     PausedView,
     WasteFigures,
     check_policy,
+    chunk_pays,
     plan_paused_moves,
     rank_by_waste,
     split_swap_budget,
@@ -263,29 +265,48 @@ class Scheduler:
         chunking lowers waste, that is while decodes run (a long prefill would stall them) or while
         memory is short (a chunk takes fewer blocks now, so a paused request may return before its
         KV is evicted); otherwise chunks would only add steps."""
-        if not any(r.uncached == 1 for r in self.running) and not self._memory_pressure():
+        decodes = self._decodes()
+        if not decodes and not self._memory_pressure():
             return self.max_batch_tokens
-        chunk = self._chunk_tokens()
+        chunk = self._chunk_tokens(self._pending_prefill(self.max_batch_tokens - decodes))
         if chunk < self.max_batch_tokens:
             self._note("chunked_iterations")
         return chunk
 
-    def _chunk_tokens(self) -> int:
-        """The chunk size of a recompute next to the running decodes.
+    def _decodes(self) -> int:
+        return sum(1 for r in self.running if r.uncached == 1)
+
+    def _pending_prefill(self, cap: int) -> int:
+        """Prompt, answer and recompute tokens waiting to run, counted up to `cap`."""
+        total = 0
+        for r in itertools.chain((r for r in self.running if r.uncached > 1), self.waiting):
+            total += r.uncached
+            if total >= cap:
+                return cap
+        return total
+
+    def _chunk_tokens(self, prefill: int | None = None) -> int:
+        """The chunk size of a prefill of `prefill` tokens (None: a batch's worth) next to the running
+        decodes.
 
         min-waste recomputes in chunks that fill the device up to its saturation point S next to
         the running decodes (INFERCEPT's chunked recomputation), so no decode stalls behind a long
-        prefill; the other policies prefill as much as the batch allows, as vLLM does. Where the
-        cost model prices a full batch no dearer than a chunk (a flat forward, as a small model
-        on a CPU measures), a chunk would shorten no decode's step and only add steps: no chunks.
+        prefill; the other policies prefill as much as the batch allows, as vLLM does. Beside
+        decodes it chunks only where that delays the requests less in sum (`policy.chunk_pays`):
+        where the measured forward is flat below S a chunk rides free, where it is a line (a CPU)
+        each chunk only adds an iteration to the chunked request's wait. With nothing decoding
+        (memory short) a chunk claims fewer blocks now, unless every batch costs the same.
         """
         if not self.traits.chunked_recompute:
             return self.max_batch_tokens
-        decodes = sum(1 for r in self.running if r.uncached == 1)
+        decodes = self._decodes()
         chunk = max(1, min(self.max_batch_tokens, self.cost.saturation_tokens) - decodes)
-        if self.cost.t_fwd(decodes + self.max_batch_tokens) <= self.cost.t_fwd(decodes + chunk):
-            return self.max_batch_tokens
-        return chunk
+        if decodes:
+            room = max(1, self.max_batch_tokens - decodes)
+            pays = chunk_pays(decodes, room if prefill is None else min(prefill, room), chunk, self.cost)
+        else:
+            pays = self.cost.t_fwd(self.max_batch_tokens) > self.cost.t_fwd(chunk)
+        return chunk if pays else self.max_batch_tokens
 
     # ------------------------------------------------------------------ memory
     def _reserve(self, req: Request, n: int, now: float, protected: set[int] | None) -> bool:
@@ -305,10 +326,15 @@ class Scheduler:
             self._preempt(max(victims, key=lambda r: r.queue_key))
 
     def _swap_in(self, req: Request, now: float) -> bool:
-        while self.cache.host_blocks(req.rid):
+        if not self.cache.host_blocks(req.rid):
+            self.pause_outcomes.forget(req.rid)
+        while held := self.cache.host_blocks(req.rid):
             moved = self.cache.swap_in(req.rid)
             if moved is not None:
                 self._swapped_in_bytes += moved
+                # most of it copied: its named device blocks were reused (a partial last block always is)
+                whole = held * self.cache.block_size * self.cache.spec.rank_kv_bytes_per_token
+                self.pause_outcomes.swapped_back(req.rid, copied=2 * moved > whole)
                 return True
             need = self.cache.host_blocks(req.rid) - self.cache.free_device_blocks()
             if not self._evict_paused(max(1, need), now, exclude=req) and not self._evict_waiting(req):
@@ -453,13 +479,16 @@ class Scheduler:
         (`_place_at_pause`), out of this iteration's budget.
 
         The budget is the KV that moves over the host link in the time of this iteration's
-        forward (`T_swap(N) = T_fwd(B)`): copies that fit hide under compute, so they are spent
-        whether or not memory is short, banking free blocks for the arrivals to come. A discard
-        costs recomputation, so it waits until the memory is wanted (see `_memory_pressure`).
+        forward (`T_swap(N) = T_fwd(B)`): where copies hide under compute (a CUDA stream), those
+        that fit are spent whether or not memory is short, banking free blocks for the arrivals
+        to come. Where every copy holds up the step (synchronous copies, on a CPU) they wait, as a
+        discard does (it costs recomputation), until the memory is wanted (see `_memory_pressure`).
         """
         budget = swap_budget_tokens(max(1, batch_tokens), self.cost)
         holders = [r for r in self.paused_blocks.holders.values() if r.num_cached and not self._kept_for_return(r, now)]
         early, self._paused_out = self._paused_out, 0
+        if not self.cost.copies_overlap and holders and not self._memory_pressure():
+            holders = []
         moved = self._place_paused(holders, budget - early, swap_in_tokens, now) if holders else 0
         self.swap_log.append(SwapIteration(budget, swap_in_tokens, early + moved))
 
@@ -467,12 +496,14 @@ class Scheduler:
         """min-waste at a pause (`policy.swap_at_pause`): swap what the next iteration's swap budget
         covers (the smallest a forward can have, less the pauses before this one) and keep the rest
         until `_min_waste` revisits it; or keep it all, and note what becomes of it."""
-        if not swap_at_pause(self._memory_pressure(), self.pause_outcomes.evicted_share):
+        if not swap_at_pause(self.pause_outcomes.evicted_share):
             self.pause_outcomes.kept(req.rid)
             return
         left = swap_budget_tokens(1, self.cost) - self._paused_out
         if left > 0:
             self._paused_out += self._place_paused([req], left, 0, now, pressure=False)
+            if self.cache.host_blocks(req.rid) and not self.cache.exclusive_blocks(req.rid):
+                self.pause_outcomes.swapped(req.rid)
 
     def _place_paused(self, holders: list[Request], budget: int, swap_in_tokens: int, now: float,
                       pressure: bool = True) -> int:

@@ -1,6 +1,7 @@
 """min-waste makes the choice the waste equations call for, and never overspends its swap budget."""
 from __future__ import annotations
 
+import dataclasses
 
 import pytest
 
@@ -139,11 +140,17 @@ def _prefill_next_to_decodes(model, cost: CostModel) -> tuple[list[int], int]:
     return chunks, engine.stats()["moves"].get("chunked_iterations", 0)
 
 
-def test_min_waste_chunks_a_prefill_only_where_a_chunk_shortens_the_decodes_step(llama):
-    sloped = CostModel(fwd_per_token_s=1e-3, fwd_fixed_s=1e-3, swap_bytes_per_s=1e9, kv_bytes_per_token=M,
-                       saturation_tokens=32)
-    chunks, chunked = _prefill_next_to_decodes(llama, sloped)
-    assert chunks == [30, 30, 30, 10] and chunked == 4  # S minus the two decodes, beside them
+def test_min_waste_chunks_a_prefill_only_where_chunks_ride_free_beside_the_decodes(llama):
+    # a GPU's shape: about flat up to S = 32 tokens, then a line
+    roofline = CostModel(fwd_per_token_s=1e-3, fwd_fixed_s=1e-3, swap_bytes_per_s=1e9, kv_bytes_per_token=M,
+                         saturation_tokens=32, fwd_points=((8, 0.010), (32, 0.0105), (64, 0.020), (128, 0.040)))
+    chunks, chunked = _prefill_next_to_decodes(llama, roofline)
+    # S minus the two decodes, beside them, while chunks ride free; the last 40 cost less whole than in two more steps
+    assert chunks == [30, 30, 40] and chunked == 2
+    line = CostModel(fwd_per_token_s=1e-3, fwd_fixed_s=1e-3, swap_bytes_per_s=1e9, kv_bytes_per_token=M,
+                     saturation_tokens=32)  # a CPU's shape: each chunk would add an iteration to the late one's wait
+    chunks, chunked = _prefill_next_to_decodes(llama, line)
+    assert chunks == [100] and chunked == 0
     flat = CostModel(fwd_per_token_s=0.0, fwd_fixed_s=1e-2, swap_bytes_per_s=1e9, kv_bytes_per_token=M,
                      saturation_tokens=32)  # every batch costs the same: a chunk saves the decodes nothing
     chunks, chunked = _prefill_next_to_decodes(llama, flat)
@@ -189,22 +196,20 @@ FAST = CostModel(fwd_per_token_s=1e-4, fwd_fixed_s=1e-3, swap_bytes_per_s=1e12, 
                  saturation_tokens=128)  # the smallest forward's swap budget, 1.1e-3 s * 1e12 / M tokens, holds both
 
 
-def test_a_paused_context_leaves_whole_at_its_pause_when_memory_is_short(llama):
-    # the first to pause leaves whole: 8 + 11 blocks free then hold the waiting prompt's 15, so the
-    # second finds memory spare and stays
-    engine, ids, prompts, trace = _pause_two(llama, FAST, crowded=True)
-    first, second = engine.scheduler.paused
-    assert _placed(engine, first) == (0, 11, "swap") and _placed(engine, second) == (11, 0, "preserve")
-    assert engine.scheduler.moves["swap_out_paused"] == 1
-    _finish(engine, ids, prompts, trace)
-
-
-def test_a_paused_context_stays_at_its_pause_while_memory_is_spare(llama):
-    # nobody needs the blocks before the next iteration: a pause that ends by then costs no copy
-    engine, ids, prompts, trace = _pause_two(llama, FAST, crowded=False)
-    assert all(_placed(engine, req) == (11, 0, "preserve") for req in engine.scheduler.paused)
-    assert "swap_out_paused" not in engine.scheduler.moves
-    _finish(engine, ids, prompts, trace)
+def test_paused_contexts_leave_whole_at_their_pause_once_kept_ones_were_evicted(llama):
+    # kept contexts were evicted before (share 1.0): both leave whole within the smallest forward's
+    # budget, whether or not memory is short at the pause itself (the evictions come later)
+    for crowded in (True, False):
+        engine, ids, prompts, trace = _pause_two(llama, FAST, crowded=crowded)
+        assert all(_placed(engine, req) == (0, 11, "swap") for req in engine.scheduler.paused)
+        assert engine.scheduler.moves["swap_out_paused"] == 2
+        _finish(engine, ids, prompts, trace)
+        # crowded, the waiting prompt reused their device blocks: all 11 of each came back over the link,
+        # as they would have had they stayed; else only each one's unnamed last block did, and keeping
+        # would have been enough: two outcomes of 0 from a share of 1
+        copied_blocks = 22 if crowded else 2
+        assert engine.stats()["swapped_in_bytes"] == copied_blocks * 4 * M
+        assert engine.scheduler.pause_outcomes.evicted_share == pytest.approx(1.0 if crowded else 0.75 ** 2)
 
 
 def test_a_paused_context_stays_until_kept_ones_are_seen_evicted(llama):
@@ -233,4 +238,20 @@ def test_pauses_share_the_next_iterations_budget(llama):
     engine.step()  # the next iteration's log counts the pause's 8 tokens against its own budget
     it = engine.scheduler.swap_log[-1]
     assert it.swapped_out + it.swapped_in <= it.budget and it.swapped_out >= 8
+    _finish(engine, ids, prompts, trace)
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_spare_memory_spends_the_swap_budget_only_where_copies_hide_behind_the_forward(llama, overlap):
+    # memory spare, no evidence that kept contexts get evicted: both stay at their pause; the next
+    # iteration copies them out within its budget where copies overlap the forward (a GPU), and
+    # leaves them where every copy would hold up the step (a CPU)
+    cost = dataclasses.replace(FAST, copies_overlap=overlap)
+    engine, ids, prompts, trace = _pause_two(llama, cost, crowded=False, evicted_share=0.0)
+    assert all(_placed(engine, req) == (11, 0, "preserve") for req in engine.scheduler.paused)
+    engine.step()
+    engine.cache.check_integrity()
+    placed = (0, 11, "swap") if overlap else (11, 0, "preserve")
+    assert all(_placed(engine, req) == placed for req in engine.scheduler.paused)
+    assert engine.scheduler.moves.get("swap_out_paused", 0) == (2 if overlap else 0)
     _finish(engine, ids, prompts, trace)

@@ -33,9 +33,22 @@ def test_bad_alpha_is_refused():
         PauseOutcomes(alpha=0.0)
 
 
-def test_swap_at_pause_needs_pressure_and_evidence():
-    assert swap_at_pause(True, 0.75)
-    assert not swap_at_pause(True, 0.5)  # half evicted: keeping is no worse
-    assert not swap_at_pause(False, 1.0)  # memory spare: nobody wants the blocks
+def test_swap_at_pause_needs_evidence_of_evictions():
+    assert swap_at_pause(0.75)
+    assert not swap_at_pause(0.5)  # half evicted: keeping is no worse
+    assert not swap_at_pause(0.0)  # nothing kept was evicted: nobody wanted the blocks
     with pytest.raises(ValueError, match="evicted_share must be >= 0"):
-        swap_at_pause(True, float("nan"))
+        swap_at_pause(float("nan"))
+
+
+def test_a_context_copied_out_at_its_pause_counts_as_evicted_when_its_blocks_were_reused():
+    outcomes = PauseOutcomes()
+    outcomes.evicted_share = 1.0
+    outcomes.swapped("a")
+    outcomes.swapped("b")
+    outcomes.swapped_back("a", copied=False)  # its device blocks were still there: keeping was enough
+    assert outcomes.evicted_share == pytest.approx(0.75)
+    outcomes.swapped_back("b", copied=True)
+    assert outcomes.evicted_share == pytest.approx(0.8125)
+    outcomes.swapped_back("b", copied=True)  # counted once
+    assert outcomes.evicted_share == pytest.approx(0.8125)

@@ -12,6 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from infercept_hf.policy import (
+    chunk_pays,
     POLICIES,
     POLICY_TRAITS,
     HostRoom,
@@ -359,3 +360,41 @@ def test_plan_counts_swap_ins_in_flight_and_each_allocator():
     assert plan_paused_moves([(a, KEEP)], _longer(a), short, 8, 4, False, False) == [PlannedMove(1, Move("keep"))]
     roomy = dataclasses.replace(short, free=(3, 2))
     assert plan_paused_moves([(a, KEEP)], _longer(a), roomy, 8, 4, False, False) == [PlannedMove(1, Move("swap", 2))]
+
+
+# ---------------------------------------------------------------- the measured curve and chunking
+ROOFLINE = dataclasses.replace(COST, fwd_points=((8, 10.0), (32, 10.5), (64, 20.0), (128, 40.0)))  # flat up to 32
+
+
+def test_t_fwd_measured_reads_the_points_and_extends_the_end_segments():
+    assert ROOFLINE.t_fwd_measured(32) == 10.5
+    assert ROOFLINE.t_fwd_measured(48) == 15.25  # halfway between 32 and 64
+    assert ROOFLINE.t_fwd_measured(256) == 80.0  # the last segment, extended
+    assert ROOFLINE.t_fwd_measured(0) == 0.0  # no batch, no forward
+    assert COST.t_fwd_measured(10) == COST.t_fwd(10)  # no points: the line
+
+
+@pytest.mark.parametrize("points", [((8, 1.0), (8, 2.0)), ((16, 1.0), (8, 2.0)), ((0, 1.0), (8, 2.0)),
+                                    ((8, float("nan")), (16, 1.0))])
+def test_bad_forward_points_are_refused(points):
+    with pytest.raises(ValueError, match="fwd_points must be"):
+        dataclasses.replace(COST, fwd_points=points)
+
+
+def test_chunks_pay_where_the_forward_is_flat_below_saturation():
+    # 2 decodes, 100 to prefill in chunks of 30: whole, 2 * (T(102) - T(2)) + T(102);
+    # chunked, three chunks of 30 and one of 10 at T(32) or T(12), nearly T(2) each
+    assert chunk_pays(2, 100, 30, ROOFLINE)
+    assert not chunk_pays(2, 30, 30, ROOFLINE)  # it fits whole: nothing to chunk
+    assert not chunk_pays(0, 100, 30, ROOFLINE)  # nothing decoding: chunks only add iterations
+
+
+def test_chunks_never_pay_on_a_line():
+    # on T = a*n + b the decodes' delays sum to a*P either way; each extra chunk adds T(D) to the chunked one's wait
+    for decodes in (1, 4, 16):
+        assert not chunk_pays(decodes, 100, 30, COST)
+
+
+def test_chunk_pays_refuses_a_chunk_below_one():
+    with pytest.raises(ValueError, match="chunk must be >= 1"):
+        chunk_pays(1, 10, 0, COST)

@@ -116,7 +116,8 @@ def test_cache_written_then_reread(model, tmp_path, request):
     files = list(tmp_path.glob("*.json"))
     assert len(files) == 1
     stored = json.loads(files[0].read_text())["measured"]
-    assert set(stored) == {"fwd_per_token_s", "fwd_fixed_s", "saturation_tokens", "swap_bytes_per_s"}
+    assert set(stored) == {"fwd_per_token_s", "fwd_fixed_s", "fwd_points", "saturation_tokens", "swap_bytes_per_s"}
+    assert [n for n, _ in stored["fwd_points"]] == list(profiler.CPU_TOKEN_COUNTS)
     assert first.fwd_per_token_s >= 0 and first.fwd_fixed_s >= 0 and first.saturation_tokens >= 1
     assert first.kv_bytes_per_token == 256
     request.getfixturevalue("no_measuring")
@@ -127,7 +128,8 @@ def test_cache_dir_from_environment(model, tmp_path, monkeypatch, fake_measureme
     monkeypatch.setenv("INFERCEPT_CACHE_DIR", str(tmp_path))
     cost = load_or_profile(model)
     assert cost == CostModel(fwd_per_token_s=0.125, fwd_fixed_s=0.0, swap_bytes_per_s=1e9, kv_bytes_per_token=256,
-                             saturation_tokens=8)  # t = n/8 exactly; per token flat from 8 on
+                             saturation_tokens=8, fwd_points=((8, 1.0), (16, 2.0)),  # t = n/8; per token flat from 8
+                             copies_overlap=False)  # a CPU's copies hold up the step
     assert len(list(tmp_path.glob("*.json"))) == 1
 
 
@@ -141,7 +143,7 @@ def test_overrides_bypass_measurement(model, tmp_path, no_measuring):
     cost = load_or_profile(model, cache_dir=tmp_path,
                            fwd_per_token_s=1e-4, fwd_fixed_s=1e-3, swap_bytes_per_s=1e9)
     assert cost == CostModel(fwd_per_token_s=1e-4, fwd_fixed_s=1e-3, swap_bytes_per_s=1e9, kv_bytes_per_token=256,
-                             saturation_tokens=profiler.SATURATION_FALLBACK["cpu"])
+                             saturation_tokens=profiler.SATURATION_FALLBACK["cpu"], copies_overlap=False)
     assert not list(tmp_path.glob("*.json"))  # overrides are never cached
     assert load_or_profile(model, cache_dir=tmp_path, fwd_per_token_s=0.0, fwd_fixed_s=0.0,
                            swap_bytes_per_s=1.0, kv_bytes_per_token=7, saturation_tokens=3).kv_bytes_per_token == 7

@@ -33,7 +33,7 @@ from ..estimator import DurationEstimator
 from ..offload import SwapPipeline, Transfer
 from ..policy import CostModel
 from ..model_spec import kv_bytes_per_token
-from ..profiler import CUDA_TOKEN_COUNTS, fit_linear, saturation_point
+from ..profiler import CUDA_TOKEN_COUNTS, forward_figures
 from ..batch_runner import ModelRunner
 from ..request import Chunk
 from .presets import Efficiency, GPU, Preset
@@ -147,13 +147,10 @@ class HardwareModel:
         sequence of n tokens at the profiler's CUDA token counts, fitted as `a*n + b` with the
         same code, and the saturation point read off the same points."""
         points = [(n, self.forward_seconds([(0, n, True)])) for n in CUDA_TOKEN_COUNTS]
-        a, b = fit_linear(points)
         return CostModel(
-            fwd_per_token_s=a,
-            fwd_fixed_s=b,
             swap_bytes_per_s=self.host_link_bytes_per_s,
             kv_bytes_per_token=self.kv_bytes_per_token,
-            saturation_tokens=saturation_point(points),
+            **forward_figures(points),
         )
 
 
