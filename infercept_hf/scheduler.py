@@ -489,6 +489,7 @@ class Scheduler:
         early, self._paused_out = self._paused_out, 0
         if not self.cost.copies_overlap and holders and not self._memory_pressure():
             holders = []
+            self._note("moves_waiting_for_pressure")
         moved = self._place_paused(holders, budget - early, swap_in_tokens, now) if holders else 0
         self.swap_log.append(SwapIteration(budget, swap_in_tokens, early + moved))
 
@@ -501,7 +502,10 @@ class Scheduler:
             return
         left = swap_budget_tokens(1, self.cost) - self._paused_out
         if left > 0:
-            self._paused_out += self._place_paused([req], left, 0, now, pressure=False)
+            moved = self._place_paused([req], left, 0, now, pressure=False)
+            self._paused_out += moved
+            if moved:
+                self._note("swapped_at_pause")
             if self.cache.host_blocks(req.rid) and not self.cache.exclusive_blocks(req.rid):
                 self.pause_outcomes.swapped(req.rid)
 

@@ -119,6 +119,8 @@ class EngineStats:
             "finished": dict(self.finished),
             "preemptions": scheduler.preemptions,
             "moves": dict(scheduler.moves),
+            # min-waste: the recent share of paused contexts that lost their device blocks before resuming
+            "pause_evicted_share": scheduler.pause_outcomes.evicted_share,
             "prefix_sharing": c.prefix.enabled,
             "prefix_hit_tokens": c.prefix.hit_tokens,
             "prefix_host_hit_tokens": c.prefix.host_hit_tokens,

@@ -202,7 +202,7 @@ def test_paused_contexts_leave_whole_at_their_pause_once_kept_ones_were_evicted(
     for crowded in (True, False):
         engine, ids, prompts, trace = _pause_two(llama, FAST, crowded=crowded)
         assert all(_placed(engine, req) == (0, 11, "swap") for req in engine.scheduler.paused)
-        assert engine.scheduler.moves["swap_out_paused"] == 2
+        assert engine.scheduler.moves["swap_out_paused"] == engine.scheduler.moves["swapped_at_pause"] == 2
         _finish(engine, ids, prompts, trace)
         # crowded, the waiting prompt reused their device blocks: all 11 of each came back over the link,
         # as they would have had they stayed; else only each one's unnamed last block did, and keeping
@@ -254,4 +254,5 @@ def test_spare_memory_spends_the_swap_budget_only_where_copies_hide_behind_the_f
     placed = (0, 11, "swap") if overlap else (11, 0, "preserve")
     assert all(_placed(engine, req) == placed for req in engine.scheduler.paused)
     assert engine.scheduler.moves.get("swap_out_paused", 0) == (2 if overlap else 0)
+    assert ("moves_waiting_for_pressure" in engine.scheduler.moves) is not overlap
     _finish(engine, ids, prompts, trace)
