@@ -16,7 +16,7 @@ _EXPORTS = {
     "CostModel": "policy", "POLICIES": "policy", "UnsupportedModelError": "batch_runner", "Sampler": "sampling",
     "AsyncInterceptEngine": "serving", "Scripted": "tools", "Tool": "tools", "ToolCall": "tools",
     "CallRecord": "chat_tools", "FunctionTool": "chat_tools", "chat": "chat_tools", "function_tool": "chat_tools",
-    "load_causal_lm": "loading",
+    "load_causal_lm": "loading", "PredictorSettings": "predictive",
 }
 # `ih.demo`: the bundled model, its tools and prompt format, loaded on first use too
 _SUBMODULES = ("demo",)
@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from .loading import load_causal_lm
     from .outputs import InterceptionRecord, RequestEvent, RequestResult
     from .policy import POLICIES, CostModel
+    from .predictive import PredictorSettings
     from .sampling import Sampler
     from .serving import AsyncInterceptEngine
     from .tools import Scripted, Tool, ToolCall
@@ -62,6 +63,7 @@ __all__ = [
     "InterceptEngine",
     "InterceptPagedCache",
     "InterceptionRecord",
+    "PredictorSettings",
     "RequestEvent",
     "RequestResult",
     "Sampler",

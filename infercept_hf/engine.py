@@ -40,6 +40,7 @@ from .model_spec import ModelSpec
 from .outputs import InterceptionRecord, RequestEvent, RequestResult
 from .paused_calls import PausedCalls
 from .policy import CostModel
+from .predictive import PredictorSettings
 from .profiler import load_or_profile
 from .request import Request, Status
 from .sampling import GREEDY, Sampler
@@ -94,6 +95,7 @@ class InterceptEngine:
         estimator: DurationEstimator | None = None,
         tool_pool: ToolPool | None = None,
         prefix_sharing: bool = True,
+        predictor_settings: PredictorSettings | None = None,
     ) -> None:
         """`batch_runner(model, cache)` builds what runs each batch (`.forward(chunks) -> logits`): the
         default `ModelRunner` runs the model; the simulator passes one that advances a virtual `clock`
@@ -108,7 +110,8 @@ class InterceptEngine:
         `tool_pool` runs the tool calls (a `ToolPool(max_tool_workers)` by default; replicas other than
         the driver pass one that runs nothing). `prefix_sharing` lets requests read the full KV blocks
         of equal prefixes (tool answers included) instead of computing them again (`prefix_index.py`;
-        `engine.cache.prefix.off_reason` says why it is off, e.g. for sliding-window models)."""
+        `engine.cache.prefix.off_reason` says why it is off, e.g. for sliding-window models).
+        `predictor_settings` tunes `policy="predictive"` (prefetch quantile and reserve, aging)."""
         self.model = model
         self.tokenizer = tokenizer
         self.policy = check_policy(policy)
@@ -135,7 +138,7 @@ class InterceptEngine:
         self.estimator = estimator or DurationEstimator()
         self.inputs = step_inputs or LocalInputs()
         self.paused_calls = PausedCalls()
-        self.scheduler = Scheduler(self.cache, policy, max_batch_tokens, self.cost, self.estimator)
+        self.scheduler = Scheduler(self.cache, policy, max_batch_tokens, self.cost, self.estimator, predictor_settings)
         build_runner = batch_runner or (lambda m, c: ModelRunner(m, c, attention_backend))
         self.runner = build_runner(model, self.cache)
         self.executor = tool_pool or ToolPool(max_tool_workers)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from .cache import InterceptPagedCache
 from .estimator import DurationEstimator
@@ -40,8 +41,28 @@ def _slack(*values: float) -> float:
     return 1e-9 * max(1.0, *(abs(v) for v in values))
 
 
+@dataclass(frozen=True)
+class PredictorSettings:
+    """`predictive`'s settings (`InterceptEngine(predictor_settings=...)`); the defaults are the ones
+    measured in docs/BENCHMARK.md, where the prefetch trade-off shows what moving them costs."""
+
+    prefetch_quantile: float = DEFAULT_PREFETCH_QUANTILE  # swapped KV is back by this quantile of its tool's durations
+    max_held_fraction: float = DEFAULT_MAX_HELD_FRACTION  # of the device pool, at most this holds prefetched KV
+    overdue_quantile: float = DEFAULT_OVERDUE_QUANTILE  # a prefetch unanswered past this quantile is no longer pinned
+    aging_s: float = DEFAULT_AGING_S  # waiting this long halves a request's predicted work in the queue order
+
+    def __post_init__(self) -> None:
+        for name in ("prefetch_quantile", "overdue_quantile"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)!r}")
+        if not 0 <= self.max_held_fraction <= 1:
+            raise ValueError(f"max_held_fraction must be in [0, 1], got {self.max_held_fraction!r}")
+        if not self.aging_s > 0:
+            raise ValueError(f"aging_s must be > 0, got {self.aging_s!r}")
+
+
 class Predictor:
-    """The scheduler's hooks for `predictive`; the defaults are the ones measured in docs/BENCHMARK.md."""
+    """The scheduler's hooks for `predictive`."""
 
     def __init__(
         self,
@@ -49,19 +70,16 @@ class Predictor:
         estimator: DurationEstimator,
         cost: CostModel,
         call_of: Callable[[Request], Call],
-        aging_s: float = DEFAULT_AGING_S,
-        prefetch_quantile: float = DEFAULT_PREFETCH_QUANTILE,
-        overdue_quantile: float = DEFAULT_OVERDUE_QUANTILE,
-        max_held_fraction: float = DEFAULT_MAX_HELD_FRACTION,
+        settings: PredictorSettings = PredictorSettings(),
     ) -> None:
         self.cache = cache
         self.estimator = estimator
         self.cost = cost
         self.call_of = call_of  # a paused request's call, from the scheduler (which knows the oracle)
-        self.aging_s = aging_s
-        self.prefetch_quantile = prefetch_quantile
-        self.overdue_quantile = overdue_quantile
-        self.max_held_blocks = int(max_held_fraction * cache.num_blocks)
+        self.aging_s = settings.aging_s
+        self.prefetch_quantile = settings.prefetch_quantile
+        self.overdue_quantile = settings.overdue_quantile
+        self.max_held_blocks = int(settings.max_held_fraction * cache.num_blocks)
         self.ledger = PrefetchLedger()
         self.due = PrefetchDue()  # swapped calls not yet prefetched, by when their prefetch falls due
         self._overdue: set[int] = set()  # prefetched, then outlived the overdue quantile: not pinned, not again

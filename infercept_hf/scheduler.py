@@ -50,7 +50,7 @@ from .policy import (
 from .longer_pauses import pending_tool
 from .paused_blocks import PausedBlocks
 from .pause_outcomes import PauseOutcomes
-from .predictive import Call, Predictor
+from .predictive import Call, Predictor, PredictorSettings
 from .request import Chunk, Request, Status
 
 SWAP_LOG_LENGTH = 100_000
@@ -91,6 +91,7 @@ class Scheduler:
         max_batch_tokens: int,
         cost: CostModel,
         estimator: DurationEstimator,
+        predictor_settings: PredictorSettings | None = None,
     ) -> None:
         self.cache = cache
         self.policy = check_policy(policy)
@@ -112,7 +113,10 @@ class Scheduler:
         # KV (at the pause and after it), and the iterations whose prefills min-waste chunked
         self.moves: dict[str, int] = {}
         # `predictive`: durations as distributions, prefetch and the queue by predicted work
-        self.predictor = Predictor(cache, estimator, cost, self._call) if self.traits.predictive else None
+        if predictor_settings is not None and not self.traits.predictive:
+            raise ValueError(f"predictor_settings are for policy='predictive', not {policy!r}")
+        self.predictor = (Predictor(cache, estimator, cost, self._call, predictor_settings or PredictorSettings())
+                          if self.traits.predictive else None)
         self._queue_key = queue_order  # this iteration's queue order (the predictor's ranks it by work)
         self._step_s = 0.0  # the latest iteration's forward time, as the cost model predicts it
         # min-waste: tokens swapped out at pauses since the latest iteration was scheduled (their copies

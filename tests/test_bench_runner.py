@@ -132,6 +132,9 @@ def test_unknown_policy_is_refused():
     (["--trace", "/no/such/trace.jsonl"], "no such file"),
     (["--policies", "min-waste,fastest"], "unknown policies"),
     (["--simulate", "gpt-j-6b/a100-80g", "--policies", "hf-cb"], "cannot be simulated"),
+    (["--policies", "min-waste", "--prefetch-reserve", "0.2"], "neither is in --policies"),
+    (["--policies", "predictive", "--prefetch-quantile", "0"], "--prefetch-quantile must be in (0, 1]"),
+    (["--policies", "predictive-oracle", "--prefetch-reserve", "1.5"], "--prefetch-reserve must be in [0, 1]"),
 ])
 def test_bad_flags_end_in_one_line_and_exit_2(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -157,3 +160,32 @@ def test_help_and_flag_checks_load_neither_torch_nor_transformers():
             "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_prefetch_flags_reach_the_predictive_engines_only(monkeypatch):
+    from infercept_hf.bench import policy_runs
+    from infercept_hf.bench.__main__ import parse_args, predictor_settings
+    from infercept_hf.bench.presets import get_preset
+    from infercept_hf.bench.simulator import meta_model
+
+    args = parse_args(["--simulate", "vicuna-13b/a100-80g", "--policies", "min-waste,predictive-oracle",
+                       "--prefetch-reserve", "0.25"])
+    settings = predictor_settings(args)
+    assert (settings.max_held_fraction, settings.prefetch_quantile) == (0.25, 0.05)  # the quantile left at its default
+    assert predictor_settings(parse_args(["--policies", "predictive"])) is None
+    built = {}
+    real_preset_engine = policy_runs.preset_engine
+
+    def spy(preset, policy, *rest, **options):
+        engine, clock = real_preset_engine(preset, policy, *rest, **options)
+        built[policy] = engine.scheduler.predictor
+        return engine, clock
+
+    monkeypatch.setattr(policy_runs, "preset_engine", spy)
+    preset = get_preset("vicuna-13b/a100-80g")
+    model = meta_model(preset.make_config())
+    for policy in ("min-waste", "predictive-oracle"):
+        policy_runs.run_simulated(preset, model, policy, [], predictor=settings)
+    assert built["min-waste"] is None
+    predictor = built["predictive"]
+    assert predictor.max_held_blocks == int(0.25 * predictor.cache.num_blocks) > 0

@@ -201,3 +201,19 @@ def test_a_request_resuming_after_a_tool_goes_first(llama):
     assert sorted([short, resumed], key=key) == [resumed, short]
     resumed.resume_pending_since = None  # the same request, not resuming (preempted): least work first
     assert sorted([short, resumed], key=predictor.queue_key(5.0)) == [short, resumed]
+
+
+def test_predictor_settings_are_checked_and_only_for_predictive(llama):
+    with pytest.raises(ValueError, match="prefetch_quantile must be in"):
+        ih.PredictorSettings(prefetch_quantile=0.0)
+    with pytest.raises(ValueError, match="max_held_fraction must be in"):
+        ih.PredictorSettings(max_held_fraction=-0.1)
+    with pytest.raises(ValueError, match="aging_s must be > 0"):
+        ih.PredictorSettings(aging_s=0.0)
+    with pytest.raises(ValueError, match="predictor_settings are for policy='predictive'"):
+        ih.InterceptEngine(llama, policy="min-waste", num_blocks=16, block_size=4, cost_model=FAST_LINK,
+                           predictor_settings=ih.PredictorSettings())
+    engine = ih.InterceptEngine(llama, policy="predictive", num_blocks=40, block_size=4, cost_model=FAST_LINK,
+                                predictor_settings=ih.PredictorSettings(max_held_fraction=0.5, prefetch_quantile=0.3))
+    assert engine.scheduler.predictor.max_held_blocks == 20
+    assert engine.scheduler.predictor.prefetch_quantile == 0.3

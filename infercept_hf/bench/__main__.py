@@ -96,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cache-key", action="store_true",
                    help="client mode: send no prompt_cache_key (for servers that refuse unknown fields)")
     p.add_argument("--request-timeout", type=float, default=300.0, help="client mode: seconds per turn at most")
+    p.add_argument("--prefetch-quantile", type=float,
+                   help="predictive: swapped KV is back by this quantile of its tool's durations (default 0.05)")
+    p.add_argument("--prefetch-reserve", type=float,
+                   help="predictive: at most this share of the device pool holds prefetched KV (default 0.1)")
     p.add_argument("--deadline", type=float,
                    help="client mode: stop the replay after this many seconds (unfinished sessions are reported)")
     return p
@@ -152,8 +156,30 @@ def parse_args(argv: list[str] | None = None, p: argparse.ArgumentParser | None 
             p.error(f"{', '.join(peers)} cannot run tensor-parallel: leave them out of --policies under torchrun")
         if args.model in ("tiny", "smollm2"):
             p.error(f"--model {args.model} is built in memory: under torchrun pass a directory (save_pretrained) or `demo`")
+    _check_predictor_flags(p, args)
     args.command = "infercept-bench " + shlex.join(sys.argv[1:] if argv is None else argv)
     return args
+
+
+def _check_predictor_flags(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The ranges `PredictorSettings` checks, here without importing it (it needs torch)."""
+    given = {f: v for f, v in (("quantile", args.prefetch_quantile), ("reserve", args.prefetch_reserve)) if v is not None}
+    if given and not set(args.policies) & {"predictive", "predictive-oracle"}:
+        p.error(f"--prefetch-{next(iter(given))} tunes predictive and predictive-oracle: neither is in --policies")
+    if "quantile" in given and not 0 < given["quantile"] <= 1:
+        p.error(f"--prefetch-quantile must be in (0, 1], got {given['quantile']:g}")
+    if "reserve" in given and not 0 <= given["reserve"] <= 1:
+        p.error(f"--prefetch-reserve must be in [0, 1], got {given['reserve']:g}")
+
+
+def predictor_settings(args: argparse.Namespace) -> Any:
+    """`PredictorSettings` from the flags, None when neither was given (the engine's defaults)."""
+    if args.prefetch_quantile is None and args.prefetch_reserve is None:
+        return None
+    from ..predictive import PredictorSettings
+
+    given = {"prefetch_quantile": args.prefetch_quantile, "max_held_fraction": args.prefetch_reserve}
+    return PredictorSettings(**{k: v for k, v in given.items() if v is not None})
 
 
 def is_rank_0() -> bool:
@@ -238,6 +264,7 @@ def run_all(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, l
         limits = [n for n in (spec.max_positions, sizes.num_blocks * sizes.block_size) if n]
         max_context = min(limits) if limits else None
     vocab = model.config.get_text_config().vocab_size
+    predictor = predictor_settings(args)
     timeline_rate: dict[str, float] = {}
 
     def measure(qps: float, policies: list[str]) -> int:
@@ -251,9 +278,11 @@ def run_all(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, l
         for policy in policies:
             with tqdm(total=len(jobs), desc=f"{policy} @ {rate:g} req/s", unit="req", disable=not is_rank_0()) as bar:
                 if args.simulate:
-                    run = policy_runs.run_simulated(preset, model, policy, jobs, bar, until_s=window[1])
+                    run = policy_runs.run_simulated(preset, model, policy, jobs, bar, until_s=window[1],
+                                                    predictor=predictor)
                 else:
-                    run = policy_runs.run_real(model, policy, jobs, settings, bar, until_s=window[1])
+                    run = policy_runs.run_real(model, policy, jobs, settings, bar, until_s=window[1],
+                                               predictor=predictor)
             if run is None:  # a tensor-parallel worker rank
                 continue
             runs.append(policy_runs.summarize_run(policy, rate, run, window=window, model=label, transient=transient,

@@ -20,6 +20,7 @@ from ..distributed import build_engine
 from ..engine import InterceptEngine
 from ..estimator import DurationEstimator
 from ..outputs import RequestResult
+from ..predictive import PredictorSettings
 from . import hf_peer
 from .jobs import ORACLES, PEERS, EngineSettings, Job, Run
 from .backlog import is_stable
@@ -104,6 +105,11 @@ def _engine_policy(policy: str) -> str:
     return ORACLES.get(policy, policy)
 
 
+def _predictor_option(policy: str, predictor: PredictorSettings | None) -> dict[str, PredictorSettings]:
+    """The engine keyword for `predictor`, for the contenders it tunes (the others refuse it)."""
+    return {"predictor_settings": predictor} if predictor is not None and _engine_policy(policy) == "predictive" else {}
+
+
 def _finish_engine_run(engine: InterceptEngine, results: list[RequestResult], start: float, duration: float) -> Run:
     stats = engine.stats()
     timeline = engine.timeline()
@@ -115,10 +121,12 @@ def _finish_engine_run(engine: InterceptEngine, results: list[RequestResult], st
 
 
 def run_real(model: torch.nn.Module, policy: str, jobs: Sequence[Job], settings: EngineSettings,
-             progress: tqdm | None = None, until_s: float | None = None) -> Run | None:
+             progress: tqdm | None = None, until_s: float | None = None,
+             predictor: PredictorSettings | None = None) -> Run | None:
     """One policy on the real model in real time (peers included), the engine stopped `until_s`
     after time 0 if given (the peers run every request out: their results are clipped to the
-    window after). None on a tensor-parallel worker rank: the driver (rank 0) holds the results."""
+    window after). `predictor` tunes the predictive contenders. None on a tensor-parallel worker
+    rank: the driver (rank 0) holds the results."""
     if policy == "hf-cb":
         return Run(*hf_peer.run_hf_cb(model, jobs, settings, progress))
     if policy == "hf-generate":
@@ -128,7 +136,7 @@ def run_real(model: torch.nn.Module, policy: str, jobs: Sequence[Job], settings:
     engine = build_engine(
         model, policy=_engine_policy(policy), num_blocks=settings.num_blocks, block_size=settings.block_size,
         host_pool_bytes=settings.host_pool_bytes, max_batch_tokens=settings.max_batch_tokens,
-        cost_model=settings.cost_model, clock=time.perf_counter, **oracle,
+        cost_model=settings.cost_model, clock=time.perf_counter, **oracle, **_predictor_option(policy, predictor),
     )
     if not getattr(engine, "is_driver", True):
         engine.run()  # mirrors every step until the driver closes its engine
@@ -138,12 +146,14 @@ def run_real(model: torch.nn.Module, policy: str, jobs: Sequence[Job], settings:
 
 
 def run_simulated(preset: Preset, model: torch.nn.Module, policy: str, jobs: Sequence[Job],
-                  progress: tqdm | None = None, until_s: float | None = None) -> Run:
+                  progress: tqdm | None = None, until_s: float | None = None,
+                  predictor: PredictorSettings | None = None) -> Run:
     """One engine policy on the preset's simulated hardware (no peers: they cannot be simulated),
-    stopped `until_s` after time 0 if given."""
+    stopped `until_s` after time 0 if given; `predictor` tunes the predictive contenders."""
     if policy in PEERS:
         raise ValueError(f"{policy} runs a real model and cannot be simulated")
-    engine, clock = preset_engine(preset, _engine_policy(policy), model, _oracle_estimator(policy))
+    engine, clock = preset_engine(preset, _engine_policy(policy), model, _oracle_estimator(policy),
+                                  **_predictor_option(policy, predictor))
     results, start, duration = replay(engine, jobs, clock, virtual_wait(clock), progress, until_s)
     return _finish_engine_run(engine, results, start, duration)
 

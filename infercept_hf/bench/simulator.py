@@ -32,6 +32,7 @@ from ..engine import InterceptEngine
 from ..estimator import DurationEstimator
 from ..offload import SwapPipeline, Transfer
 from ..policy import CostModel
+from ..predictive import PredictorSettings
 from ..model_spec import kv_bytes_per_token
 from ..profiler import CUDA_TOKEN_COUNTS, forward_figures
 from ..batch_runner import ModelRunner
@@ -221,6 +222,7 @@ def sim_engine(
     block_size: int = BLOCK_SIZE,
     run_model: bool = False,
     estimator: DurationEstimator | None = None,
+    predictor_settings: PredictorSettings | None = None,
 ) -> tuple[InterceptEngine, VirtualClock]:
     """An engine on a fresh virtual clock that `hardware` advances. `run_model=True` also runs
     `model` (a real one) for its logits: the same schedule, executed. `estimator`: the engine's."""
@@ -232,13 +234,14 @@ def sim_engine(
     engine = InterceptEngine(
         model, policy=policy, num_blocks=num_blocks, block_size=block_size, host_pool_bytes=host_pool_bytes,
         max_batch_tokens=max_batch_tokens, cost_model=hardware.cost_model(), clock=clock, batch_runner=executor,
-        estimator=estimator,
+        estimator=estimator, predictor_settings=predictor_settings,
     )
     return engine, clock
 
 
 def preset_engine(
-    preset: Preset, policy: str, model: torch.nn.Module | None = None, estimator: DurationEstimator | None = None
+    preset: Preset, policy: str, model: torch.nn.Module | None = None, estimator: DurationEstimator | None = None,
+    predictor_settings: PredictorSettings | None = None,
 ) -> tuple[InterceptEngine, VirtualClock]:
     """An engine for `preset`, its KV pool sized from GPU memory minus weights (`model`: a
     `meta_model` of the preset's config to reuse across runs)."""
@@ -247,4 +250,5 @@ def preset_engine(
     return sim_engine(
         model, hardware, policy, num_blocks=hardware.kv_pool_blocks(BLOCK_SIZE),
         host_pool_bytes=preset.host_pool_bytes, max_batch_tokens=preset.max_batch_tokens, estimator=estimator,
+        predictor_settings=predictor_settings,
     )
