@@ -18,6 +18,7 @@ point, which validates its arguments.
 """
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -119,7 +120,7 @@ class CostModel:
             return self.t_fwd(n_tokens)
         if not n_tokens:
             return 0.0
-        i = next((k for k in range(1, len(pts) - 1) if n_tokens <= pts[k][0]), len(pts) - 1)
+        i = bisect.bisect_left(pts, n_tokens, lo=1, hi=len(pts) - 1, key=lambda p: p[0])  # the segment ending at or past n
         (n0, t0), (n1, t1) = pts[i - 1], pts[i]
         return max(t0 + (t1 - t0) * (n_tokens - n0) / (n1 - n0), 0.0)
 
@@ -202,11 +203,13 @@ def chunk_pays(decodes: int, prefill: int, chunk: int, cost: CostModel) -> bool:
     if prefill <= chunk:
         return False
     t = cost.t_fwd_measured
-    sizes = [chunk] * (prefill // chunk) + ([prefill % chunk] if prefill % chunk else [])
     base = t(decodes) if decodes else 0.0
-    whole = decodes * (t(decodes + prefill) - base) + t(decodes + prefill)
-    chunked = sum(decodes * (t(decodes + c) - base) + t(decodes + c) for c in sizes)
-    return chunked < whole
+
+    def delay(tokens: int) -> float:  # one iteration's: every decode's extra wait, and the prefilled request's
+        return decodes * (t(decodes + tokens) - base) + t(decodes + tokens)
+
+    full, rest = divmod(prefill, chunk)
+    return full * delay(chunk) + (delay(rest) if rest else 0.0) < delay(prefill)
 
 
 def swap_budget_tokens(batch_tokens: int, cost: CostModel) -> int:

@@ -12,9 +12,10 @@ import json
 import math
 import os
 import time
-from typing import Any
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
+
 import torch
 
 from .model_spec import ModelSpec
@@ -109,7 +110,7 @@ def saturation_point(points: Sequence[tuple[int, float]]) -> int:
     )
 
 
-def forward_figures(points: Sequence[tuple[int, float]]) -> dict:
+def forward_figures(points: Sequence[tuple[int, float]]) -> dict[str, Any]:
     """The `CostModel` fields a forward measurement gives: the line, its points, the saturation point."""
     a, b = fit_linear(points)
     return {"fwd_per_token_s": a, "fwd_fixed_s": b, "fwd_points": tuple(sorted(points)),

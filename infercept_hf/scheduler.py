@@ -272,7 +272,7 @@ class Scheduler:
         decodes = self._decodes()
         if not decodes and not self._memory_pressure():
             return self.max_batch_tokens
-        chunk = self._chunk_tokens(self._pending_prefill(self.max_batch_tokens - decodes))
+        chunk = self._chunk_tokens(self._pending_prefill(self.max_batch_tokens - decodes), decodes)
         if chunk < self.max_batch_tokens:
             self._note("chunked_iterations")
         return chunk
@@ -289,9 +289,9 @@ class Scheduler:
                 return cap
         return total
 
-    def _chunk_tokens(self, prefill: int | None = None) -> int:
+    def _chunk_tokens(self, prefill: int | None = None, decodes: int | None = None) -> int:
         """The chunk size of a prefill of `prefill` tokens (None: a batch's worth) next to the running
-        decodes.
+        decodes (`decodes`, if the caller counted them already).
 
         min-waste recomputes in chunks that fill the device up to its saturation point S next to
         the running decodes (INFERCEPT's chunked recomputation), so no decode stalls behind a long
@@ -303,7 +303,7 @@ class Scheduler:
         """
         if not self.traits.chunked_recompute:
             return self.max_batch_tokens
-        decodes = self._decodes()
+        decodes = self._decodes() if decodes is None else decodes
         chunk = max(1, min(self.max_batch_tokens, self.cost.saturation_tokens) - decodes)
         if decodes:
             room = max(1, self.max_batch_tokens - decodes)
@@ -337,8 +337,7 @@ class Scheduler:
             if moved is not None:
                 self._swapped_in_bytes += moved
                 # most of it copied: its named device blocks were reused (a partial last block always is)
-                whole = held * self.cache.block_size * self.cache.spec.rank_kv_bytes_per_token
-                self.pause_outcomes.swapped_back(req.rid, copied=2 * moved > whole)
+                self.pause_outcomes.swapped_back(req.rid, copied=2 * moved > held * self.cache.block_bytes)
                 return True
             need = self.cache.host_blocks(req.rid) - self.cache.free_device_blocks()
             if not self._evict_paused(max(1, need), now, exclude=req) and not self._evict_waiting(req):
@@ -491,10 +490,10 @@ class Scheduler:
         budget = swap_budget_tokens(max(1, batch_tokens), self.cost)
         holders = [r for r in self.paused_blocks.holders.values() if r.num_cached and not self._kept_for_return(r, now)]
         early, self._paused_out = self._paused_out, 0
-        if not self.cost.copies_overlap and holders and not self._memory_pressure():
-            holders = []
+        held_back = bool(holders) and not self.cost.copies_overlap and not self._memory_pressure()
+        if held_back:
             self._note("moves_waiting_for_pressure")
-        moved = self._place_paused(holders, budget - early, swap_in_tokens, now) if holders else 0
+        moved = self._place_paused(holders, budget - early, swap_in_tokens, now) if holders and not held_back else 0
         self.swap_log.append(SwapIteration(budget, swap_in_tokens, early + moved))
 
     def _place_at_pause(self, req: Request, now: float) -> None:

@@ -22,10 +22,13 @@ import os
 import shlex
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .presets import PRESETS
 from .workloads import KINDS, MIX, TraceRequest
+
+if TYPE_CHECKING:  # at run time imported only when used: it needs torch
+    from ..predictive import PredictorSettings
 
 log = logging.getLogger("infercept_hf.bench")
 
@@ -163,16 +166,17 @@ def parse_args(argv: list[str] | None = None, p: argparse.ArgumentParser | None 
 
 def _check_predictor_flags(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """The ranges `PredictorSettings` checks, here without importing it (it needs torch)."""
-    given = {f: v for f, v in (("quantile", args.prefetch_quantile), ("reserve", args.prefetch_reserve)) if v is not None}
-    if given and not set(args.policies) & {"predictive", "predictive-oracle"}:
-        p.error(f"--prefetch-{next(iter(given))} tunes predictive and predictive-oracle: neither is in --policies")
-    if "quantile" in given and not 0 < given["quantile"] <= 1:
-        p.error(f"--prefetch-quantile must be in (0, 1], got {given['quantile']:g}")
-    if "reserve" in given and not 0 <= given["reserve"] <= 1:
-        p.error(f"--prefetch-reserve must be in [0, 1], got {given['reserve']:g}")
+    quantile, reserve = args.prefetch_quantile, args.prefetch_reserve
+    if (quantile, reserve) != (None, None) and not set(args.policies) & {"predictive", "predictive-oracle"}:
+        flag = "--prefetch-quantile" if quantile is not None else "--prefetch-reserve"
+        p.error(f"{flag} tunes predictive and predictive-oracle: neither is in --policies")
+    if quantile is not None and not 0 < quantile <= 1:
+        p.error(f"--prefetch-quantile must be in (0, 1], got {quantile:g}")
+    if reserve is not None and not 0 <= reserve <= 1:
+        p.error(f"--prefetch-reserve must be in [0, 1], got {reserve:g}")
 
 
-def predictor_settings(args: argparse.Namespace) -> Any:
+def predictor_settings(args: argparse.Namespace) -> PredictorSettings | None:
     """`PredictorSettings` from the flags, None when neither was given (the engine's defaults)."""
     if args.prefetch_quantile is None and args.prefetch_reserve is None:
         return None
